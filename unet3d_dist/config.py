@@ -1,0 +1,265 @@
+"""Typed run configuration.
+
+Precedence is fixed: dataclass defaults < YAML file < dotted command-line overrides
+(``optim.lr=0.02 train.epochs=3``). Every field carries a one-line doc and its valid range, so a bad
+key or value is refused with one sentence that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key."""
+
+
+def setting(default: Any, doc: str, *, min: float | None = None, max: float | None = None) -> Any:
+    """A config field with its documentation and inclusive numeric bounds."""
+    return field(default=default, metadata={"doc": doc, "min": min, "max": max})
+
+
+@dataclass
+class DataConfig:
+    """Which dataset is read and how training crops are drawn from it."""
+
+    dataset: str = setting("synthetic", "'synthetic' for the built-in CT phantom, or the folder of a prepared dataset")
+    synthetic_dir: str = setting("~/.cache/unet3d_dist/synthetic", "where the synthetic phantom is generated once")
+    synthetic_cases: int = setting(24, "number of phantom volumes (2/3 train, 1/6 val, 1/6 test)", min=3)
+    crop: tuple[int, int, int] = setting((64, 64, 48), "training crop (x, y, z) in voxels; configs/default.yaml has the full-size 112x112x80")
+    foreground_fraction: float = setting(1 / 3, "share of crops centred on a foreground voxel", min=0.0, max=1.0)
+    flip: bool = setting(True, "random flips along all three axes")
+    samples_per_epoch: int = setting(100, "crops per epoch, summed over all ranks", min=1)
+    num_workers: int = setting(-1, "DataLoader workers per rank; -1 picks from the CPU count", min=-1)
+    train_split: str = setting("train", "manifest split used for training")
+    val_split: str = setting("val", "manifest split used for validation")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the residual 3D UNet."""
+
+    widths: tuple[int, int, int, int] = setting((16, 32, 64, 128), "channels at each of the 4 resolution levels")
+    norm: Literal["instance", "group", "batch"] = setting("group", "normalisation layer (batch becomes SyncBatchNorm under DDP)")
+    deep_supervision: bool = setting(False, "add auxiliary heads at 1/2 and 1/4 resolution to the loss")
+
+
+@dataclass
+class LossConfig:
+    """Weights and conventions of the Dice + cross-entropy loss."""
+
+    dice_weight: float = setting(0.5, "weight of the soft Dice term", min=0.0)
+    ce_weight: float = setting(0.5, "weight of the cross-entropy term", min=0.0)
+    include_background: bool = setting(False, "count the background class in the Dice mean")
+    batch_dice: bool = setting(True, "pool Dice over the whole batch instead of averaging per sample")
+    smooth: float = setting(1e-5, "added to Dice numerator and denominator for numerical safety", min=0.0)
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum and its learning-rate decay."""
+
+    lr: float = setting(0.01, "initial learning rate (never rescaled with the world size)", min=0.0)
+    momentum: float = setting(0.99, "SGD momentum", min=0.0, max=1.0)
+    nesterov: bool = setting(True, "use Nesterov momentum")
+    weight_decay: float = setting(3e-5, "L2 weight decay", min=0.0)
+    schedule: Literal["poly", "step", "constant"] = setting("poly", "LR decay over the run")
+    poly_power: float = setting(0.9, "exponent of the poly decay", min=0.0)
+    step_every: int = setting(2500, "iterations between step decays (schedule=step)", min=1)
+    step_gamma: float = setting(0.1, "factor applied at every step decay (schedule=step)", min=0.0, max=1.0)
+    grad_clip: float = setting(12.0, "clip the global gradient norm to this value; 0 disables", min=0.0)
+
+
+@dataclass
+class TrainConfig:
+    """Length, precision and placement of the run."""
+
+    epochs: int = setting(6, "number of epochs", min=1)
+    batch_size: int = setting(2, "crops per step on each rank; the global batch is this times the world size", min=1)
+    seed: int = setting(0, "seed for weights and crops; crops depend on (seed, epoch, sample index) only")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train; auto takes the GPU of the local rank if present")
+    amp: Literal["auto", "bf16", "fp16", "off"] = setting("auto", "mixed precision; auto is bf16 on capable GPUs, fp16 on others, off on CPU")
+    channels_last: bool = setting(True, "channels_last_3d memory format (faster convolutions)")
+    compile: bool = setting(False, "wrap the model in torch.compile")
+    resume: str = setting("auto", "'auto' continues from the run's latest checkpoint, 'never' starts fresh, or a checkpoint path")
+    val_every: int = setting(2, "validate every N epochs (and after the last); 0 disables", min=0)
+    max_nonfinite: int = setting(10, "stop after this many skipped non-finite steps in a row", min=1)
+    init_timeout_s: int = setting(600, "timeout of the process-group rendezvous and collectives", min=1)
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written and how many are kept."""
+
+    every_steps: int = setting(0, "also checkpoint every N optimizer steps; 0 means at epoch ends only", min=0)
+    keep_last: int = setting(2, "number of recent checkpoints kept besides best.pt", min=1)
+
+
+@dataclass
+class LogConfig:
+    """Run directory, console and wandb."""
+
+    run_name: str = setting("synthetic", "name of the run; its files go to <runs_dir>/<run_name>")
+    runs_dir: str = setting("runs", "parent folder of run directories")
+    every_steps: int = setting(10, "console/wandb logging interval in optimizer steps", min=1)
+    wandb: Literal["offline", "online", "disabled"] = setting("offline", "wandb mode (env WANDB_MODE wins)")
+    wandb_project: str = setting("unet3d-dist", "wandb project name")
+
+
+@dataclass
+class Config:
+    """The whole run configuration; one section per component."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.log.runs_dir) / self.log.run_name
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in _sections()}
+
+    def dump(self, path: Path) -> None:
+        """Write the resolved configuration as YAML (atomically, since resumes read it back)."""
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated Config from defaults, an optional YAML file, then ``section.key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
+        for section, values in loaded.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"section '{section}' in {path} must be a mapping of keys to values")
+            for key, value in values.items():
+                _assign(cfg, f"{section}.{key}", value)
+    for item in overrides or []:
+        dotted, sep, text = item.partition("=")
+        if not sep or "." not in dotted:
+            raise ConfigError(f"override '{item}' must look like section.key=value, for example optim.lr=0.02")
+        _assign(cfg, dotted.strip(), yaml.safe_load(text) if text.strip() else "")
+    _check_consistency(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, dict[str, Any]]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (as stored in checkpoints), validating every value."""
+    cfg = Config()
+    for section, entries in values.items():
+        for key, value in entries.items():
+            _assign(cfg, f"{section}.{key}", value)
+    _check_consistency(cfg)
+    return cfg
+
+
+def _assign(cfg: Config, dotted: str, value: Any) -> None:
+    section_name, _, key = dotted.partition(".")
+    sections = _sections()
+    if section_name not in sections:
+        raise ConfigError(f"unknown config section '{section_name}'{_suggest(section_name, sections)}; sections are: {', '.join(sections)}")
+    section = getattr(cfg, section_name)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        raise ConfigError(
+            f"unknown config key '{dotted}'{_suggest(key, fields)}; keys in '{section_name}' are: {', '.join(fields)}"
+        )
+    hint = typing.get_type_hints(type(section))[key]
+    setattr(section, key, _coerce(dotted, value, hint, fields[key].metadata))
+
+
+def _suggest(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(key: str, value: Any, hint: Any, meta: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, not {value!r}")
+        return value
+    if origin is tuple:
+        item_types = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+            raise ConfigError(f"{key} must be a list of {len(item_types)} integers, not {value!r}")
+        return tuple(_coerce(key, v, t, meta) for v, t in zip(value, item_types))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, not {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, not {value!r}")
+        return _bounded(key, value, meta)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, not {value!r}")
+        return _bounded(key, float(value), meta)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key} must be a non-empty string, not {value!r}")
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {hint}")
+
+
+def _bounded(key: str, value: float, meta: Any) -> Any:
+    low, high = meta.get("min"), meta.get("max")
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f"between {low} and {high}" if low is not None and high is not None else (f">= {low}" if low is not None else f"<= {high}")
+        raise ConfigError(f"{key} must be {span}, not {value}")
+    return value
+
+
+def _check_consistency(cfg: Config) -> None:
+    """Rules that involve more than one field."""
+    for axis, size in zip("xyz", cfg.data.crop):
+        if size < 8 or size % 8:
+            raise ConfigError(f"data.crop must be multiples of 8 (the UNet halves each side 3 times), but its {axis} side is {size}")
+    if any(w < 1 for w in cfg.model.widths):
+        raise ConfigError(f"model.widths must be positive, not {list(cfg.model.widths)}")
+    if cfg.loss.dice_weight == 0 and cfg.loss.ce_weight == 0:
+        raise ConfigError("loss.dice_weight and loss.ce_weight cannot both be 0")
+
+
+def describe() -> str:
+    """Every key with its default and doc, for ``--help-config``."""
+    lines = []
+    for name, section_type in _sections().items():
+        lines.append(f"{name}:  # {section_type.__doc__}")
+        for f in dataclasses.fields(section_type):
+            default = list(f.default) if isinstance(f.default, tuple) else f.default
+            lines.append(f"  {f.name}: {default!r}  # {f.metadata['doc']}")
+    return "\n".join(lines)
