@@ -1,0 +1,121 @@
+"""Residual 3D UNet returning logits at the input's resolution."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LEVELS = 4
+DIVISOR = 2 ** (LEVELS - 1)
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(max(1, channels // 8), channels)
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    raise ValueError(f"model.norm must be instance, group or batch, not {kind!r}")
+
+
+class ResBlock(nn.Module):
+    """Two 3x3x3 conv-norm layers plus an identity (or 1x1x1 projection when channels change) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm1 = make_norm(norm, out_channels)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = make_norm(norm, out_channels)
+        self.shortcut = (
+            nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1, bias=False)
+        )
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        return self.act(y + self.shortcut(x))
+
+
+class ResUNet3D(nn.Module):
+    """4-level residual UNet: strided-conv down, transposed-conv up, skip concatenation.
+
+    Returns logits of shape (N, num_classes, X, Y, Z); with deep supervision in training mode, a list
+    of logits at full, 1/2 and 1/4 resolution (full first). Sides must be divisible by 8.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        widths: tuple[int, ...] = (16, 32, 64, 128),
+        norm: str = "group",
+        deep_supervision: bool = False,
+    ):
+        super().__init__()
+        if len(widths) != LEVELS:
+            raise ValueError(f"model.widths needs {LEVELS} entries, got {list(widths)}")
+        self.deep_supervision = deep_supervision
+        self.encoders = nn.ModuleList(
+            ResBlock(in_channels if i == 0 else widths[i], widths[i], norm) for i in range(LEVELS)
+        )
+        self.downs = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv3d(widths[i], widths[i + 1], 2, stride=2, bias=False),
+                make_norm(norm, widths[i + 1]),
+                nn.LeakyReLU(0.01, inplace=True),
+            )
+            for i in range(LEVELS - 1)
+        )
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose3d(widths[i + 1], widths[i], 2, stride=2, bias=False) for i in range(LEVELS - 1)
+        )
+        self.decoders = nn.ModuleList(ResBlock(2 * widths[i], widths[i], norm) for i in range(LEVELS - 1))
+        # Heads for levels 0 (full resolution), 1 and 2; the last two only feed deep supervision.
+        heads = 3 if deep_supervision else 1
+        self.heads = nn.ModuleList(nn.Conv3d(widths[i], num_classes, 1) for i in range(heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        bad = [s for s in x.shape[2:] if s % DIVISOR]
+        if x.dim() != 5 or bad:
+            raise ValueError(
+                f"ResUNet3D needs input of shape (N, C, X, Y, Z) with X, Y, Z divisible by {DIVISOR}; got {tuple(x.shape)}"
+            )
+        skips = []
+        for encoder, down in zip(self.encoders, self.downs):
+            x = encoder(x)
+            skips.append(x)
+            x = down(x)
+        x = self.encoders[-1](x)
+        outputs = []
+        for level in reversed(range(LEVELS - 1)):
+            x = self.decoders[level](torch.cat([self.ups[level](x), skips[level]], dim=1))
+            if level < len(self.heads) and (level == 0 or self.training):
+                outputs.append(self.heads[level](x))
+        if self.deep_supervision and self.training:
+            return outputs[::-1]
+        return outputs[-1]
+
+
+def build_model(cfg_model, in_channels: int, num_classes: int) -> ResUNet3D:
+    return ResUNet3D(in_channels, num_classes, cfg_model.widths, cfg_model.norm, cfg_model.deep_supervision)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(model: nn.Module, shape: tuple[int, int, int], in_channels: int = 1) -> int:
+    """FLOPs (2 per multiply-add) of one forward pass on a single crop, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, in_channels, *shape))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops()
