@@ -1,0 +1,40 @@
+"""Shared fixtures: small real HDF5 datasets written through the production shard writer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unet3d_dist.data.shards import Case, write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("UNET3D_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def box_case(case_id: str, shape: tuple[int, int, int], box: tuple[slice, ...] | None, split: str, seed: int) -> Case:
+    """A noisy volume whose foreground is a bright box; ``box=None`` gives an empty label."""
+    rng = np.random.default_rng(seed)
+    label = np.zeros(shape, np.uint8)
+    if box is not None:
+        label[box] = 1
+    image = (label * 2.0 + rng.normal(0, 0.3, shape)).astype(np.float32)
+    return Case(case_id, image, label, spacing=(1.5, 1.0, 2.5), origin=(10.0, -5.0, 3.0), split=split)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """Six small cases in two shards: one smaller than typical crops, one without foreground."""
+    root = tmp_path_factory.mktemp("tiny") / "dataset"
+    cases = [
+        box_case("a", (40, 36, 28), np.s_[10:20, 8:18, 5:15], "train", 1),
+        box_case("b", (44, 40, 24), np.s_[20:30, 20:30, 10:20], "train", 2),
+        box_case("c", (20, 18, 12), np.s_[5:10, 5:10, 3:8], "train", 3),
+        box_case("d", (36, 36, 32), None, "train", 4),
+        box_case("e", (40, 40, 24), np.s_[12:24, 10:22, 6:14], "val", 5),
+        box_case("f", (32, 40, 28), np.s_[4:14, 20:34, 8:20], "test", 6),
+    ]
+    write_dataset(root, cases, ["background", "box"], name="tiny", modality="CT", preprocessing={"normalization": {"kind": "none"}}, cases_per_shard=4)
+    return root

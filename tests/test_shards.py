@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import pytest
+
+from unet3d_dist.data.shards import DatasetError, ShardedDataset, load_manifest, verify_dataset, write_dataset
+from conftest import box_case
+
+
+def test_round_trip_keeps_arrays_geometry_and_manifest(tmp_path):
+    cases = [box_case(f"c{i}", (20 + i, 18, 12), np.s_[2:8, 3:9, 1:5], "train" if i < 3 else "val", i) for i in range(5)]
+    manifest = write_dataset(tmp_path, cases, ["background", "organ"], name="t", modality="CT", preprocessing={}, cases_per_shard=2)
+    assert [s["cases"] for s in manifest["shards"]] == [["c0", "c1"], ["c2", "c3"], ["c4"]]
+    data = ShardedDataset(tmp_path)
+    assert data.case_ids("val") == ["c3", "c4"] and data.num_classes == 2
+    for case in cases:
+        np.testing.assert_array_equal(data.image(case.id), case.image)
+        np.testing.assert_array_equal(data.label(case.id), case.label)
+        record = data.records[case.id]
+        assert record["shape"] == list(case.image.shape)
+        assert record["spacing"] == [1.5, 1.0, 2.5] and record["origin"] == [10.0, -5.0, 3.0]
+        assert record["class_voxels"] == [case.label.size - 144, 144]
+        group = data._group(case.id)
+        np.testing.assert_array_equal(group.attrs["spacing"], [1.5, 1.0, 2.5])
+        assert group["image"].chunks is not None
+    crop = data.image("c2", np.s_[1:5, 2:6, 3:7])
+    np.testing.assert_array_equal(crop, cases[2].image[1:5, 2:6, 3:7])
+    fg = data.foreground("c0")
+    assert len(fg) == 144 and (fg[:, 0] == 1).all()
+    assert all(cases[0].label[x, y, z] == 1 for _, x, y, z in fg)
+    assert verify_dataset(tmp_path) == []
+
+
+def test_truncated_shard_is_refused_with_its_name(tiny_dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, copy)
+    shard = copy / "shard-00000.h5"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    data = ShardedDataset(copy)
+    with pytest.raises(DatasetError, match="shard-00000.h5.*truncated"):
+        data.image("a")
+    assert any("shard-00000.h5" in p for p in verify_dataset(copy))
+
+
+def test_corrupt_shard_of_the_right_size_is_refused(tiny_dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, copy)
+    shard = copy / "shard-00001.h5"
+    shard.write_bytes(bytes(shard.stat().st_size))
+    with pytest.raises(DatasetError, match="shard-00001.h5.*not a readable HDF5"):
+        ShardedDataset(copy).image("e")
+    assert verify_dataset(copy) == [f"{shard}: sha256 differs from the manifest"]
+
+
+def test_missing_manifest_and_bad_version(tmp_path):
+    with pytest.raises(DatasetError, match="no manifest.json"):
+        ShardedDataset(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "unet3d-dist-shards", "version": 99}))
+    with pytest.raises(DatasetError, match="version 99"):
+        load_manifest(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "image, label, message",
+    [
+        (np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 3), np.uint8), "same shape"),
+        (np.full((4, 4, 4), np.nan, np.float32), np.zeros((4, 4, 4), np.uint8), "NaN"),
+        (np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 4), np.int64), "uint8"),
+        (np.zeros((4, 4, 4), np.float32), np.full((4, 4, 4), 3, np.uint8), "outside the 2 classes"),
+    ],
+)
+def test_bad_cases_are_refused_and_nothing_is_written(tmp_path, image, label, message):
+    from unet3d_dist.data.shards import Case
+
+    with pytest.raises(DatasetError, match=message):
+        write_dataset(tmp_path, [Case("bad", image, label)], ["bg", "fg"], name="t", modality="CT", preprocessing={})
+    assert list(tmp_path.iterdir()) == []

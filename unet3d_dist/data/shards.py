@@ -1,0 +1,299 @@
+"""Sharded HDF5 dataset format: several cases per shard file plus a ``manifest.json``.
+
+Layout of a dataset folder::
+
+    manifest.json            cases, splits, geometry, class voxel counts, shard sha256 and size
+    shard-00000.h5           /<case id>/image   float32 (X, Y, Z), normalised
+                             /<case id>/label   uint8   (X, Y, Z), class ids
+                             /<case id>/foreground int32 (N, 4): (class, x, y, z) samples for oversampling
+                             case attributes: spacing, origin, direction (ITK physical geometry)
+
+Arrays are stored in (x, y, z) order, so ``spacing[i]`` belongs to array axis ``i``. Every file is written to a
+temporary name in the same folder, fsynced and renamed, so a reader never sees half a shard or half a manifest.
+Readers open shard files lazily, once per process, so DataLoader workers each get their own handle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import h5py
+import numpy as np
+
+FORMAT = "unet3d-dist-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+FOREGROUND_SAMPLES_PER_CLASS = 10_000
+
+
+class DatasetError(RuntimeError):
+    """A dataset folder, manifest or shard that cannot be used; the message names the file."""
+
+
+@dataclass
+class Case:
+    """One volume ready to be written: normalised image, integer label and its physical geometry."""
+
+    id: str
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    split: str = "train"
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)``, fsync the result and rename it onto ``path``; clean up on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_case(case: Case, num_classes: int) -> None:
+    if case.image.ndim != 3 or case.image.shape != case.label.shape:
+        raise DatasetError(
+            f"case {case.id}: image {case.image.shape} and label {case.label.shape} must be 3-D arrays of the same shape"
+        )
+    if not np.isfinite(case.image).all():
+        raise DatasetError(f"case {case.id}: image contains NaN or infinite values")
+    if case.label.dtype != np.uint8:
+        raise DatasetError(f"case {case.id}: label must be uint8, not {case.label.dtype}")
+    if case.label.max(initial=0) >= num_classes:
+        raise DatasetError(f"case {case.id}: label value {int(case.label.max())} is outside the {num_classes} classes")
+
+
+def foreground_samples(label: np.ndarray, num_classes: int, seed: int = 0) -> np.ndarray:
+    """Up to FOREGROUND_SAMPLES_PER_CLASS voxel coordinates per foreground class, as rows (class, x, y, z)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for cls in range(1, num_classes):
+        coords = np.argwhere(label == cls)
+        if len(coords) > FOREGROUND_SAMPLES_PER_CLASS:
+            coords = coords[np.sort(rng.choice(len(coords), FOREGROUND_SAMPLES_PER_CLASS, replace=False))]
+        rows.append(np.column_stack([np.full(len(coords), cls), coords]))
+    return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
+
+
+def write_shard(
+    path: Path,
+    cases: Iterable[Case],
+    num_classes: int,
+    compression: str | None = "lzf",
+    chunks: tuple[int, int, int] = (16, 16, 16),
+) -> list[dict[str, Any]]:
+    """Write cases to one shard atomically and return their manifest records."""
+    cases = list(cases)
+    for case in cases:
+        _check_case(case, num_classes)
+    records = []
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as h5:
+            for case in cases:
+                group = h5.create_group(case.id)
+                chunk = tuple(min(c, s) for c, s in zip(chunks, case.image.shape))
+                group.create_dataset("image", data=case.image.astype(np.float32), chunks=chunk, compression=compression)
+                group.create_dataset("label", data=case.label, chunks=chunk, compression=compression)
+                group.create_dataset("foreground", data=foreground_samples(case.label, num_classes))
+                for key in ("spacing", "origin", "direction"):
+                    group.attrs[key] = np.asarray(getattr(case, key), dtype=np.float64)
+
+    atomic_write(path, write)
+    for case in cases:
+        counts = np.bincount(case.label.ravel(), minlength=num_classes)
+        records.append(
+            {
+                "id": case.id,
+                "shard": path.name,
+                "split": case.split,
+                "shape": list(case.image.shape),
+                "spacing": [float(v) for v in case.spacing],
+                "origin": [float(v) for v in case.origin],
+                "direction": [float(v) for v in case.direction],
+                "class_voxels": [int(v) for v in counts],
+                "image_min": float(case.image.min()),
+                "source": case.source,
+                **case.extra,
+            }
+        )
+    return records
+
+
+def shard_entry(path: Path, case_ids: list[str]) -> dict[str, Any]:
+    return {"file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size, "cases": case_ids}
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    atomic_write(Path(root) / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+
+
+def write_dataset(
+    root: Path,
+    cases: Iterable[Case],
+    classes: list[str],
+    *,
+    name: str,
+    modality: str,
+    preprocessing: dict[str, Any],
+    cases_per_shard: int = 8,
+    compression: str | None = "lzf",
+) -> dict[str, Any]:
+    """Write all cases into shards of ``cases_per_shard`` and then the manifest (last, so it only lists complete shards)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    shards, records, batch = [], [], []
+
+    def flush() -> None:
+        path = root / f"shard-{len(shards):05d}.h5"
+        records.extend(write_shard(path, batch, len(classes), compression))
+        shards.append(shard_entry(path, [c.id for c in batch]))
+        batch.clear()
+
+    for case in cases:
+        batch.append(case)
+        if len(batch) == cases_per_shard:
+            flush()
+    if batch:
+        flush()
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "name": name,
+        "modality": modality,
+        "classes": list(classes),
+        "channels": 1,
+        "preprocessing": preprocessing,
+        "shards": shards,
+        "cases": records,
+    }
+    write_manifest(root, manifest)
+    return manifest
+
+
+class ShardedDataset:
+    """Read access to a prepared dataset: manifest queries plus whole-volume and crop reads.
+
+    HDF5 handles are opened on first use in each process and never shared across a fork.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+        self.manifest = load_manifest(self.root)
+        self.classes: list[str] = self.manifest["classes"]
+        self.records = {r["id"]: r for r in self.manifest["cases"]}
+        self._sizes = {s["file"]: s["bytes"] for s in self.manifest["shards"]}
+        self._handles: dict[str, h5py.File] = {}
+        self._pid = os.getpid()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def case_ids(self, split: str | None = None) -> list[str]:
+        return [r["id"] for r in self.manifest["cases"] if split is None or r["split"] == split]
+
+    def splits(self) -> list[str]:
+        return sorted({r["split"] for r in self.manifest["cases"]})
+
+    def _group(self, case_id: str) -> h5py.Group:
+        if os.getpid() != self._pid:  # forked into a DataLoader worker: never reuse the parent's handles
+            self._handles, self._pid = {}, os.getpid()
+        shard = self.records[case_id]["shard"]
+        if shard not in self._handles:
+            path = self.root / shard
+            if not path.is_file():
+                raise DatasetError(f"shard {path} listed in the manifest is missing")
+            if path.stat().st_size != self._sizes[shard]:
+                raise DatasetError(
+                    f"shard {path} is {path.stat().st_size} bytes but the manifest records {self._sizes[shard]}: "
+                    "it is truncated or was replaced; prepare the dataset again"
+                )
+            try:
+                self._handles[shard] = h5py.File(path, "r")
+            except OSError as err:
+                raise DatasetError(f"shard {path} is not a readable HDF5 file (corrupt or truncated): {err}") from None
+        try:
+            return self._handles[shard][case_id]
+        except KeyError:
+            raise DatasetError(f"shard {self.root / shard} has no case {case_id!r} although the manifest lists it") from None
+
+    def _read(self, case_id: str, name: str, index: Any = ()) -> np.ndarray:
+        try:
+            return self._group(case_id)[name][index]
+        except (OSError, KeyError) as err:
+            shard = self.root / self.records[case_id]["shard"]
+            raise DatasetError(f"cannot read {name} of case {case_id!r} from {shard}: {err}") from None
+
+    def image(self, case_id: str, index: Any = ()) -> np.ndarray:
+        return self._read(case_id, "image", index)
+
+    def label(self, case_id: str, index: Any = ()) -> np.ndarray:
+        return self._read(case_id, "label", index)
+
+    def foreground(self, case_id: str) -> np.ndarray:
+        return self._read(case_id, "foreground")
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": {}}
+
+
+def load_manifest(root: Path) -> dict[str, Any]:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise DatasetError(f"{root} has no {MANIFEST}: it is not a prepared dataset (run python -m unet3d_dist.prepare)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path} is not valid JSON: {err}") from None
+    if manifest.get("format") != FORMAT:
+        raise DatasetError(f"{path} is not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise DatasetError(f"{path} has format version {manifest.get('version')}, this code reads version {VERSION}")
+    return manifest
+
+
+def verify_dataset(root: Path) -> list[str]:
+    """Check every shard's size and sha256 against the manifest; return one line per problem."""
+    manifest = load_manifest(Path(root))
+    problems = []
+    for shard in manifest["shards"]:
+        path = Path(root) / shard["file"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != shard["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
+        elif sha256_of(path) != shard["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest")
+    return problems
