@@ -1,0 +1,112 @@
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from unet3d_dist.data.crops import CropDataset, EpochSampler
+from unet3d_dist.data.shards import Case, ShardedDataset, write_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tiny_dataset):
+    return ShardedDataset(tiny_dataset)
+
+
+def make(data, crop=(16, 16, 8), fg=1 / 3, flip=True, ids=("a", "b", "c", "d"), n=32, seed=7):
+    return CropDataset(data, list(ids), crop, n, seed, fg, flip)
+
+
+def test_crops_lie_inside_the_volume_and_match_it(data):
+    crops = make(data, crop=(16, 16, 8), flip=False, ids=("a", "b"))
+    for index in range(40):
+        image, label = crops[(3, index)]
+        case = crops.case_ids[index % 2]
+        shape = data.records[case]["shape"]
+        start = crops.crop_start(np.random.default_rng([7, 3, index]), case, shape)
+        assert all(0 <= s and s + c <= n for s, c, n in zip(start, crops.crop, shape))
+        window = tuple(slice(s, s + c) for s, c in zip(start, crops.crop))
+        assert image.shape == (1, 16, 16, 8) and label.shape == (16, 16, 8)
+        np.testing.assert_array_equal(image[0].numpy(), data.image(case)[window])
+        np.testing.assert_array_equal(label.numpy(), data.label(case)[window])
+
+
+def test_small_volumes_are_padded_with_their_minimum_and_background(data):
+    crops = make(data, crop=(24, 24, 16), flip=False, ids=("c",))
+    full_image, full_label = data.image("c"), data.label("c")
+    for index in range(10):
+        image, label = crops[(0, index)]
+        start = crops.crop_start(np.random.default_rng([7, 0, index]), "c", [20, 18, 12])
+        inside = tuple(slice(-s, -s + n) for s, n in zip(start, (20, 18, 12)))
+        np.testing.assert_array_equal(image[0].numpy()[inside], full_image)
+        np.testing.assert_array_equal(label.numpy()[inside], full_label)
+        outside = np.ones((24, 24, 16), bool)
+        outside[inside] = False
+        assert (image[0].numpy()[outside] == full_image.min()).all()
+        assert (label.numpy()[outside] == 0).all()
+
+
+def test_flips_are_whole_axis_flips_of_the_same_crop_and_each_axis_is_used(data):
+    plain, flipped = make(data, flip=False), make(data, flip=True)
+    counts = np.zeros(3)
+    for index in range(60):
+        base, _ = plain[(1, index)]
+        got, _ = flipped[(1, index)]
+        matches = [axes for axes in [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)] if torch.equal(got[0], base[0].flip(axes) if axes else base[0])]
+        assert matches, "a flipped crop must be the plain crop flipped along whole axes"
+        for axis in matches[0]:
+            counts[axis] += 1
+    assert ((counts > 15) & (counts < 45)).all(), counts
+
+
+def test_foreground_oversampling_share(tmp_path):
+    label = np.zeros((64, 64, 64), np.uint8)
+    label[31:33, 31:33, 31:33] = 1
+    write_dataset(tmp_path, [Case("big", np.zeros(label.shape, np.float32), label)], ["bg", "fg"], name="t", modality="CT", preprocessing={})
+    data = ShardedDataset(tmp_path)
+
+    def share(fraction: float, draws: int = 900) -> float:
+        crops = CropDataset(data, ["big"], (16, 16, 16), draws, 0, fraction, flip=False)
+        return np.mean([crops[(0, i)][1].any().item() for i in range(draws)])
+
+    baseline = share(0.0)  # random crops hit the small object by chance this often
+    assert baseline < 0.1
+    assert share(1 / 3) == pytest.approx(1 / 3 + 2 / 3 * baseline, abs=0.05)
+    assert share(1.0) == 1.0
+
+
+def batches(dataset, world_size, rank, workers, epoch=2, skip=0):
+    sampler = EpochSampler(len(dataset), world_size, rank, seed=5)
+    sampler.set_epoch(epoch, skip)
+    loader = DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=workers)
+    keys = [key for key in sampler]
+    return keys, [batch for batch in loader]
+
+
+def test_same_crops_across_reruns_worker_counts_ranks_and_resumes(data):
+    dataset = make(data, n=16)
+    keys, reference = batches(dataset, 1, 0, workers=0)
+    _, rerun = batches(dataset, 1, 0, workers=0)
+    _, with_workers = batches(dataset, 1, 0, workers=2)
+    for a, b, c in zip(reference, rerun, with_workers):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+    by_key = {key: dataset[key][0] for key in keys}
+    for rank in range(2):
+        rank_keys, rank_batches = batches(dataset, 2, rank, workers=1)
+        flat = [img for batch in rank_batches for img in batch[0]]
+        assert all(torch.equal(img, by_key[key]) for key, img in zip(rank_keys, flat))
+    # A resume after 3 batches sees exactly the remaining batches.
+    _, resumed = batches(dataset, 1, 0, workers=2, skip=6)
+    assert len(resumed) == len(reference) - 3
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(reference[3:], resumed))
+
+
+def test_sampler_shards_are_disjoint_and_cover_the_epoch():
+    seen = []
+    for rank in range(3):
+        sampler = EpochSampler(30, 3, rank, seed=1)
+        sampler.set_epoch(4)
+        seen += [index for _, index in sampler]
+    assert sorted(seen) == list(range(30))
+    first, second = EpochSampler(30, 1, 0, 1), EpochSampler(30, 1, 0, 1)
+    second.set_epoch(1)
+    assert [i for _, i in first] != [i for _, i in second]  # reshuffled every epoch

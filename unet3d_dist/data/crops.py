@@ -1,0 +1,110 @@
+"""Random training crops, each a pure function of (seed, epoch, sample index).
+
+Because nothing else feeds the random draw, the same crops come back whatever the number of DataLoader workers or
+ranks, and a run resumed in the middle of an epoch sees exactly the crops it would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from .shards import ShardedDataset
+
+
+class CropDataset(Dataset):
+    """Crops of ``crop`` voxels; ``foreground_fraction`` of them centred on a foreground voxel; random flips.
+
+    Items are addressed by ``(epoch, index)``; index ``i`` reads case ``i % len(case_ids)``, so every epoch visits all
+    cases evenly. Volumes smaller than the crop are padded with their minimum intensity and label 0.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardedDataset,
+        case_ids: list[str],
+        crop: tuple[int, int, int],
+        samples_per_epoch: int,
+        seed: int,
+        foreground_fraction: float = 1 / 3,
+        flip: bool = True,
+    ):
+        if not case_ids:
+            raise ValueError("CropDataset needs at least one case")
+        self.dataset = dataset
+        self.case_ids = list(case_ids)
+        self.crop = tuple(crop)
+        self.samples_per_epoch = samples_per_epoch
+        self.seed = seed
+        self.foreground_fraction = foreground_fraction
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        case_id = self.case_ids[index % len(self.case_ids)]
+        record = self.dataset.records[case_id]
+        shape = record["shape"]
+        start = self.crop_start(rng, case_id, shape)
+        image, label = self.read_padded(case_id, shape, start, record.get("image_min", 0.0))
+        if self.flip:
+            axes = tuple(a for a in range(3) if rng.random() < 0.5)
+            if axes:
+                image, label = np.flip(image, axes), np.flip(label, axes)
+        return torch.from_numpy(np.ascontiguousarray(image)[None]), torch.from_numpy(np.ascontiguousarray(label))
+
+    def crop_start(self, rng: np.random.Generator, case_id: str, shape: list[int]) -> list[int]:
+        """Corner of the crop; may be negative (padding) when the volume is smaller than the crop."""
+        low = [min(0, s - c) for s, c in zip(shape, self.crop)]
+        high = [max(0, s - c) for s, c in zip(shape, self.crop)]
+        foreground = rng.random() < self.foreground_fraction
+        if foreground:
+            table = self.dataset.foreground(case_id)
+            if len(table):
+                classes = np.unique(table[:, 0])
+                rows = table[table[:, 0] == rng.choice(classes)]
+                centre = rows[rng.integers(len(rows)), 1:]
+                return [int(np.clip(p - c // 2, lo, hi)) for p, c, lo, hi in zip(centre, self.crop, low, high)]
+        return [int(rng.integers(lo, hi + 1)) for lo, hi in zip(low, high)]
+
+    def read_padded(self, case_id: str, shape: list[int], start: list[int], pad_value: float) -> tuple[np.ndarray, np.ndarray]:
+        src = tuple(slice(max(b, 0), min(b + c, s)) for b, c, s in zip(start, self.crop, shape))
+        image = self.dataset.image(case_id, src)
+        label = self.dataset.label(case_id, src)
+        if image.shape == self.crop:
+            return image, label
+        dst = tuple(slice(sl.start - b, sl.stop - b) for sl, b in zip(src, start))
+        padded_image = np.full(self.crop, pad_value, np.float32)
+        padded_label = np.zeros(self.crop, np.uint8)
+        padded_image[dst], padded_label[dst] = image, label
+        return padded_image, padded_label
+
+
+class EpochSampler(Sampler):
+    """A DistributedSampler whose items are ``(epoch, index)`` keys, with a skip for mid-epoch resumes.
+
+    The epoch travels inside the key, so persistent DataLoader workers need no notification of a new epoch.
+    """
+
+    def __init__(self, length: int, world_size: int, rank: int, seed: int):
+        self.inner = DistributedSampler(range(length), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.inner.set_epoch(epoch)
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for position, index in enumerate(self.inner):
+            if position >= self.skip:
+                yield self.epoch, index
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip
