@@ -1,0 +1,173 @@
+"""Synthetic abdominal CT phantom: the embedded default dataset.
+
+Each volume is built from tissue masks in millimetres, so the liver label is exact by construction; the image is
+painted from those masks with realistic HU values, partial-volume blur, a smooth bias field and noise. The liver is
+an irregular, randomly deformed and placed shape whose HU lies within noise of the spleen's, the muscle's and the
+bowel's, so the network has to use shape, texture and position, not intensity alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .preprocess import ct_window
+from .shards import MANIFEST, Case, write_dataset
+
+GENERATOR_VERSION = 2
+DATA_SEED = 20240601
+SPACING_MM = 3.0
+HU_WINDOW = (-200.0, 250.0)
+CLASSES = ["background", "liver"]
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], coarse: int = 6) -> np.ndarray:
+    """Unit-variance noise that varies over roughly 1/coarse of the volume (cubic to 1/4 size, then linear: fast)."""
+    field = rng.standard_normal((coarse, coarse, coarse))
+    quarter = [max(coarse, s // 4) for s in shape]
+    field = ndimage.zoom(field, [q / coarse for q in quarter], order=3, mode="reflect")
+    field = ndimage.zoom(field, [s / q for s, q in zip(shape, field.shape)], order=1)[: shape[0], : shape[1], : shape[2]]
+    return ((field - field.mean()) / (field.std() + 1e-8)).astype(np.float32)
+
+
+def _ellipsoid(grid: tuple[np.ndarray, ...], centre, radii, rotation_deg: float = 0.0) -> np.ndarray:
+    """Normalised ellipsoid distance (1 on the surface), rotated about z."""
+    x, y, z = (g - c for g, c in zip(grid, centre))
+    t = np.deg2rad(rotation_deg)
+    xr, yr = np.cos(t) * x + np.sin(t) * y, -np.sin(t) * x + np.cos(t) * y
+    return np.sqrt((xr / radii[0]) ** 2 + (yr / radii[1]) ** 2 + (z / radii[2]) ** 2)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """A liver is one organ: drop islands the deformation may have split off."""
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+
+
+def make_phantom(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One abdominal CT volume in HU (float32) and its liver label (uint8), both (x, y, z) at SPACING_MM."""
+    axes = [(np.arange(n) - (n - 1) / 2) * SPACING_MM for n in shape]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    grid = (x, y, z)
+    half_z = axes[2][-1]
+
+    # Body: elliptical cylinder, slightly varying along z. x is patient left-right, y anterior(-)/posterior(+).
+    body_a = rng.uniform(150, 180) * (1 + 0.05 * np.sin(z / 60))
+    body_b = rng.uniform(100, 125) * (1 + 0.04 * np.cos(z / 50))
+    body_r = np.sqrt((x / body_a) ** 2 + (y / body_b) ** 2)
+    body = body_r < 1
+    fat_depth = rng.uniform(0.08, 0.16)
+    muscle_wall = (body_r < 1 - fat_depth) & (body_r >= 1 - fat_depth - 0.07)
+    cavity = body_r < 1 - fat_depth - 0.07
+
+    hu = np.full(shape, -1000.0, np.float32)
+    hu[body] = -100  # subcutaneous fat
+    hu[muscle_wall] = 50
+    # Abdominal cavity: mixed visceral fat and bowel loops.
+    bowel = (_smooth_noise(rng, shape, 10) > 0.2) & cavity
+    hu[cavity] = -90
+    hu[bowel] = rng.uniform(20, 45)
+    gas = (_smooth_noise(rng, shape, 14) > 1.9) & bowel
+    hu[gas] = -850
+
+    # Lungs fill the top of the volume (superior z), posterior-lateral.
+    lung_floor = half_z - rng.uniform(0.15, 0.3) * 2 * half_z
+    for side in (-1, 1):
+        lung = _ellipsoid(grid, (side * 80, 15, half_z + 30), (65, 75, half_z + 30 - lung_floor + 40)) < 1
+        hu[lung & cavity] = -850
+
+    # Liver: deformed union of a right lobe and a smaller left lobe, under the right lung.
+    centre = (rng.uniform(-85, -55), rng.uniform(-15, 15), rng.uniform(0.15, 0.4) * half_z)
+    radii = (rng.uniform(70, 90), rng.uniform(60, 80), rng.uniform(55, 75))
+    right = _ellipsoid(grid, centre, radii, rng.uniform(-20, 20))
+    left_centre = (centre[0] + rng.uniform(60, 90), centre[1] - rng.uniform(15, 35), centre[2] + rng.uniform(0, 20))
+    left = _ellipsoid(grid, left_centre, (rng.uniform(35, 55), rng.uniform(25, 40), rng.uniform(30, 45)))
+    distance = np.minimum(right, left) + 0.22 * _smooth_noise(rng, shape, 5) + 0.06 * _smooth_noise(rng, shape, 12)
+    liver = _largest_component((distance < 1) & cavity)
+
+    # Neighbours with overlapping intensity.
+    spleen = (_ellipsoid(grid, (rng.uniform(70, 100), rng.uniform(20, 50), centre[2]), (35, 28, 50), rng.uniform(-30, 30)) + 0.15 * _smooth_noise(rng, shape, 8) < 1) & cavity & ~liver
+    kidneys = np.zeros(shape, bool)
+    for side in (-1, 1):
+        kidneys |= _ellipsoid(grid, (side * rng.uniform(55, 75), rng.uniform(35, 55), rng.uniform(-0.3, 0.1) * half_z), (28, 22, 50), side * 20) < 1
+    kidneys &= cavity & ~liver
+
+    liver_hu = rng.uniform(55, 110)
+    hu[liver] = liver_hu
+    vessels = liver & (np.abs(_smooth_noise(rng, shape, 9)) < 0.12)
+    hu[vessels] = liver_hu + rng.uniform(30, 70)
+    hu[spleen] = liver_hu + rng.uniform(8, 25)  # portal-venous phase: the spleen enhances more than the liver
+    hu[kidneys] = rng.choice([30.0, liver_hu + 80])
+
+    # Spine and ribs.
+    spine_y = body_b * 0.72
+    vertebra = np.sqrt(x**2 + (y - spine_y) ** 2)
+    hu[(vertebra < 22) & body] = 300
+    hu[(vertebra < 22) & (vertebra > 18) & body] = 750
+    hu[np.sqrt(x**2 + (y - spine_y - 30) ** 2) < 8] = 25  # spinal canal
+    rib_band = (body_r > 1 - fat_depth - 0.07) & (body_r < 1 - fat_depth - 0.02) & (z > -0.2 * half_z)
+    ribs = rib_band & (np.cos(2 * np.pi * z / rng.uniform(25, 35)) > 0.6) & (y > -0.5 * body_b)
+    hu[ribs] = 650
+
+    # Scanner effects: partial volume, smooth bias, noise.
+    hu = ndimage.gaussian_filter(hu, 0.6)
+    hu += 8 * _smooth_noise(rng, shape, 3)
+    hu += rng.uniform(10, 22) * rng.standard_normal(shape, dtype=np.float32)
+    return hu.astype(np.float32), liver.astype(np.uint8)
+
+
+def phantom_cases(n_cases: int, seed: int = DATA_SEED):
+    """Yield n_cases phantom Cases with shapes around 128x128x96; 2/3 train, 1/6 val, the rest test."""
+    n_val = max(1, n_cases // 6)
+    n_train = n_cases - 2 * n_val
+    for i in range(n_cases):
+        rng = np.random.default_rng([seed, i])
+        shape = (int(rng.integers(120, 137)), int(rng.integers(104, 121)), int(rng.integers(88, 105)))
+        hu, label = make_phantom(rng, shape)
+        split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+        origin = tuple(-(n - 1) / 2 * SPACING_MM for n in shape)
+        yield Case(
+            id=f"phantom_{i:03d}",
+            image=ct_window(hu, *HU_WINDOW),
+            label=label,
+            spacing=(SPACING_MM,) * 3,
+            origin=origin,
+            split=split,
+            source=f"synthetic phantom v{GENERATOR_VERSION}, seed {seed}, case {i}",
+        )
+
+
+def ensure_synthetic(parent: str | Path, n_cases: int) -> Path:
+    """Return the folder of the cached phantom set with n_cases, generating it first if it is missing.
+
+    Generation happens in a private temporary folder that is renamed into place, so concurrent callers and
+    interrupted runs never leave a partial dataset behind.
+    """
+    root = Path(parent).expanduser() / f"phantom-v{GENERATOR_VERSION}-n{n_cases}"
+    if (root / MANIFEST).is_file():
+        return root
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_dataset(
+            tmp,
+            phantom_cases(n_cases),
+            CLASSES,
+            name="synthetic-abdominal-ct",
+            modality="CT",
+            preprocessing={"normalization": {"kind": "ct_window", "window": list(HU_WINDOW)}, "spacing": [SPACING_MM] * 3},
+        )
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process finished first: theirs is identical
+            if not (root / MANIFEST).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
