@@ -1,0 +1,134 @@
+"""The one module that reads the distributed environment.
+
+It understands torchrun (RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE) and, when a job is started by
+``srun`` without torchrun, SLURM's SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS. A world of one needs no process
+group, so ``python -m unet3d_dist.train`` runs the same code as a 64-GPU job. Every other module receives a
+``DistEnv`` and the collective helpers below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _from_environment() -> tuple[int, int, int, int]:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), world, int(env.get("LOCAL_WORLD_SIZE", world))
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        # srun started one task per GPU without torchrun; the rendezvous address comes from the batch script.
+        if "MASTER_ADDR" not in env:
+            raise RuntimeError("launched by srun with several tasks but MASTER_ADDR is not set (see slurm/train.sbatch)")
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        tasks_per_node = int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"]).split("(")[0])
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), tasks_per_node
+    return 0, 0, 1, 1
+
+
+def _pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+    if preference != "cpu" and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} are visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+_control_group: Any = None
+
+
+@contextlib.contextmanager
+def distributed(device: str = "auto", timeout_s: int = 600) -> Iterator[DistEnv]:
+    """Join the process group (nccl on CUDA, gloo otherwise) and always leave it, even on errors."""
+    rank, local_rank, world_size, local_world_size = _from_environment()
+    env = DistEnv(rank, local_rank, world_size, local_world_size, _pick_device(device, local_rank))
+    if env.distributed and not dist.is_initialized():
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world_size))
+        dist.init_process_group(
+            backend="nccl" if env.device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=env.device if env.device.type == "cuda" else None,
+        )
+    try:
+        yield env
+    finally:
+        global _control_group
+        _control_group = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _cpu_group() -> Any:
+    """A gloo group for small host-side agreements, so NCCL jobs need no GPU sync for them."""
+    global _control_group
+    if _control_group is None:
+        _control_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return _control_group
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (one all-reduce)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return bool(value.item())
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks (in place semantics are avoided: returns a new tensor)."""
+    if not dist.is_initialized():
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / dist.get_world_size()
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Collect one picklable object per rank on rank 0 (others get None)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0, group=_cpu_group())
+    return out
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_cpu_group())
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier(group=_cpu_group())
