@@ -1,0 +1,138 @@
+"""Run logging on rank 0: a rich console with a progress bar, ``metrics.jsonl`` and wandb.
+
+Every method is a no-op on other ranks, so callers never branch on the rank. The wandb run id is stored in the
+checkpoint, so a resumed or requeued run continues the same wandb run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def new_run_id() -> str:
+    """A wandb-compatible run id (8 lowercase hex characters)."""
+    return secrets.token_hex(4)
+
+
+class RunLogger:
+    def __init__(self, enabled: bool, run_dir: Path, *, resumed_step: int = 0):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.console = Console(stderr=False, highlight=False)
+        self.wandb_run: Any = None
+        self.progress: Progress | None = None
+        self._task: Any = None
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._truncate_metrics(resumed_step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Forget lines logged after the checkpoint we resume from: that work is being redone."""
+        path = self.run_dir / METRICS_FILE
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def start_wandb(self, mode: str, project: str, name: str, run_id: str, config: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        mode = os.environ.get("WANDB_MODE", mode)
+        if mode == "disabled":
+            return
+        import wandb
+
+        self.wandb_run = wandb.init(
+            project=project,
+            name=name,
+            id=run_id,
+            resume="allow",
+            dir=str(self.run_dir),
+            config=config,
+            mode=mode,
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Append to metrics.jsonl and wandb (scalars only here; tables and images go through log_media)."""
+        if not self.enabled:
+            return
+        with open(self.run_dir / METRICS_FILE, "a") as fh:
+            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def log_media(self, step: int, media: dict[str, Any]) -> None:
+        if self.enabled and self.wandb_run is not None:
+            self.wandb_run.log(media, step=step)
+
+    def begin_progress(self, total: int, completed: int) -> None:
+        if not self.enabled:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+            disable=not self.console.is_terminal,
+        )
+        self.progress.start()
+        self._task = self.progress.add_task("train", total=total, completed=completed, status="")
+
+    def advance(self, description: str, status: str | None = None) -> None:
+        """One step done; ``status`` (loss, LR, speed) is set at logging intervals.
+
+        A live bar needs a terminal; in log files (SLURM, CI) each status becomes one plain line instead.
+        """
+        if self.progress is None:
+            return
+        fields = {"status": status} if status is not None else {}
+        self.progress.update(self._task, advance=1, description=description, **fields)
+        if status is not None and not self.console.is_terminal:
+            task = self.progress.tasks[0]
+            self.console.print(f"{description}  step {int(task.completed)}/{int(task.total)}  {status}")
+
+    def end_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
+        if not self.enabled:
+            return
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column, justify="right" if column != columns[0] else "left")
+        for row in rows:
+            table.add_row(*[str(v) for v in row])
+        self.console.print(table)
+
+    def finish(self) -> None:
+        self.end_progress()
+        if self.wandb_run is None:
+            return
+        offline = self.wandb_run.settings.mode == "offline"
+        run_dir = Path(self.wandb_run.dir).parent
+        self.wandb_run.finish()
+        self.wandb_run = None
+        if offline:
+            self.info(f"wandb: offline run saved in {run_dir}; upload it with: wandb sync {run_dir}")

@@ -1,0 +1,73 @@
+"""Pictures written into the run directory: the loss curve and slice panels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_loss_curve(metrics_file: Path, out_png: Path) -> None:
+    """Training loss (and validation Dice, if logged) against the optimizer step."""
+    rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    val = [(r["step"], r["val/dice"]) for r in rows if "val/dice" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), color="tab:blue", label="train loss (Dice + CE)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if val:
+        twin = ax.twinx()
+        twin.plot(*zip(*val), "o-", color="tab:orange", label="validation Dice")
+        twin.set_ylabel("validation Dice")
+        twin.set_ylim(0, 1)
+        twin.legend(loc="center right")
+    ax.legend(loc="upper right")
+    ax.set_title(Path(out_png).parent.name)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def slice_panel(
+    image: np.ndarray,
+    reference: np.ndarray | None,
+    prediction: np.ndarray,
+    spacing: tuple[float, float, float],
+    out_png: Path,
+    title: str,
+) -> None:
+    """Sagittal, coronal and axial slices through the prediction's centre of mass; reference green, prediction red.
+
+    Arrays are (x, y, z); aspect ratios follow the voxel spacing so anisotropic scans are not distorted.
+    """
+    focus = prediction if prediction.any() else (reference if reference is not None and reference.any() else None)
+    centre = [int(round(c)) for c in np.argwhere(focus).mean(0)] if focus is not None else [s // 2 for s in image.shape]
+    # Radiological display for LPS arrays: superior up in sagittal/coronal views, anterior up in the axial view.
+    views = [
+        ("sagittal (x = %d)" % centre[0], lambda a: a[centre[0], :, :].T, (spacing[1], spacing[2]), "lower"),
+        ("coronal (y = %d)" % centre[1], lambda a: a[:, centre[1], :].T, (spacing[0], spacing[2]), "lower"),
+        ("axial (z = %d)" % centre[2], lambda a: a[:, :, centre[2]].T, (spacing[0], spacing[1]), "upper"),
+    ]
+    low, high = np.percentile(image, [0.5, 99.5])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.4))
+    for ax, (name, take, (sx, sy), origin) in zip(axes, views):
+        ax.imshow(take(image), cmap="gray", vmin=low, vmax=high, origin=origin, aspect=sy / sx, interpolation="nearest")
+        if reference is not None and take(reference).any():
+            ax.contour(take(reference) > 0, levels=[0.5], colors="lime", linewidths=1.2, origin=origin)
+        if take(prediction).any():
+            ax.contour(take(prediction) > 0, levels=[0.5], colors="red", linewidths=1.2, origin=origin)
+        ax.set_title(name)
+        ax.axis("off")
+    legend = "reference: green, prediction: red" if reference is not None else "prediction: red"
+    fig.suptitle(f"{title}\n{legend}")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
