@@ -1,0 +1,56 @@
+"""End-to-end runs of the real command line on tiny models and crops."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+TINY = [
+    "data.crop=[16,16,8]",
+    "data.samples_per_epoch=8",
+    "model.widths=[4,8,8,16]",
+    "train.batch_size=2",
+    "train.val_every=1",
+    "log.every_steps=1",
+    "log.wandb=disabled",
+    "data.num_workers=0",
+]
+
+
+def train(tmp_path, dataset, *overrides, check=True):
+    args = [sys.executable, "-m", "unet3d_dist.train", f"data.dataset={dataset}", f"log.runs_dir={tmp_path}", *TINY, *overrides]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_tiny_run_learns_and_leaves_checkpoints_and_a_loss_plot(tmp_path, tiny_dataset):
+    result = train(tmp_path, tiny_dataset, "train.epochs=6", "optim.lr=0.02", "optim.momentum=0.9", "log.run_name=tiny")
+    run = tmp_path / "tiny"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4, losses
+    png = (run / "loss_curve.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["best.pt", "ckpt-00000020.pt", "ckpt-00000024.pt"]  # keep_last=2 plus best
+    ckpt = torch.load(run / "checkpoints" / "ckpt-00000024.pt", weights_only=True)
+    assert ckpt["train_state"]["global_step"] == 24 and ckpt["train_state"]["epoch"] == 6
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert (run / "config.yaml").is_file()
+    assert "validation Dice" in result.stdout and "done" in result.stdout
+
+
+def test_config_errors_exit_with_one_clear_line(tmp_path, tiny_dataset):
+    result = train(tmp_path, tiny_dataset, "optim.lr=fast", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: optim.lr must be a number, not 'fast'"
+
+
+def test_missing_dataset_is_named(tmp_path):
+    result = train(tmp_path, tmp_path / "nowhere", check=False)
+    assert result.returncode == 2 and "nowhere has no manifest.json" in result.stderr
