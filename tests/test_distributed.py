@@ -33,7 +33,7 @@ def trainer(world: int) -> list[str]:
     return (torchrun(world) if world > 1 else [sys.executable]) + ["-m", "unet3d_dist.train"]
 
 
-def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
@@ -41,7 +41,7 @@ def start(command: list[str]) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if process.poll() is not None:
@@ -105,7 +105,7 @@ def test_sigterm_checkpoints_and_leaves_the_requeue_marker_then_resumes(tmp_path
     process = start(command)
     wait_for(tmp_path / "term" / "checkpoints" / "ckpt-00000003.pt", process)
     process.send_signal(signal.SIGTERM)  # to the launcher (torchrun) or to the single process
-    output, _ = process.communicate(timeout=120)
+    output, _ = process.communicate(timeout=600)
     marker = json.loads((tmp_path / "term" / "stopped_by_signal.json").read_text())
     assert marker["signal"] == "SIGTERM" and marker["exit_code"] == 75
     assert (tmp_path / "term" / "checkpoints" / f"ckpt-{marker['step']:08d}.pt").exists()
@@ -127,7 +127,7 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_finishes(tmp_path,
     workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2
     os.kill(int(workers[-1]), signal.SIGKILL)
-    output, _ = process.communicate(timeout=240)
+    output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output
     assert "resumed at epoch" in output
     assert final_state(tmp_path / "restart")["train_state"]["global_step"] == 10 * 8 // 4
@@ -144,7 +144,7 @@ def test_two_node_rendezvous_on_localhost(tmp_path, tiny_dataset):
         )
         for _ in range(2)
     ]
-    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     data = json.loads(report.read_text())
     assert data["world_size"] == 2 and data["identical"]

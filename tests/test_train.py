@@ -28,18 +28,22 @@ def train(tmp_path, dataset, *overrides, check=True):
 
 
 def test_tiny_run_learns_and_leaves_checkpoints_and_a_loss_plot(tmp_path, tiny_dataset):
-    result = train(tmp_path, tiny_dataset, "train.epochs=6", "optim.lr=0.02", "optim.momentum=0.9", "log.run_name=tiny")
+    result = train(
+        tmp_path, tiny_dataset, "train.epochs=10", "data.samples_per_epoch=16", "optim.lr=0.05", "optim.momentum=0.9",
+        "train.val_every=5", "log.run_name=tiny",
+    )
     run = tmp_path / "tiny"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
-    assert len(losses) == 24
-    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4, losses
+    assert len(losses) == 80
+    assert sum(losses[-8:]) < 0.5 * sum(losses[:8]), losses
+    assert [r["val/dice"] for r in rows if "val/dice" in r][-1] > 0.8
     png = (run / "loss_curve.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert checkpoints == ["best.pt", "ckpt-00000020.pt", "ckpt-00000024.pt"]  # keep_last=2 plus best
-    ckpt = torch.load(run / "checkpoints" / "ckpt-00000024.pt", weights_only=True)
-    assert ckpt["train_state"]["global_step"] == 24 and ckpt["train_state"]["epoch"] == 6
+    assert checkpoints == ["best.pt", "ckpt-00000072.pt", "ckpt-00000080.pt"]  # keep_last=2 plus best
+    ckpt = torch.load(run / "checkpoints" / "ckpt-00000080.pt", weights_only=True)
+    assert ckpt["train_state"]["global_step"] == 80 and ckpt["train_state"]["epoch"] == 10
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert (run / "config.yaml").is_file()
     assert "validation Dice" in result.stdout and "done" in result.stdout

@@ -99,6 +99,18 @@ class ResUNet3D(nn.Module):
         return outputs[-1]
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """channels_last_3d for every conv weight except 1x1x1 kernels.
+
+    For those the two layouts differ only in the strides of size-1 dims, and their gradients come back
+    contiguous; left channels_last, DDP's gradient buckets would not match them (a warning and a copy per step).
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)) and module.weight.shape[2:] != (1, 1, 1):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    return model
+
+
 def build_model(cfg_model, in_channels: int, num_classes: int) -> ResUNet3D:
     return ResUNet3D(in_channels, num_classes, cfg_model.widths, cfg_model.norm, cfg_model.deep_supervision)
 

@@ -31,7 +31,7 @@ from .dist import DistEnv, any_rank, barrier, broadcast_from_main, distributed, 
 from .evaluate import evaluate_cases
 from .logger import RunLogger, new_run_id
 from .loss import build_loss
-from .model import build_model, count_parameters, forward_flops
+from .model import build_model, count_parameters, forward_flops, to_channels_last
 from .report import plot_loss_curve
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; run the same command again to resume
@@ -129,7 +129,8 @@ class Trainer:
         if cfg.model.norm == "batch" and env.distributed:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.memory_format = torch.channels_last_3d if cfg.train.channels_last else torch.contiguous_format
-        self.model = self.model.to(memory_format=self.memory_format)
+        if cfg.train.channels_last:
+            to_channels_last(self.model)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
             lr=cfg.optim.lr,

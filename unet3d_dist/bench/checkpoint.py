@@ -1,0 +1,62 @@
+"""Checkpoint cost: save (atomic: temp file, fsync, rename, keep-k) and load time and size of a full training state.
+
+The reference is a plain ``torch.save`` of the same state into memory, measured in the same run, so the table shows
+what atomicity and the disk add on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpointer, load_checkpoint, rng_state
+from ..config import Config
+from ..loss import DiceCELoss
+from ..model import build_model
+from .common import report, timeit
+
+
+def training_state() -> dict:
+    """A checkpoint as the trainer writes it, after one real step so the momentum buffers exist."""
+    cfg = Config()
+    model = build_model(cfg.model, 1, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True)
+    image = torch.randn(1, 1, 32, 32, 32)
+    DiceCELoss()(model(image), (image[:, 0] > 1).long()).backward()
+    optimizer.step()
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "train_state": {"epoch": 1, "step_in_epoch": 3, "global_step": 53},
+        "rng": [rng_state()],
+        "config": cfg.to_dict(),
+        "run_id": "bench",
+    }
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unet3d_dist.bench checkpoint", description=__doc__)
+    parser.add_argument("--dir", type=Path, help="folder to write into (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/checkpoint.json"))
+    args = parser.parse_args(argv)
+    state = training_state()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        checkpointer = Checkpointer(Path(tmp), keep_last=2)
+        steps = iter(range(1, 10**6))
+        save = timeit(lambda: checkpointer.save(state, next(steps)), repeat=5)
+        path = checkpointer.latest()
+        size = path.stat().st_size
+        load = timeit(lambda: load_checkpoint(path), repeat=5)
+    memory = timeit(lambda: torch.save(state, io.BytesIO()), repeat=5)
+    rows = [
+        ["torch.save to memory (reference)", memory["median_s"] * 1e3, 1.0],
+        ["atomic save (tmp + fsync + rename + prune)", save["median_s"] * 1e3, save["median_s"] / memory["median_s"]],
+        ["load (weights_only=True)", load["median_s"] * 1e3, load["median_s"] / memory["median_s"]],
+    ]
+    params = sum(t.numel() for t in state["model"].values())
+    record = {"bytes": size, "model_tensor_elements": params, "save": save, "load": load, "reference_in_memory": memory}
+    report(f"Checkpoint of the default model ({size / 1e6:.1f} MB)", ["operation", "ms", "ratio to reference"], rows, record, args.out)
