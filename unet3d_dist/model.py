@@ -127,7 +127,7 @@ def forward_flops(model: nn.Module, shape: tuple[int, int, int], in_channels: in
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, in_channels, *shape))
+            model(torch.zeros(1, in_channels, *shape, device=next(model.parameters()).device))
     finally:
         model.train(was_training)
     return counter.get_total_flops()

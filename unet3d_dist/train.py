@@ -257,6 +257,8 @@ class Trainer:
     # ------------------------------------------------------------ reporting
     def announce(self) -> None:
         cfg, env = self.cfg, self.env
+        if not env.is_main:
+            return
         flops = forward_flops(self.model, cfg.data.crop)
         self.logger.info(
             f"[bold]unet3d-dist[/] run [cyan]{self.run_dir}[/]  world={env.world_size}  device={env.device.type}  "
