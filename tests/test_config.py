@@ -6,7 +6,7 @@ from unet3d_dist.config import ConfigError, config_from_dict, describe, load_con
 
 def test_defaults():
     cfg = load_config()
-    assert cfg.data.crop == (112, 112, 80)
+    assert cfg.data.crop == (64, 64, 48)  # CPU-sized default; configs/default.yaml has the full 112x112x80
     assert cfg.model.widths == (16, 32, 64, 128)
     assert cfg.data.foreground_fraction == pytest.approx(1 / 3)
 
@@ -19,6 +19,13 @@ def test_precedence_command_line_over_file_over_defaults(tmp_path):
     assert cfg.optim.momentum == 0.9  # file wins over the default
     assert cfg.data.crop == (32, 32, 16) and cfg.train.epochs == 3 and cfg.model.widths == (8, 16, 32, 64)
     assert cfg.optim.nesterov is True  # default
+
+
+def test_exponent_notation_is_a_number_in_files_and_overrides(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("optim:\n  weight_decay: 3e-5\n")
+    cfg = load_config(path, ["optim.lr=1e-3"])
+    assert cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 3e-5
 
 
 def test_round_trip_through_dict_and_dump(tmp_path):

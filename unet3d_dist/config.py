@@ -225,6 +225,7 @@ def _coerce(key: str, value: Any, hint: Any, meta: Any) -> Any:
             raise ConfigError(f"{key} must be an integer, not {value!r}")
         return _bounded(key, value, meta)
     if hint is float:
+        value = _number_from_text(value, float)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, not {value!r}")
         return _bounded(key, float(value), meta)
@@ -233,6 +234,16 @@ def _coerce(key: str, value: Any, hint: Any, meta: Any) -> Any:
             raise ConfigError(f"{key} must be a non-empty string, not {value!r}")
         return value
     raise TypeError(f"config field {key} has an unsupported type {hint}")
+
+
+def _number_from_text(value: Any, kind: type) -> Any:
+    """YAML 1.1 reads '1e-3' (no dot) as text; accept it as the number every user means."""
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _bounded(key: str, value: float, meta: Any) -> Any:

@@ -92,6 +92,20 @@ def lr_factor(cfg_optim, total_steps: int):
     return lambda step: 1.0
 
 
+def build_optimizer(params: list[nn.Parameter], cfg_optim) -> torch.optim.SGD:
+    """Fused SGD (one kernel, and the GradScaler can skip steps without a host sync); foreach where unsupported."""
+    settings = dict(
+        lr=cfg_optim.lr,
+        momentum=cfg_optim.momentum,
+        nesterov=cfg_optim.nesterov and cfg_optim.momentum > 0,
+        weight_decay=cfg_optim.weight_decay,
+    )
+    try:
+        return torch.optim.SGD(params, fused=True, **settings)
+    except (RuntimeError, TypeError):
+        return torch.optim.SGD(params, foreach=True, **settings)
+
+
 def default_workers(env: DistEnv) -> int:
     """One loader worker per spare core of this rank's share of the machine, at least 1, at most 4."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -131,14 +145,7 @@ class Trainer:
         self.memory_format = torch.channels_last_3d if cfg.train.channels_last else torch.contiguous_format
         if cfg.train.channels_last:
             to_channels_last(self.model)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=cfg.optim.lr,
-            momentum=cfg.optim.momentum,
-            nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
-            weight_decay=cfg.optim.weight_decay,
-            foreach=True,
-        )
+        self.optimizer = build_optimizer(list(self.model.parameters()), cfg.optim)
         self.sampler = EpochSampler(cfg.data.samples_per_epoch, env.world_size, env.rank, cfg.train.seed)
         self.steps_per_epoch = len(self.sampler.inner) // cfg.train.batch_size
         if self.steps_per_epoch == 0:
@@ -153,7 +160,9 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss, cfg.model.deep_supervision)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
         self.state = TrainState()
+        self.resume_changes: list[str] = []
         self.run_id = self.restore()  # before wrapping in DDP, so every rank starts from the same weights
+        self.nonfinite_run = torch.tensor(self.state.nonfinite_in_row, device=env.device)
         self.net: nn.Module = self.model
         if env.distributed:
             self.net = DistributedDataParallel(
@@ -228,7 +237,11 @@ class Trainer:
         return True
 
     def train_step(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on one batch; returns the (detached) loss. Non-finite steps are skipped."""
+        """One optimizer step on one batch; returns the (detached) loss without a host synchronisation.
+
+        In fp16 the GradScaler skips steps with non-finite gradients. Consecutive non-finite steps are counted on
+        the device and checked at logging intervals and before checkpoints (see check_finite).
+        """
         image = image.to(self.env.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         label = label.to(self.env.device, non_blocking=True)
         with torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -237,20 +250,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.optim.grad_clip or math.inf
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        # Gradients are all-reduced already, so every rank sees the same norm and takes the same decision.
-        if torch.isfinite(self.grad_norm):
-            self.state.nonfinite_in_row = 0
-            self.scaler.step(self.optimizer)
-        else:
-            self.state.nonfinite_in_row += 1
-            if self.state.nonfinite_in_row >= self.cfg.train.max_nonfinite:
-                raise NonFiniteLossError(
-                    f"{self.state.nonfinite_in_row} non-finite losses in a row at step {self.state.global_step}; "
-                    f"the last good checkpoint in {self.checkpointer.dir} is intact (try a lower optim.lr or train.amp=off)"
-                )
-        self.scaler.update()  # in fp16, a skipped step lowers the loss scale
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or math.inf)
+        # Gradients are all-reduced already, so every rank counts the same.
+        self.nonfinite_run = torch.where(torch.isfinite(self.grad_norm), 0, self.nonfinite_run + 1)
+        self.scaler.step(self.optimizer)  # fused SGD reads the scaler's found_inf on the device: no .item()
+        self.scaler.update()
         self.scheduler.step()
         return loss.detach()
 
@@ -264,7 +268,7 @@ class Trainer:
             f"[bold]unet3d-dist[/] run [cyan]{self.run_dir}[/]  world={env.world_size}  device={env.device.type}  "
             f"amp={self.amp_dtype and str(self.amp_dtype).replace('torch.', '') or 'off'}\n"
             f"model: ResUNet3D widths={list(cfg.model.widths)} norm={cfg.model.norm}  "
-            f"{count_parameters(self.model) / 1e6:.2f} M parameters, {flops / 1e9:.1f} GFLOP forward per "
+            f"{count_parameters(self.model) / 1e6:.2f} M parameters, {flops / 1e9:.3g} GFLOP forward per "
             f"{'x'.join(map(str, cfg.data.crop))} crop\n"
             f"data: {self.dataset.root} ({len(self.train_ids)} train / {len(self.val_ids)} val cases)  "
             f"global batch {cfg.train.batch_size} x {env.world_size} ranks = {cfg.train.batch_size * env.world_size}, "
@@ -272,9 +276,31 @@ class Trainer:
         )
         if self.state.global_step:
             self.logger.info(f"resumed at epoch {self.state.epoch + 1}, step {self.state.global_step}")
+        if self.resume_changes:
+            self.logger.info(
+                "[yellow]settings differ from the checkpoint's; the saved optimizer and LR-scheduler state are restored "
+                "as they were (so optim.* changes other than the schedule length do not apply):\n  "
+                + "\n  ".join(self.resume_changes)
+            )
+
+    def check_finite(self) -> None:
+        """Stop after train.max_nonfinite non-finite steps in a row, and never checkpoint non-finite weights.
+
+        bf16/fp32 steps are not skipped (only the fp16 GradScaler skips): there a non-finite value means divergence,
+        which this check reports within one logging interval, before any checkpoint could store it.
+        """
+        self.state.nonfinite_in_row = int(self.nonfinite_run)
+        weights_finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if self.state.nonfinite_in_row >= self.cfg.train.max_nonfinite or not weights_finite:
+            raise NonFiniteLossError(
+                f"{self.state.nonfinite_in_row} non-finite steps in a row by step {self.state.global_step}"
+                f"{'' if weights_finite else ' and the weights are no longer finite'}; the last good checkpoint in "
+                f"{self.checkpointer.dir} is intact (try a lower optim.lr or train.amp=off)"
+            )
 
     def log_train(self, mean_loss: torch.Tensor, steps: int, seconds: float) -> str:
-        """Average the interval's loss over ranks (the only host sync of the interval) and log it."""
+        """Average the interval's loss over ranks (the host sync of the interval) and log it."""
+        self.check_finite()
         loss = mean_over_ranks(mean_loss.detach()).item()
         lr = self.optimizer.param_groups[0]["lr"]
         crops_per_s = steps * self.cfg.train.batch_size * self.env.world_size / max(seconds, 1e-9)
@@ -333,6 +359,7 @@ class Trainer:
     # ---------------------------------------------------------- checkpoints
     def save_checkpoint(self, is_best: bool = False) -> None:
         """Gather every rank's RNG state, then rank 0 writes the file."""
+        self.check_finite()
         rngs = gather_to_main(rng_state())
         if self.env.is_main:
             state = {
@@ -378,6 +405,10 @@ class Trainer:
                 f"cannot resume from {path}: the configuration is incompatible:\n  " + "\n  ".join(differences)
                 + "\nuse the original settings, another log.run_name, or train.resume=never"
             )
+        sections = tuple(name for name in ckpt["config"] if name not in INCOMPATIBLE_SECTIONS)
+        self.resume_changes = [
+            line for line in config_differences(ckpt["config"], self.cfg.to_dict(), sections) if not line.startswith("train.resume")
+        ]
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
