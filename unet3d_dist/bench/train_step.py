@@ -1,0 +1,128 @@
+"""Training-step speed: forward + backward + optimizer step, against this machine's conv3d peak.
+
+The peak is one large 64->64 3x3x3 conv3d forward, measured in the same run in both memory formats (the faster
+counts). Achieved FLOP rate = FLOPs per step (counted by torch's FlopCounterMode over forward and backward) / step
+time. Variants: AMP off / bf16 / fp16, channels_last_3d on / off, torch.compile on / off. MONAI's UNet (16-128,
+2 residual units) and BasicUNet are measured the same way when MONAI is installed (optional: pip install monai).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..loss import DiceCELoss
+from ..model import ResUNet3D, to_channels_last
+from ..train import build_optimizer
+from ..config import OptimConfig
+from .common import report, timeit
+
+
+def conv3d_peak(device: torch.device, repeat: int) -> tuple[float, str]:
+    """GFLOP/s of a 64->64 3x3x3 conv3d forward on a 64x64x48 volume, best memory format."""
+    best, best_format = 0.0, ""
+    for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last_3d", torch.channels_last_3d)):
+        conv = nn.Conv3d(64, 64, 3, padding=1, bias=False).to(device).to(memory_format=fmt)
+        x = torch.randn(1, 64, 64, 64, 48, device=device).contiguous(memory_format=fmt)
+        flops = 2 * 64 * 64 * 27 * x[0, 0].numel()
+        with torch.no_grad():
+            seconds = timeit(lambda: conv(x), repeat=repeat)["median_s"]
+        if flops / seconds / 1e9 > best:
+            best, best_format = flops / seconds / 1e9, name
+    return best, best_format
+
+
+def make_step(model: nn.Module, batch: int, crop: tuple[int, int, int], amp: torch.dtype | None, channels_last: bool, device: torch.device) -> Callable[[], None]:
+    """A closure running one real training step (our loss and optimizer) on fixed in-memory tensors."""
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    image = torch.randn(batch, 1, *crop, device=device).contiguous(memory_format=fmt)
+    label = (image[:, 0] > 0.5).long()
+    optimizer = build_optimizer(list(model.parameters()), OptimConfig())
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    loss_fn = DiceCELoss()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = model(image)
+        loss = loss_fn(out, label)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def step_flops(model: nn.Module, batch: int, crop: tuple[int, int, int], device: torch.device) -> int:
+    """Forward + backward FLOPs of one step (counted once, in fp32, without compile)."""
+    image = torch.randn(batch, 1, *crop, device=device)
+    with FlopCounterMode(display=False) as counter:
+        DiceCELoss()(model(image), (image[:, 0] > 0.5).long()).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def monai_models() -> dict[str, Callable[[], nn.Module]]:
+    try:
+        from monai.networks.nets import UNet, BasicUNet
+    except ImportError:
+        return {}
+    return {
+        "MONAI UNet 16-128, 2 res units": lambda: UNet(3, 1, 2, (16, 32, 64, 128), (2, 2, 2), num_res_units=2),
+        "MONAI BasicUNet": lambda: BasicUNet(3, 1, 2),
+    }
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unet3d_dist.bench train_step", description=__doc__)
+    parser.add_argument("--crop", type=int, nargs=3, default=[112, 112, 80], help="default: the product's crop")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--variants", default="all", choices=["all", "default"], help="'default': fp32/auto AMP, channels_last, no compile")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/train_step.json"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    crop = tuple(args.crop)
+    peak, peak_format = conv3d_peak(device, args.repeat)
+    default_amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else None
+    variants = [(default_amp, True, False)]
+    if args.variants == "all":
+        variants = [(amp, cl, compiled) for amp in (None, torch.bfloat16, torch.float16) for cl in (True, False) for compiled in (False, True)]
+    flops_ours = step_flops(ResUNet3D().to(device), args.batch, crop, device)
+    rows, record = [], {"crop": crop, "batch": args.batch, "peak_gflops": peak, "peak_format": peak_format, "results": []}
+
+    def measure(name: str, model: nn.Module, flops: int, amp: torch.dtype | None, cl: bool, compiled: bool) -> None:
+        model = model.to(device)
+        if cl:
+            to_channels_last(model)
+        net = torch.compile(model) if compiled else model
+        seconds = timeit(make_step(net, args.batch, crop, amp, cl, device), repeat=args.repeat, warmup=2 if compiled else 1)["median_s"]
+        rate = flops / seconds / 1e9
+        amp_name = str(amp).replace("torch.", "") if amp else "off"
+        voxels = args.batch * crop[0] * crop[1] * crop[2] / seconds
+        rows.append([name, amp_name, cl, compiled, seconds * 1e3, voxels / 1e6, flops / 1e9, rate, rate / peak])
+        record["results"].append(
+            {"model": name, "amp": amp_name, "channels_last": cl, "compile": compiled, "ms_per_step": seconds * 1e3,
+             "voxels_per_s": voxels, "gflop_per_step": flops / 1e9, "gflops": rate, "fraction_of_peak": rate / peak}
+        )
+
+    for amp, cl, compiled in variants:
+        torch.manual_seed(0)
+        try:
+            measure("ResUNet3D 16-128 (ours)", ResUNet3D(), flops_ours, amp, cl, compiled)
+        except Exception as err:  # e.g. torch.compile without a working compiler: report, don't hide
+            rows.append(["ResUNet3D 16-128 (ours)", str(amp), cl, compiled, f"failed: {type(err).__name__}", "", "", "", ""])
+    for name, factory in monai_models().items():
+        torch.manual_seed(0)
+        measure(name, factory(), step_flops(factory().to(device), args.batch, crop, device), default_amp, True, False)
+    title = (
+        f"Training step, crop {'x'.join(map(str, crop))}, batch {args.batch}, {device.type}; "
+        f"conv3d peak {peak:.1f} GFLOP/s ({peak_format})"
+    )
+    columns = ["model", "amp", "channels_last", "compile", "ms/step", "Mvoxel/s", "GFLOP/step", "GFLOP/s", "of peak"]
+    report(title, columns, rows, record, args.out)
