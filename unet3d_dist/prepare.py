@@ -29,12 +29,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import ConfigError
+from .config import ConfigError, read_yaml
 from .data.cases import prepare_case
 from .data.layouts import Source, find_cases
 from .data.readers import CaseError
@@ -55,10 +54,7 @@ def assign_splits(ids: list[str], spec: SplitSpec, split_file: Path | None) -> d
             n_val = max(0, len(ids) - 1 - n_test)
         cut = len(ids) - n_val - n_test
         return {c: "train" if i < cut else "val" if i < cut + n_val else "test" for i, c in enumerate(order)}
-    try:
-        listed = yaml.safe_load(Path(split_file).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"split file {split_file} cannot be read: {err}") from None
+    listed = read_yaml(split_file, "split file")
     if not isinstance(listed, dict) or not all(isinstance(v, list) for v in listed.values()):
         raise ConfigError(f"split file {split_file} must map split names to lists of case ids")
     splits = {}

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from .readers import CaseError
 
 INTERPOLATORS = {"linear": sitk.sitkLinear, "cubic": sitk.sitkBSpline}
+CANONICAL_ORIENTATION = "LPS"  # identity direction; the synthetic phantom is built in it
 NORMALIZATIONS = ("ct_window", "zscore", "none")
 
 
@@ -27,13 +28,12 @@ def ct_window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
 def zscore(image: np.ndarray, nonzero: bool = False) -> np.ndarray:
     """Per-volume z-score; with ``nonzero`` the statistics come from (and apply to) voxels != 0 only."""
     image = image.astype(np.float32)
-    mask = image != 0 if nonzero else np.ones(image.shape, bool)
-    values = image[mask]
+    values = image[image != 0] if nonzero else image
     if values.size == 0:
         return np.zeros_like(image)
     out = (image - values.mean()) / max(float(values.std()), 1e-8)
     if nonzero:
-        out[~mask] = 0
+        out[image == 0] = 0
     return out.astype(np.float32)
 
 
@@ -82,13 +82,21 @@ def resample(image: sitk.Image, spacing: list[float] | None, interpolation: str,
 
 
 def onto_grid(label: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """A label map moved onto ``reference``'s grid by nearest neighbour (background outside); uint8 in, uint8 out."""
+    """A label map moved onto ``reference``'s grid by nearest neighbour (background outside), as uint8."""
+    same = label.GetSize() == reference.GetSize() and all(
+        np.allclose(getattr(label, f"Get{key}")(), getattr(reference, f"Get{key}")(), rtol=0, atol=1e-6) for key in ("Spacing", "Origin", "Direction")
+    )
+    if same:  # already there: skip the resampler's pass over every voxel
+        return sitk.Cast(label, sitk.sitkUInt8)
     return sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
 
 
 def model_input(image: sitk.Image, preprocessing: dict[str, Any]) -> sitk.Image:
-    """Reoriented, resampled and normalised float32 image, the grid the network sees; cut-off edges get the minimum."""
-    image = reorient(image, preprocessing.get("orientation"))
+    """Reoriented, resampled and normalised float32 image, the grid the network sees; cut-off edges get the minimum.
+
+    A dataset that records no orientation (the synthetic phantom) is LPS by construction.
+    """
+    image = reorient(image, preprocessing.get("orientation", CANONICAL_ORIENTATION))
     lowest = float(sitk.GetArrayViewFromImage(image).min())
     image = resample(image, preprocessing.get("spacing"), preprocessing.get("interpolation", "linear"), lowest)
     normalized = sitk.GetImageFromArray(normalize(sitk.GetArrayFromImage(image), preprocessing["normalization"]))

@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import ConfigError
+from ..config import ConfigError, read_yaml
 from .layouts import LAYOUTS
-from .preprocess import INTERPOLATORS, check_normalization
+from .preprocess import CANONICAL_ORIENTATION, INTERPOLATORS, check_normalization
 from .shards import COMPRESSIONS, DEFAULT_CHUNKS, DEFAULT_COMPRESSION
 
 AXIS_LETTERS = ({"L", "R"}, {"P", "A"}, {"S", "I"})
@@ -66,7 +64,7 @@ class PreprocessSpec:
     normalization: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
     spacing: list[float] | None = None  # target spacing in mm per axis; null keeps the source spacing
     interpolation: str = "linear"  # images: linear | cubic (labels always nearest)
-    orientation: str | None = "LPS"  # canonical axis order, ITK letters; null keeps the stored axes
+    orientation: str | None = CANONICAL_ORIENTATION  # canonical axis order, ITK letters; null keeps the stored axes
     crop: CropSpec = field(default_factory=CropSpec)
 
     def check(self) -> None:
@@ -163,13 +161,6 @@ def _build(cls: type, values: Any, where: str) -> Any:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a prepare recipe."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
-    recipe = _build(Recipe, values, "")
+    recipe = _build(Recipe, read_yaml(path, "recipe") or {}, "")
     recipe.check()
     return recipe
