@@ -143,10 +143,10 @@ def _prepare_one(job: tuple[Source, Recipe, str]) -> dict[str, Any]:
 def ordered_map(fn: Callable[[Any], Any], jobs: Iterable[Any], processes: int) -> Iterator[Any]:
     """``fn`` over ``jobs`` on ``processes`` worker processes, in order, with at most 2 x processes in flight (so
     prepared volumes never pile up in memory). One process runs in this one."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if processes == 1:
         yield from map(fn, jobs)
         return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     context = multiprocessing.get_context("spawn")  # ITK's thread pool does not survive fork
     with ProcessPoolExecutor(processes, context, initializer=_set_itk_threads, initargs=(max(1, cores // processes),)) as pool:
         window: deque = deque()
@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished shards stay in {args.out}.partial; run the same command to resume", file=sys.stderr)
+        sys.exit(130)
     sys.exit(code)
 
 
