@@ -7,6 +7,7 @@ Layout of a dataset folder::
                              /<case id>/label   uint8   (X, Y, Z), class ids
                              /<case id>/foreground int32 (N, 4): (class, x, y, z) samples for oversampling
                              case attributes: spacing, origin, direction (ITK physical geometry)
+                             file attributes: manifest_records, notes (JSON; the shard describes itself)
 
 Arrays are stored in (x, y, z) order, so ``spacing[i]`` belongs to array axis ``i``. Every file is written to a
 temporary name in the same folder, fsynced and renamed, so a reader never sees half a shard or half a manifest.
@@ -30,6 +31,8 @@ VERSION = 1
 MANIFEST = "manifest.json"
 FOREGROUND_SAMPLES_PER_CLASS = 10_000
 COMPRESSIONS = ("lzf", "gzip", "none")
+# Measured by `python -m unet3d_dist.bench data` (docs/PERFORMANCE.md): of the layouts that read at most twice a
+# crop's bytes, 16^3 lzf chunks give the most crops per CPU second, for MRI and CT and for small and large crops.
 DEFAULT_COMPRESSION = "lzf"
 DEFAULT_CHUNKS = (16, 16, 16)
 
