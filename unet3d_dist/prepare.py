@@ -38,7 +38,9 @@ from .data.cases import prepare_case
 from .data.layouts import Source, find_cases
 from .data.readers import CaseError
 from .data.recipe import Recipe, SplitSpec, load_recipe
-from .data.shards import MANIFEST, DatasetError, new_manifest, read_shard_notes, shard_entry, verify_dataset, write_manifest, write_shard
+from .data.shards import (
+    MANIFEST, DatasetError, atomic_write, new_manifest, read_shard_notes, shard_entry, verify_dataset, write_manifest, write_shard,
+)
 
 EXIT_SKIPPED = 3
 SPLIT_ORDER = ("train", "val", "test")
@@ -64,11 +66,9 @@ def assign_splits(ids: list[str], spec: SplitSpec, split_file: Path | None) -> d
                 raise ConfigError(f"split file {split_file} lists case {case_id!r} in both {splits[case_id]!r} and {split!r}")
             splits[case_id] = split
     unknown, missing = sorted(set(splits) - set(ids)), sorted(set(ids) - set(splits))
-    if unknown or missing:
-        raise ConfigError(
-            f"split file {split_file} does not match the input: "
-            + "; ".join(part for part in (unknown and f"no such case {', '.join(unknown[:5])}", missing and f"no split for {', '.join(missing[:5])}") if part)
-        )
+    problems = ([f"no such case {', '.join(unknown[:5])}"] if unknown else []) + ([f"no split for {', '.join(missing[:5])}"] if missing else [])
+    if problems:
+        raise ConfigError(f"split file {split_file} does not match the input: {'; '.join(problems)}")
     return splits
 
 
@@ -104,10 +104,11 @@ def open_workspace(out: Path, plan: dict[str, Any], overwrite: bool) -> Path:
                 f"{partial} holds an unfinished preparation with other inputs or settings; "
                 "rerun that command to finish it, or pass --overwrite to discard it"
             )
-    if partial.exists():
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    (partial / PLAN).write_text(json.dumps(plan, indent=1))
+    elif partial.is_dir() and any(partial.iterdir()):
+        raise DatasetError(f"{partial} exists and was not made by prepare; move it away (nothing was changed)")
+    partial.mkdir(parents=True, exist_ok=True)
+    atomic_write(partial / PLAN, lambda tmp: Path(tmp).write_text(json.dumps(plan, indent=1)))
     return partial
 
 
