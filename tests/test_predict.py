@@ -13,7 +13,7 @@ from conftest import SHARED_DATA
 from test_distributed import free_port
 from rich.console import Console
 
-from test_prepare import recipe
+from test_prepare import recipe, small_cases
 from unet3d_dist.data.recipe import load_recipe
 from unet3d_dist.predict import main
 from unet3d_dist.prepare import prepare
@@ -24,15 +24,16 @@ pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"the real scan
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """One epoch of a tiny model on the abdominal CT's liver, prepared at 12 mm."""
+    """One step of a tiny model, validated, on a prepared dataset: the abdominal CT's liver at 12 mm, twice (train, val)."""
     tmp_path = tmp_path_factory.mktemp("predict")
-    config = recipe(tmp_path, preprocessing__spacing=[12, 12, 12], preprocessing__crop={"to": "none"})
+    config = recipe(tmp_path, preprocessing__spacing=[12, 12, 12], preprocessing__crop={"to": "none"}, splits={"train": 0.5, "val": 0.5})
     dataset = tmp_path / "dataset"
-    prepare(load_recipe(config), [SHARED_DATA / "ct_abdomen"], dataset, jobs=1, overwrite=False, split_file=None, console=Console(quiet=True))
-    overrides = [*TINY, "data.crop=[32,32,32]", "data.samples_per_epoch=2", "train.epochs=1", "train.val_every=0"]  # later ones win
+    prepare(load_recipe(config), [small_cases(tmp_path, 2)], dataset, jobs=1, overwrite=False, split_file=None, console=Console(quiet=True))
+    overrides = [*TINY, "data.crop=[32,32,32]", "data.samples_per_epoch=2", "train.epochs=1"]  # later ones win
     train = [sys.executable, "-m", "unet3d_dist.train", f"data.dataset={dataset}", f"log.runs_dir={tmp_path}", "log.run_name=liver", *overrides]
     result = subprocess.run(train, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "(1 train / 1 val cases)" in result.stdout and "validation Dice" in result.stdout
     return tmp_path / "liver/checkpoints/ckpt-00000001.pt"
 
 

@@ -60,11 +60,6 @@ def normalize(image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     raise ValueError(f"unknown normalization kind {kind!r}; expected ct_window, zscore or none")
 
 
-def orientation_of(image: sitk.Image) -> str:
-    """Three-letter ITK orientation code of the image's axes, e.g. LPS for an identity direction."""
-    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
-
-
 def reorient(image: sitk.Image, orientation: str | None) -> sitk.Image:
     """Permute and flip axes (no interpolation) to ``orientation``; None keeps the stored axes."""
     return image if orientation is None else sitk.DICOMOrient(image, orientation)
