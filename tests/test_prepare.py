@@ -158,6 +158,29 @@ def test_lung_ct_nrrd_is_resampled_and_the_small_tumour_survives(tmp_path, capsy
     assert -1 <= data.image("ct_lung").min() and data.image("ct_lung").max() <= 1
 
 
+def test_decathlon_layout_with_and_without_a_training_list_merges_tumour_into_liver(tmp_path, capsys):
+    image = sitk.ReadImage(str(SHARED_DATA / "ct_abdomen/image.nii.gz"))
+    organs = array_xyz(sitk.ReadImage(str(SHARED_DATA / "ct_abdomen/labels.nii.gz")))
+    lits = np.select([organs == 5, organs == 1], [1, 2], 0).astype(np.uint8)  # liver 1; the spleen plays the tumour (2)
+    msd, nnunet = tmp_path / "Task03_Liver", tmp_path / "nnunet"
+    for root, image_name, label_name in ((msd, "liver_0.nii.gz", "liver_0.nii.gz"), (nnunet, "case_1_0000.nii.gz", "case_1.nii.gz")):
+        (root / "imagesTr").mkdir(parents=True)
+        (root / "labelsTr").mkdir()
+        os.symlink(SHARED_DATA / "ct_abdomen/image.nii.gz", root / "imagesTr" / image_name)
+        write_like(lits, image, root / "labelsTr" / label_name)
+        (root / "labelsTr" / f"._{label_name}").write_bytes(b"macOS resource fork")  # shipped in the MSD archives
+    (msd / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/liver_0.nii.gz", "label": "./labelsTr/liver_0.nii.gz"}]}))
+    (nnunet / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
+
+    out = tmp_path / "ct_liver"
+    code, _ = prepare(capsys, "--config", REPO / "configs/prepare_ct_liver.yaml", "--input", msd, nnunet, "--out", out, "--jobs", 1)
+    assert code == 0
+    data = ShardedDataset(out)
+    assert sorted(data.records) == ["case_1", "liver_0"] and data.classes == ["background", "liver"]
+    for record in data.records.values():
+        assert record["class_voxels"][1] == int(((organs == 5) | (organs == 1)).sum())
+
+
 def write_like(array_xyz_: np.ndarray, like: sitk.Image, path: Path) -> None:
     image = sitk.GetImageFromArray(np.ascontiguousarray(array_xyz_.transpose(2, 1, 0)))
     image.CopyInformation(like)
