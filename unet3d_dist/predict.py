@@ -30,6 +30,7 @@ from .evaluate import balanced_shards
 from .inference import predict_labels, sliding_window_logits
 from .model import build_model
 from .report import slice_panel
+from .train import resolve_amp
 
 EXIT_SKIPPED = 3
 
@@ -48,7 +49,7 @@ class Predictor:
         self.model.load_state_dict(checkpoint["model"])
         self.model.to(device).eval()
         self.device, self.overlap, self.batch_size = device, overlap, batch_size
-        self.amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        self.amp_dtype = resolve_amp("auto", device)
 
     def mask(self, image: sitk.Image) -> sitk.Image:
         """Class map on ``image``'s own grid (uint8)."""
@@ -73,7 +74,8 @@ def output_paths(inputs: list[Path], out: Path, overwrite: bool) -> dict[Path, t
         paths[path] = (out / f"{name}_mask.nii.gz", out / f"{name}_panel.png")
     existing = [str(p) for pair in paths.values() for p in pair if p.exists()]
     if existing and not overwrite:
-        raise CaseError(f"{existing[0]} already exists (and {len(existing) - 1} more); pass --overwrite to replace them")
+        more = f" (and {len(existing) - 1} more files)" if len(existing) > 1 else ""
+        raise CaseError(f"{existing[0]} already exists{more}; pass --overwrite to replace it")
     return paths
 
 
