@@ -1,7 +1,8 @@
-"""Intensity normalisation shared by dataset preparation, the synthetic phantom and prediction.
+"""Transforms shared by dataset preparation, the synthetic phantom and prediction.
 
-The spec is stored in the dataset manifest (and so in every checkpoint), so new scans at prediction time get
-exactly the normalisation the training data had.
+The dataset manifest's ``preprocessing`` dict (stored in every checkpoint) names them all, so new scans at prediction
+time go through exactly what the training data went through: reorientation, resampling and intensity normalisation
+(``model_input``). Label mapping and cropping only apply to prepared training data.
 """
 
 from __future__ import annotations
@@ -9,6 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
+
+from .readers import CaseError
+
+INTERPOLATORS = {"linear": sitk.sitkLinear, "cubic": sitk.sitkBSpline}
+CANONICAL_ORIENTATION = "LPS"  # identity direction; the synthetic phantom is built in it
+NORMALIZATIONS = ("ct_window", "zscore", "none")
 
 
 def ct_window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -20,14 +28,23 @@ def ct_window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
 def zscore(image: np.ndarray, nonzero: bool = False) -> np.ndarray:
     """Per-volume z-score; with ``nonzero`` the statistics come from (and apply to) voxels != 0 only."""
     image = image.astype(np.float32)
-    mask = image != 0 if nonzero else np.ones(image.shape, bool)
-    values = image[mask]
+    values = image[image != 0] if nonzero else image
     if values.size == 0:
         return np.zeros_like(image)
     out = (image - values.mean()) / max(float(values.std()), 1e-8)
     if nonzero:
-        out[~mask] = 0
+        out[image == 0] = 0
     return out.astype(np.float32)
+
+
+def check_normalization(spec: Any) -> None:
+    """Raise ValueError unless ``spec`` is a valid ``normalization`` entry."""
+    if not isinstance(spec, dict) or spec.get("kind") not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be a mapping with kind {', '.join(NORMALIZATIONS)}, not {spec!r}")
+    if spec["kind"] == "ct_window":
+        window = spec.get("window")
+        if not (isinstance(window, list) and len(window) == 2 and window[0] < window[1]):
+            raise ValueError(f"normalization.window must be [low, high] in HU with low < high, not {window!r}")
 
 
 def normalize(image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
@@ -41,3 +58,76 @@ def normalize(image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     if kind == "none":
         return image.astype(np.float32)
     raise ValueError(f"unknown normalization kind {kind!r}; expected ct_window, zscore or none")
+
+
+def reorient(image: sitk.Image, orientation: str | None) -> sitk.Image:
+    """Permute and flip axes (no interpolation) to ``orientation``; None keeps the stored axes."""
+    return image if orientation is None else sitk.DICOMOrient(image, orientation)
+
+
+def resample(image: sitk.Image, spacing: list[float] | None, interpolation: str, default: float) -> sitk.Image:
+    """Resample to ``spacing`` with the same origin, direction and physical extent; None or equal spacing is a no-op."""
+    if spacing is None or np.allclose(image.GetSpacing(), spacing, rtol=1e-6):
+        return image
+    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    return sitk.Resample(
+        image, size, sitk.Transform(), INTERPOLATORS[interpolation], image.GetOrigin(), [float(s) for s in spacing],
+        image.GetDirection(), float(default), sitk.sitkFloat32,
+    )
+
+
+def onto_grid(label: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """A label map moved onto ``reference``'s grid by nearest neighbour (background outside), as uint8."""
+    same = label.GetSize() == reference.GetSize() and all(
+        np.allclose(getattr(label, f"Get{key}")(), getattr(reference, f"Get{key}")(), rtol=0, atol=1e-6) for key in ("Spacing", "Origin", "Direction")
+    )
+    if same:  # already there: skip the resampler's pass over every voxel
+        return sitk.Cast(label, sitk.sitkUInt8)
+    return sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+
+
+def model_input(image: sitk.Image, preprocessing: dict[str, Any]) -> sitk.Image:
+    """Reoriented, resampled and normalised float32 image, the grid the network sees; cut-off edges get the minimum.
+
+    A dataset that records no orientation (the synthetic phantom) is LPS by construction.
+    """
+    image = reorient(image, preprocessing.get("orientation", CANONICAL_ORIENTATION))
+    lowest = float(sitk.GetArrayViewFromImage(image).min())
+    image = resample(image, preprocessing.get("spacing"), preprocessing.get("interpolation", "linear"), lowest)
+    normalized = sitk.GetImageFromArray(normalize(sitk.GetArrayFromImage(image), preprocessing["normalization"]))
+    normalized.CopyInformation(image)
+    return normalized
+
+
+def map_labels(label: np.ndarray, classes: dict[str, list[int]], unmapped: str, where: object) -> np.ndarray:
+    """Source label values to class indices (the order of ``classes``); several values may merge into one class.
+
+    Values no class lists become background when ``unmapped`` is "background" and raise CaseError when it is "error".
+    """
+    values = np.unique(label)
+    if not np.array_equal(values, np.round(values)):
+        raise CaseError(f"label {where} holds non-integer values such as {values[values != np.round(values)][0]}")
+    table = {int(v): index for index, class_values in enumerate(classes.values()) for v in class_values}
+    strays = [int(v) for v in values if int(v) not in table]
+    if strays and unmapped == "error":
+        shown = ", ".join(map(str, strays[:10])) + (" ..." if len(strays) > 10 else "")
+        raise CaseError(
+            f"label {where} holds values {shown} that labels.classes does not map "
+            "(list them under a class, or set labels.unmapped: background)"
+        )
+    lookup = np.zeros(int(values.max()) - int(values.min()) + 1, np.uint8)
+    for value, index in table.items():
+        if values.min() <= value <= values.max():
+            lookup[value - int(values.min())] = index
+    return lookup[label.astype(np.int64) - int(values.min())]
+
+
+def bounding_box(mask: np.ndarray, margin: list[int]) -> tuple[slice, ...] | None:
+    """Slices around the True voxels of ``mask`` widened by ``margin`` voxels per axis; None if nothing is True."""
+    if not mask.any():
+        return None
+    box = []
+    for axis, extra in enumerate(margin):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(0, int(hits[0]) - extra), min(mask.shape[axis], int(hits[-1]) + 1 + extra)))
+    return tuple(box)

@@ -7,6 +7,7 @@ Layout of a dataset folder::
                              /<case id>/label   uint8   (X, Y, Z), class ids
                              /<case id>/foreground int32 (N, 4): (class, x, y, z) samples for oversampling
                              case attributes: spacing, origin, direction (ITK physical geometry)
+                             file attributes: manifest_records, notes (JSON; the shard describes itself)
 
 Arrays are stored in (x, y, z) order, so ``spacing[i]`` belongs to array axis ``i``. Every file is written to a
 temporary name in the same folder, fsynced and renamed, so a reader never sees half a shard or half a manifest.
@@ -29,6 +30,11 @@ FORMAT = "unet3d-dist-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 FOREGROUND_SAMPLES_PER_CLASS = 10_000
+COMPRESSIONS = ("lzf", "gzip", "none")
+# Measured by `python -m unet3d_dist.bench data` (docs/PERFORMANCE.md): of the layouts that read at most twice a
+# crop's bytes, 16^3 lzf chunks give the most crops per CPU second, for MRI and CT and for small and large crops.
+DEFAULT_COMPRESSION = "lzf"
+DEFAULT_CHUNKS = (16, 16, 16)
 
 
 class DatasetError(RuntimeError):
@@ -53,7 +59,7 @@ class Case:
 def atomic_write(path: Path, write: Any) -> None:
     """Call ``write(tmp_path)``, fsync the result and rename it onto ``path``; clean up on failure."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the suffix, which some writers go by
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:
@@ -101,49 +107,63 @@ def foreground_samples(label: np.ndarray, num_classes: int, seed: int = 0) -> np
     return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
 
 
+def case_record(case: Case, shard: str, num_classes: int) -> dict[str, Any]:
+    """The manifest entry of one case."""
+    return {
+        "id": case.id,
+        "shard": shard,
+        "split": case.split,
+        "shape": list(case.image.shape),
+        "spacing": [float(v) for v in case.spacing],
+        "origin": [float(v) for v in case.origin],
+        "direction": [float(v) for v in case.direction],
+        "class_voxels": [int(v) for v in np.bincount(case.label.ravel(), minlength=num_classes)],
+        "image_min": float(case.image.min()),
+        "source": case.source,
+        **case.extra,
+    }
+
+
 def write_shard(
     path: Path,
     cases: Iterable[Case],
     num_classes: int,
-    compression: str | None = "lzf",
-    chunks: tuple[int, int, int] = (16, 16, 16),
+    compression: str = DEFAULT_COMPRESSION,
+    chunks: tuple[int, int, int] = DEFAULT_CHUNKS,
+    notes: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Write cases to one shard atomically and return their manifest records."""
+    """Write cases to one shard atomically and return their manifest records.
+
+    The records (and any JSON-able ``notes``) are also stored in the shard's ``manifest_records`` / ``notes``
+    attributes, so a finished shard describes itself and an interrupted ``prepare`` can resume from it.
+    """
     cases = list(cases)
     for case in cases:
         _check_case(case, num_classes)
-    records = []
+    records = [case_record(case, path.name, num_classes) for case in cases]
+    filters = {"compression": None if compression == "none" else compression}
 
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as h5:
             for case in cases:
                 group = h5.create_group(case.id)
                 chunk = tuple(min(c, s) for c, s in zip(chunks, case.image.shape))
-                group.create_dataset("image", data=case.image.astype(np.float32), chunks=chunk, compression=compression)
-                group.create_dataset("label", data=case.label, chunks=chunk, compression=compression)
+                group.create_dataset("image", data=case.image.astype(np.float32), chunks=chunk, **filters)
+                group.create_dataset("label", data=case.label, chunks=chunk, **filters)
                 group.create_dataset("foreground", data=foreground_samples(case.label, num_classes))
                 for key in ("spacing", "origin", "direction"):
                     group.attrs[key] = np.asarray(getattr(case, key), dtype=np.float64)
+            h5.attrs["manifest_records"] = json.dumps(records)
+            h5.attrs["notes"] = json.dumps(notes or {})
 
     atomic_write(path, write)
-    for case in cases:
-        counts = np.bincount(case.label.ravel(), minlength=num_classes)
-        records.append(
-            {
-                "id": case.id,
-                "shard": path.name,
-                "split": case.split,
-                "shape": list(case.image.shape),
-                "spacing": [float(v) for v in case.spacing],
-                "origin": [float(v) for v in case.origin],
-                "direction": [float(v) for v in case.direction],
-                "class_voxels": [int(v) for v in counts],
-                "image_min": float(case.image.min()),
-                "source": case.source,
-                **case.extra,
-            }
-        )
     return records
+
+
+def read_shard_notes(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The manifest records and notes a finished shard carries (see ``write_shard``)."""
+    with h5py.File(path, "r") as h5:
+        return json.loads(h5.attrs["manifest_records"]), json.loads(h5.attrs["notes"])
 
 
 def shard_entry(path: Path, case_ids: list[str]) -> dict[str, Any]:
@@ -152,6 +172,22 @@ def shard_entry(path: Path, case_ids: list[str]) -> dict[str, Any]:
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     atomic_write(Path(root) / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+
+
+def new_manifest(
+    name: str, modality: str, classes: list[str], preprocessing: dict[str, Any], shards: list[dict[str, Any]], records: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "name": name,
+        "modality": modality,
+        "classes": list(classes),
+        "channels": 1,
+        "preprocessing": preprocessing,
+        "shards": shards,
+        "cases": records,
+    }
 
 
 def write_dataset(
@@ -163,7 +199,8 @@ def write_dataset(
     modality: str,
     preprocessing: dict[str, Any],
     cases_per_shard: int = 8,
-    compression: str | None = "lzf",
+    compression: str = DEFAULT_COMPRESSION,
+    chunks: tuple[int, int, int] = DEFAULT_CHUNKS,
 ) -> dict[str, Any]:
     """Write all cases into shards of ``cases_per_shard`` and then the manifest (last, so it only lists complete shards)."""
     root = Path(root)
@@ -172,7 +209,7 @@ def write_dataset(
 
     def flush() -> None:
         path = root / f"shard-{len(shards):05d}.h5"
-        records.extend(write_shard(path, batch, len(classes), compression))
+        records.extend(write_shard(path, batch, len(classes), compression, chunks))
         shards.append(shard_entry(path, [c.id for c in batch]))
         batch.clear()
 
@@ -182,17 +219,7 @@ def write_dataset(
             flush()
     if batch:
         flush()
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "name": name,
-        "modality": modality,
-        "classes": list(classes),
-        "channels": 1,
-        "preprocessing": preprocessing,
-        "shards": shards,
-        "cases": records,
-    }
+    manifest = new_manifest(name, modality, classes, preprocessing, shards, records)
     write_manifest(root, manifest)
     return manifest
 

@@ -1,0 +1,66 @@
+"""``python -m unet3d_dist.predict`` on real scans, with a checkpoint trained in the test on a prepared dataset."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import SHARED_DATA
+from test_distributed import free_port
+from rich.console import Console
+
+from test_prepare import recipe, small_cases
+from unet3d_dist.data.recipe import load_recipe
+from unet3d_dist.predict import main
+from unet3d_dist.prepare import prepare
+from test_train import TINY
+
+pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"the real scans are not at {SHARED_DATA} (set UNET3D_SHARED_DATA)")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """One step of a tiny model, validated, on a prepared dataset: the abdominal CT's liver at 12 mm, twice (train, val)."""
+    tmp_path = tmp_path_factory.mktemp("predict")
+    config = recipe(tmp_path, preprocessing__spacing=[12, 12, 12], preprocessing__crop={"to": "none"}, splits={"train": 0.5, "val": 0.5})
+    dataset = tmp_path / "dataset"
+    prepare(load_recipe(config), [small_cases(tmp_path, 2)], dataset, jobs=1, overwrite=False, split_file=None, console=Console(quiet=True))
+    overrides = [*TINY, "data.crop=[32,32,32]", "data.samples_per_epoch=2", "train.epochs=1"]  # later ones win
+    train = [sys.executable, "-m", "unet3d_dist.train", f"data.dataset={dataset}", f"log.runs_dir={tmp_path}", "log.run_name=liver", *overrides]
+    result = subprocess.run(train, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(1 train / 1 val cases)" in result.stdout and "validation Dice" in result.stdout
+    return tmp_path / "liver/checkpoints/ckpt-00000001.pt"
+
+
+def test_masks_come_out_on_each_inputs_own_grid_from_two_ranks(checkpoint, tmp_path, capsys):
+    inputs = [SHARED_DATA / "ct_abdomen/image.nii.gz", SHARED_DATA / "ct_dicom/series"]
+    out = tmp_path / "predictions"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--master-port={free_port()}", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*torchrun, "-m", "unet3d_dist.predict", "--checkpoint", str(checkpoint), *map(str, inputs), "--out", str(out), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(line.split(" wrote ")[0] for line in result.stdout.splitlines() if " wrote " in line) == ["rank 0", "rank 1"]
+
+    dicom = sitk.ImageSeriesReader()
+    dicom.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(inputs[1])))
+    for source, name in ((sitk.ReadImage(str(inputs[0])), "image"), (dicom.Execute(), "series")):
+        mask = sitk.ReadImage(str(out / f"{name}_mask.nii.gz"))
+        assert mask.GetSize() == source.GetSize()
+        assert mask.GetSpacing() == pytest.approx(source.GetSpacing(), abs=1e-6)
+        assert mask.GetOrigin() == pytest.approx(source.GetOrigin(), abs=1e-4)
+        assert mask.GetDirection() == pytest.approx(source.GetDirection(), abs=1e-6)
+        assert set(np.unique(sitk.GetArrayViewFromImage(mask))) <= {0, 1}
+        png = (out / f"{name}_panel.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+    with pytest.raises(SystemExit) as again:
+        main(["--checkpoint", str(checkpoint), str(inputs[0]), "--out", str(out)])
+    error = capsys.readouterr().err
+    assert again.value.code == 2 and "image_mask.nii.gz already exists" in error and "--overwrite" in error

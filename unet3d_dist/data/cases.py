@@ -1,0 +1,76 @@
+"""One source case in, one ``Case`` ready for the shard writer out: read, check, map labels, transform, crop.
+
+Bad input raises ``CaseError`` with one sentence naming the file; doubtful input (an empty label) comes back as a
+warning. Each call is independent, so ``prepare`` runs it in a separate process per case.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import SimpleITK as sitk
+
+from .layouts import Source
+from .preprocess import bounding_box, map_labels, model_input, onto_grid, reorient
+from .readers import CaseError, array_xyz, read_hdf5_pair, read_pair
+from .recipe import Recipe
+from .shards import Case
+
+
+def geometry(image: sitk.Image) -> dict[str, list]:
+    """Size, spacing, origin and direction: enough to put a prediction back on this image's grid."""
+    return {
+        "size": list(image.GetSize()),
+        "spacing": list(image.GetSpacing()),
+        "origin": list(image.GetOrigin()),
+        "direction": list(image.GetDirection()),
+    }
+
+
+def _crop_mask(recipe: Recipe, image: sitk.Image, label: sitk.Image, grid: sitk.Image) -> np.ndarray:
+    """Voxels of ``grid`` the crop must keep: labelled foreground, or raw intensity above the body threshold."""
+    crop = recipe.preprocessing.crop
+    if crop.to == "foreground":
+        return array_xyz(label) > 0
+    body = image > crop.threshold
+    return array_xyz(onto_grid(reorient(body, recipe.preprocessing.orientation), grid)) > 0
+
+
+def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list[str]]:
+    """The prepared case and its warnings; raises CaseError for input that cannot be used."""
+    if source.layout == "hdf5":
+        image, label = read_hdf5_pair(source.image, tuple(recipe.input.spacing))
+    else:
+        image, label = read_pair(source.image, source.label)
+    voxels = sitk.GetArrayViewFromImage(image)
+    if voxels.dtype.kind == "f" and not np.isfinite(voxels).all():
+        raise CaseError(f"image {source.image} holds {np.count_nonzero(~np.isfinite(voxels))} NaN or infinite voxels")
+    mapped = sitk.GetImageFromArray(map_labels(sitk.GetArrayViewFromImage(label), recipe.labels.classes, recipe.labels.unmapped, source.label))
+    mapped.CopyInformation(label)
+
+    spec = recipe.preprocessing
+    prepared = model_input(image, recipe.manifest_preprocessing())
+    prepared_label = onto_grid(reorient(mapped, spec.orientation), prepared)
+    warnings = []
+    if not sitk.GetArrayViewFromImage(prepared_label).any():
+        warnings.append(f"label {source.label} has no voxel of {', '.join(list(recipe.labels.classes)[1:])}: kept as an all-background case")
+    if spec.crop.to != "none":
+        margin = [math.ceil(spec.crop.margin_mm / s) for s in prepared.GetSpacing()]
+        box = bounding_box(_crop_mask(recipe, image, prepared_label, prepared), margin)
+        if box is None:
+            warnings.append(f"{source.image}: nothing to crop to ({spec.crop.to}), the whole volume is kept")
+        else:
+            prepared, prepared_label = prepared[box], prepared_label[box]
+    case = Case(
+        id=source.id,
+        image=array_xyz(prepared),
+        label=array_xyz(prepared_label),
+        spacing=prepared.GetSpacing(),
+        origin=prepared.GetOrigin(),
+        direction=prepared.GetDirection(),
+        split=split,
+        source=str(source.image.resolve()),
+        extra={"label_source": str(source.label.resolve()), "source_geometry": geometry(image)},
+    )
+    return case, warnings

@@ -1,0 +1,145 @@
+"""Prediction on new scans: ``python -m unet3d_dist.predict --checkpoint CKPT INPUT... --out DIR``.
+
+Each input (a NIfTI/NRRD/MHA file or a DICOM series folder, no label) goes through the preprocessing its training
+data had (the manifest's ``preprocessing``, stored in the checkpoint): reorientation, resampling, normalisation. The
+gaussian sliding window runs with the training crop as its patch, and the class map is moved back onto the input's
+own grid by nearest neighbour, so ``DIR/<name>_mask.nii.gz`` has the input's exact size, spacing, origin and
+direction. Voxel values are indices into the checkpoint's classes. ``DIR/<name>_panel.png`` shows three slices.
+
+Under torchrun every rank takes a disjoint, size-balanced share of the inputs. A bad input is reported with one
+sentence and skipped (exit status 3); it does not stop the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import ConfigError, config_from_dict
+from .data.preprocess import CANONICAL_ORIENTATION, model_input, onto_grid, reorient
+from .data.readers import CaseError, array_xyz, image_xyz, read_image, strip_suffix
+from .data.shards import atomic_write
+from .dist import distributed, gather_to_main
+from .evaluate import balanced_shards
+from .inference import predict_labels, sliding_window_logits
+from .model import build_model
+from .report import slice_panel
+from .train import resolve_amp
+
+EXIT_SKIPPED = 3
+
+
+class Predictor:
+    """A trained model with the preprocessing and patch its training used."""
+
+    def __init__(self, checkpoint: dict[str, Any], device: torch.device, overlap: float, batch_size: int):
+        cfg = config_from_dict(checkpoint["config"])
+        self.classes: list[str] = checkpoint["dataset"]["classes"]
+        self.preprocessing: dict[str, Any] = checkpoint["dataset"]["preprocessing"]
+        if "normalization" not in self.preprocessing:
+            raise CheckpointError("the checkpoint's dataset records no preprocessing.normalization, so new scans cannot be prepared like its training data")
+        self.patch = tuple(cfg.data.crop)
+        self.model = build_model(cfg.model, in_channels=1, num_classes=len(self.classes))
+        self.model.load_state_dict(checkpoint["model"])
+        self.model.to(device).eval()
+        self.device, self.overlap, self.batch_size = device, overlap, batch_size
+        self.amp_dtype = resolve_amp("auto", device)
+
+    def mask(self, image: sitk.Image) -> sitk.Image:
+        """Class map on ``image``'s own grid (uint8)."""
+        prepared = model_input(image, self.preprocessing)
+        voxels = torch.from_numpy(array_xyz(prepared))
+        logits = sliding_window_logits(
+            self.model, voxels[None], self.patch, len(self.classes), overlap=self.overlap, batch_size=self.batch_size,
+            pad_value=float(voxels.min()), amp_dtype=self.amp_dtype, device=self.device,
+        )
+        return onto_grid(image_xyz(predict_labels(logits), like=prepared), image)
+
+
+def output_paths(inputs: list[Path], out: Path, overwrite: bool) -> dict[Path, tuple[Path, Path]]:
+    """Input -> (mask, panel) paths; refuses name clashes and, without ``overwrite``, existing files."""
+    paths: dict[Path, tuple[Path, Path]] = {}
+    by_name: dict[str, Path] = {}
+    for path in inputs:
+        name = strip_suffix(path)
+        if name in by_name:
+            raise CaseError(f"inputs {by_name[name]} and {path} would both write {name}_mask.nii.gz; predict them into different --out folders")
+        by_name[name] = path
+        paths[path] = (out / f"{name}_mask.nii.gz", out / f"{name}_panel.png")
+    existing = [str(p) for pair in paths.values() for p in pair if p.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more files)" if len(existing) > 1 else ""
+        raise CaseError(f"{existing[0]} already exists{more}; pass --overwrite to replace it")
+    return paths
+
+
+def predict_file(predictor: Predictor, path: Path, mask_path: Path, panel_path: Path) -> None:
+    """Write the mask NIfTI and the slice panel of one input (each file atomically)."""
+    image = read_image(path)
+    mask = predictor.mask(image)
+    atomic_write(mask_path, lambda tmp: sitk.WriteImage(mask, str(tmp), useCompression=True))
+    # report.slice_panel draws LPS arrays the radiological way
+    shown_image, shown_mask = reorient(image, CANONICAL_ORIENTATION), array_xyz(reorient(mask, CANONICAL_ORIENTATION))
+    found = ", ".join(f"{name} {int((shown_mask == i).sum())} voxels" for i, name in enumerate(predictor.classes) if i)
+    atomic_write(
+        panel_path,
+        lambda tmp: slice_panel(array_xyz(shown_image), None, shown_mask, shown_image.GetSpacing(), tmp, f"{path.name}: {found}"),
+    )
+
+
+def input_bytes(path: Path) -> int:
+    """Size on disk, the load measure for sharing inputs among ranks (a missing input weighs nothing)."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return path.stat().st_size if path.is_file() else 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="unet3d-predict",
+        description="Segment scans with a trained checkpoint; masks come out on each input's own grid.",
+        epilog="example: torchrun --nproc_per_node=4 -m unet3d_dist.predict --checkpoint runs/ct_liver/checkpoints/best.pt scans/*.nii.gz --out predictions",
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by unet3d_dist.train")
+    parser.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA files or DICOM series folders")
+    parser.add_argument("--out", type=Path, required=True, help="folder for <name>_mask.nii.gz and <name>_panel.png")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the local rank's GPU if there is one")
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap as a fraction of the patch")
+    parser.add_argument("--batch-size", type=int, default=2, help="windows per forward pass")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing masks and panels")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+        paths = output_paths(args.inputs, args.out, args.overwrite)
+        args.out.mkdir(parents=True, exist_ok=True)
+        with distributed(args.device) as env:
+            predictor = Predictor(checkpoint, env.device, args.overlap, args.batch_size)
+            failures = []
+            for name in balanced_shards({str(p): input_bytes(p) for p in args.inputs}, env.world_size)[env.rank]:
+                try:
+                    predict_file(predictor, Path(name), *paths[Path(name)])
+                    print(f"rank {env.rank} wrote {paths[Path(name)][0]}", flush=True)
+                except CaseError as err:
+                    failures.append(str(err))
+            gathered = gather_to_main(failures)
+    except (CheckpointError, ConfigError, CaseError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    failed = [line for part in gathered or [] for line in part]
+    for line in failed:
+        print(f"skipped: {line}", file=sys.stderr)
+    sys.exit(EXIT_SKIPPED if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""Data preparation: ``python -m unet3d_dist.prepare --config RECIPE --input FOLDER... --out DATASET``.
+
+Turns scans (NIfTI, NRRD, MHA, DICOM series, the original project's HDF5 files, the Decathlon/LiTS layout) into a
+sharded HDF5 dataset with a manifest, as the recipe says (data/recipe.py; examples in configs/prepare_*.yaml).
+``python -m unet3d_dist.prepare --verify DATASET`` checks every shard against the manifest.
+
+Cases are prepared in parallel, one per process. The dataset is built in ``<out>.partial`` beside ``<out>``: each
+shard there is written atomically and carries its own manifest records, so running the same command after a crash
+skips the finished shards. The manifest is written last and the folder then moves to ``<out>``; an older dataset
+there is replaced only with ``--overwrite``, and only once the new one is complete.
+
+A bad case never stops the run or touches the dataset: it is skipped with one sentence naming the file, listed in the
+summary and in the manifest's ``skipped``, and the exit status is 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .config import ConfigError, read_yaml
+from .data.cases import prepare_case
+from .data.layouts import Source, find_cases
+from .data.readers import CaseError
+from .data.recipe import Recipe, SplitSpec, load_recipe
+from .data.shards import (
+    MANIFEST, DatasetError, atomic_write, new_manifest, read_shard_notes, shard_entry, verify_dataset, write_manifest, write_shard,
+)
+
+EXIT_SKIPPED = 3
+SPLIT_ORDER = ("train", "val", "test")
+PLAN = "plan.json"
+
+
+def assign_splits(ids: list[str], spec: SplitSpec, split_file: Path | None) -> dict[str, str]:
+    """Case id -> split, from a split file ({split: [ids]}) or by shuffling with the recipe's seed and fractions."""
+    if split_file is None:
+        order = [ids[i] for i in np.random.default_rng(spec.seed).permutation(len(ids))]
+        n_val, n_test = round(spec.val * len(ids)), round(spec.test * len(ids))
+        if spec.train > 0 and n_val + n_test >= len(ids):
+            n_val = max(0, len(ids) - 1 - n_test)
+        cut = len(ids) - n_val - n_test
+        return {c: "train" if i < cut else "val" if i < cut + n_val else "test" for i, c in enumerate(order)}
+    listed = read_yaml(split_file, "split file")
+    if not isinstance(listed, dict) or not all(isinstance(v, list) for v in listed.values()):
+        raise ConfigError(f"split file {split_file} must map split names to lists of case ids")
+    splits = {}
+    for split, members in listed.items():
+        for case_id in map(str, members):
+            if case_id in splits:
+                raise ConfigError(f"split file {split_file} lists case {case_id!r} in both {splits[case_id]!r} and {split!r}")
+            splits[case_id] = split
+    unknown, missing = sorted(set(splits) - set(ids)), sorted(set(ids) - set(splits))
+    problems = ([f"no such case {', '.join(unknown[:5])}"] if unknown else []) + ([f"no split for {', '.join(missing[:5])}"] if missing else [])
+    if problems:
+        raise ConfigError(f"split file {split_file} does not match the input: {'; '.join(problems)}")
+    return splits
+
+
+def plan_shards(sources: list[Source], splits: dict[str, str], per_shard: int) -> list[list[Source]]:
+    """Cases grouped by split (train, val, test, others), then id, cut into shards of ``per_shard``."""
+    rank = {name: i for i, name in enumerate(SPLIT_ORDER)}
+    ordered = sorted(sources, key=lambda s: (rank.get(splits[s.id], len(rank)), splits[s.id], s.id))
+    return [ordered[i : i + per_shard] for i in range(0, len(ordered), per_shard)]
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.h5"
+
+
+def open_workspace(out: Path, plan: dict[str, Any], overwrite: bool) -> Path:
+    """The ``<out>.partial`` folder to build in: resumed when it holds the same plan, else new. Refuses, before any
+    work, to replace anything that is not ours or to replace a dataset without ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"--out {out} exists and is not a folder; choose another --out (nothing was changed)")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file():
+            raise DatasetError(f"--out {out} is a non-empty folder that is not a prepared dataset; choose another --out (nothing was changed)")
+        if not overwrite:
+            raise DatasetError(f"--out {out} already holds a prepared dataset; pass --overwrite to replace it (the old one stays until the new one is complete)")
+    partial = out.with_name(out.name + ".partial")
+    if (partial / PLAN).is_file():
+        if json.loads((partial / PLAN).read_text()) == plan:
+            for leftover in partial.glob(".tmp-*"):  # a shard the crash interrupted
+                leftover.unlink()
+            return partial
+        if not overwrite:
+            raise DatasetError(
+                f"{partial} holds an unfinished preparation with other inputs or settings; "
+                "rerun that command to finish it, or pass --overwrite to discard it"
+            )
+        shutil.rmtree(partial)
+    elif partial.is_dir() and any(partial.iterdir()):
+        raise DatasetError(f"{partial} exists and was not made by prepare; move it away (nothing was changed)")
+    partial.mkdir(parents=True, exist_ok=True)
+    atomic_write(partial / PLAN, lambda tmp: Path(tmp).write_text(json.dumps(plan, indent=1)))
+    return partial
+
+
+def publish(partial: Path, out: Path) -> None:
+    """Move the finished dataset into place; an old dataset there is removed only after the move."""
+    (partial / PLAN).unlink()
+    if not out.exists():
+        os.rename(partial, out)
+        return
+    old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    os.rename(out, old)
+    os.rename(partial, out)
+    shutil.rmtree(old)
+
+
+def _set_itk_threads(threads: int) -> None:
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _prepare_one(job: tuple[Source, Recipe, str]) -> dict[str, Any]:
+    """Run in a worker: the prepared case, or the reason it was skipped. Never raises for one case's sake."""
+    source, recipe, split = job
+    try:
+        case, warnings = prepare_case(source, recipe, split)
+        return {"id": source.id, "case": case, "warnings": warnings}
+    except CaseError as err:
+        reason = str(err)
+    except Exception as err:  # a case that breaks a library must not end the others
+        reason = f"{source.image}: unexpected {type(err).__name__}: {err}"
+    return {"id": source.id, "source": str(source.image), "reason": reason}
+
+
+def ordered_map(fn: Callable[[Any], Any], jobs: Iterable[Any], processes: int) -> Iterator[Any]:
+    """``fn`` over ``jobs`` on ``processes`` worker processes, in order, with at most 2 x processes in flight (so
+    prepared volumes never pile up in memory). One process runs in this one."""
+    if processes == 1:
+        yield from map(fn, jobs)
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    context = multiprocessing.get_context("spawn")  # ITK's thread pool does not survive fork
+    with ProcessPoolExecutor(processes, context, initializer=_set_itk_threads, initargs=(max(1, cores // processes),)) as pool:
+        window: deque = deque()
+        for job in jobs:
+            window.append(pool.submit(fn, job))
+            if len(window) >= 2 * processes:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[now]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    )
+
+
+def prepare(recipe: Recipe, inputs: list[Path], out: Path, *, jobs: int, overwrite: bool, split_file: Path | None, console: Console) -> int:
+    """Build the dataset; returns the exit status (0, or EXIT_SKIPPED when some cases were skipped)."""
+    start = time.perf_counter()
+    spec = recipe.input
+    sources = find_cases(inputs, spec.layout, spec.image, spec.label)
+    splits = assign_splits([s.id for s in sources], recipe.splits, split_file)
+    shards = plan_shards(sources, splits, recipe.shards.cases_per_shard)
+    plan = {
+        "recipe": recipe.to_dict(),
+        "shards": [[{"id": s.id, "split": splits[s.id], "image": str(s.image.resolve()), "label": str(s.label.resolve())} for s in shard] for shard in shards],
+    }
+    partial = open_workspace(out, plan, overwrite)
+    todo = [i for i in range(len(shards)) if not (partial / shard_name(i)).is_file()]
+    if len(todo) < len(shards):
+        console.print(f"resuming in {partial}: {len(shards) - len(todo)} of {len(shards)} shards are already done")
+    classes = list(recipe.labels.classes)
+    with progress_bar(console) as progress:
+        task = progress.add_task(f"preparing {recipe.name}", total=sum(len(shards[i]) for i in todo), now="")
+        results = ordered_map(_prepare_one, ((s, recipe, splits[s.id]) for i in todo for s in shards[i]), jobs)
+        for index in todo:
+            done, skipped, warnings = [], [], {}
+            for _ in shards[index]:
+                result = next(results)
+                progress.update(task, advance=1, now=result["id"])
+                if "case" in result:
+                    done.append(result["case"])
+                    if result["warnings"]:
+                        warnings[result["id"]] = result["warnings"]
+                else:
+                    skipped.append({k: result[k] for k in ("id", "source", "reason")})
+                    progress.console.print(f"[red]skipped[/] {result['id']}: {result['reason']}")
+            write_shard(partial / shard_name(index), done, len(classes), recipe.shards.compression, tuple(recipe.shards.chunks), {"skipped": skipped, "warnings": warnings})
+
+    entries, records, skipped, warnings = [], [], [], {}
+    for index in range(len(shards)):
+        path = partial / shard_name(index)
+        shard_records, notes = read_shard_notes(path)
+        skipped += notes["skipped"]
+        warnings.update(notes["warnings"])
+        if shard_records:
+            records += shard_records
+            entries.append(shard_entry(path, [r["id"] for r in shard_records]))
+        else:
+            path.unlink()  # every case of this shard was skipped
+    summarize(console, records, skipped, warnings, entries, time.perf_counter() - start)
+    if not records:
+        shutil.rmtree(partial)
+        raise DatasetError(f"no case of {', '.join(map(str, inputs))} could be prepared; nothing was written")
+    manifest = new_manifest(recipe.name, recipe.modality, classes, recipe.manifest_preprocessing(), entries, records)
+    write_manifest(partial, {**manifest, "skipped": skipped, "warnings": warnings})
+    publish(partial, out)
+    console.print(f"[bold green]wrote[/] {out}: {len(records)} cases in {len(entries)} shards")
+    return EXIT_SKIPPED if skipped else 0
+
+
+def summarize(console: Console, records: list[dict], skipped: list[dict], warnings: dict[str, list[str]], entries: list[dict], seconds: float) -> None:
+    """Counts per split, then every skipped case and every warning with its reason."""
+    per_split = {name: sum(r["split"] == name for r in records) for name in sorted({r["split"] for r in records})}
+    size = sum(e["bytes"] for e in entries) / 1e6
+    console.print(
+        f"{len(records)} cases prepared ({', '.join(f'{n} {k}' for k, n in per_split.items()) or 'none'}), "
+        f"{len(skipped)} skipped, {size:.1f} MB in {len(entries)} shards, {seconds:.1f} s"
+    )
+    if skipped:
+        table = Table(title="skipped cases", title_justify="left")
+        table.add_column("case")
+        table.add_column("why")
+        for item in skipped:
+            table.add_row(item["id"], item["reason"])
+        console.print(table)
+    for case_id, lines in warnings.items():
+        for line in lines:
+            console.print(f"[yellow]warning[/] {case_id}: {line}")
+
+
+def verify(root: Path, console: Console) -> int:
+    problems = verify_dataset(root)
+    for line in problems:
+        console.print(f"[red]bad shard[/] {line}")
+    if problems:
+        return 1
+    manifest = json.loads((root / MANIFEST).read_text())
+    console.print(f"[green]ok[/]: {len(manifest['shards'])} shards of {root} match the manifest ({len(manifest['cases'])} cases)")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="unet3d-prepare",
+        description="Prepare scans into a sharded HDF5 dataset, or --verify one.",
+        epilog="example: python -m unet3d_dist.prepare --config configs/prepare_la_mri.yaml --input ../shared/data/la_mri/train --out data/la_mri",
+    )
+    parser.add_argument("--config", type=Path, help="prepare recipe (YAML), e.g. configs/prepare_ct_liver.yaml")
+    parser.add_argument("--input", type=Path, nargs="+", help="input folder(s): case folders, a Decathlon task, or HDF5 files")
+    parser.add_argument("--out", type=Path, help="dataset folder to create")
+    parser.add_argument("--splits", type=Path, help="YAML/JSON split file {train: [ids], val: [ids], test: [ids]}; replaces the recipe's fractions")
+    parser.add_argument("--jobs", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="cases prepared at once, one per process (default: CPU count, at most 8)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset (or discard an unfinished one) at --out")
+    parser.add_argument("--verify", type=Path, metavar="DATASET", help="check every shard of DATASET against its manifest and exit")
+    args = parser.parse_args(argv)
+    if args.verify is None and not (args.config and args.input and args.out):
+        parser.error("--config, --input and --out are required (or --verify DATASET)")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    console = Console(soft_wrap=True)  # long paths stay whole, for copying
+    try:
+        if args.verify is not None:
+            sys.exit(verify(args.verify, console))
+        recipe = load_recipe(args.config)
+        code = prepare(recipe, args.input, args.out, jobs=args.jobs, overwrite=args.overwrite, split_file=args.splits, console=console)
+    except (ConfigError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished shards stay in {args.out}.partial; run the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
