@@ -110,3 +110,18 @@ def test_sampler_shards_are_disjoint_and_cover_the_epoch():
     first, second = EpochSampler(30, 1, 0, 1), EpochSampler(30, 1, 0, 1)
     second.set_epoch(1)
     assert [i for _, i in first] != [i for _, i in second]  # reshuffled every epoch
+
+
+def test_cross_validation_folds_partition_the_training_cases(tiny_dataset):
+    from unet3d_dist.config import load_config
+    from unet3d_dist.data.splits import run_cases
+
+    data = ShardedDataset(tiny_dataset)
+    held_out = []
+    for fold in range(3):
+        cfg = load_config(None, ["data.folds=3", f"data.fold={fold}"]).data
+        train, val = run_cases(data, cfg, "train"), run_cases(data, cfg, "val")
+        assert set(train) | set(val) == {"a", "b", "c", "d"} and not set(train) & set(val)
+        held_out += val
+    assert sorted(held_out) == ["a", "b", "c", "d"]  # every training case is held out exactly once
+    assert run_cases(data, load_config().data, "val") == ["e"]  # without folds: the manifest's split

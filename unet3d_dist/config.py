@@ -39,7 +39,9 @@ class DataConfig:
     samples_per_epoch: int = setting(100, "crops per epoch, summed over all ranks", min=1)
     num_workers: int = setting(-1, "DataLoader workers per rank; -1 picks from the CPU count", min=-1)
     train_split: str = setting("train", "manifest split used for training")
-    val_split: str = setting("val", "manifest split used for validation")
+    val_split: str = setting("val", "manifest split used for validation (ignored when data.folds > 0)")
+    folds: int = setting(0, "cross-validation: deal the train_split cases into this many folds; 0 uses the manifest splits", min=0)
+    fold: int = setting(0, "the fold held out for validation when data.folds > 0", min=0)
 
 
 @dataclass
@@ -264,6 +266,10 @@ def _check_consistency(cfg: Config) -> None:
     for axis, size in zip("xyz", cfg.data.crop):
         if size < 8 or size % 8:
             raise ConfigError(f"data.crop must be multiples of 8 (the UNet halves each side 3 times), but its {axis} side is {size}")
+    if cfg.data.folds and cfg.data.fold >= cfg.data.folds:
+        raise ConfigError(f"data.fold must be below data.folds={cfg.data.folds}, not {cfg.data.fold}")
+    if cfg.data.folds == 1:
+        raise ConfigError("data.folds must be 0 (manifest splits) or at least 2")
     if any(w < 1 for w in cfg.model.widths):
         raise ConfigError(f"model.widths must be positive, not {list(cfg.model.widths)}")
     if cfg.loss.dice_weight == 0 and cfg.loss.ce_weight == 0:

@@ -26,6 +26,7 @@ from .checkpoint import Checkpointer, CheckpointError, config_differences, load_
 from .config import Config, ConfigError, describe, load_config
 from .data.crops import CropDataset, EpochSampler
 from .data.shards import DatasetError, ShardedDataset
+from .data.splits import run_cases
 from .data.synthetic import ensure_synthetic
 from .dist import DistEnv, any_rank, barrier, broadcast_from_main, distributed, gather_to_main, mean_over_ranks
 from .evaluate import evaluate_cases
@@ -130,8 +131,8 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.run_dir = cfg.run_dir
         self.dataset = open_dataset(cfg, env)
-        self.train_ids = self.dataset.case_ids(cfg.data.train_split)
-        self.val_ids = self.dataset.case_ids(cfg.data.val_split)
+        self.train_ids = run_cases(self.dataset, cfg.data, "train")
+        self.val_ids = run_cases(self.dataset, cfg.data, "val")
         if not self.train_ids:
             raise DatasetError(
                 f"dataset {self.dataset.root} has no cases in split {cfg.data.train_split!r} (data.train_split); "
