@@ -61,6 +61,21 @@ def _pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict[str, Any]:
+    """A store namespaced by torchrun's restart count, when workers share the agent's store.
+
+    torch assumes each restart gets a fresh store, but after ``--max-restarts`` restarts the agent's store still
+    holds the dead attempt's process-group addresses, and the new ranks connect to them ("Gloo connectFullMesh
+    failed ... Connection refused"). Seen with torch 2.13 on CPU; the prefix costs nothing where it is not needed.
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"/unet3d_dist/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
+
+
 _control_group: Any = None
 
 
@@ -72,10 +87,12 @@ def distributed(device: str = "auto", timeout_s: int = 600) -> Iterator[DistEnv]
     if env.distributed and not dist.is_initialized():
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world_size))
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend="nccl" if env.device.type == "cuda" else "gloo",
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=env.device if env.device.type == "cuda" else None,
+            **_restart_safe_store(rank, world_size, timeout),
         )
     try:
         yield env
