@@ -65,7 +65,7 @@ class RunLogger:
 
     def info(self, message: str) -> None:
         if self.enabled:
-            self.console.print(message)
+            self.console.print(message, soft_wrap=True)  # unbroken lines, so paths and commands can be copied
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Append to metrics.jsonl and wandb (scalars only here; tables and images go through log_media)."""

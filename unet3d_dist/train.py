@@ -182,6 +182,7 @@ class Trainer:
             persistent_workers=workers > 0,
         )
         self.logger = RunLogger(env.is_main, self.run_dir, resumed_step=self.state.global_step)
+        self.logger.start_wandb(cfg.log.wandb, cfg.log.wandb_project, cfg.log.run_name, self.run_id, cfg.to_dict())
         self.stop = StopRequest()
 
     # ----------------------------------------------------------------- the loop
