@@ -11,6 +11,7 @@ PYTHON=${PYTHON:-python}
 # After forwarding, torchrun kills the workers still running after TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by
 # default, always 30 in older torch). Stopping may take a validation pass, a training step and a checkpoint, so
 # the default here is longer, and still shorter than the 120 s notice of the sbatch scripts.
+# shellcheck disable=SC2054  # the commas belong to one word
 TORCHRUN=(env PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
   TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}" "$PYTHON" -m torch.distributed.run)
 
