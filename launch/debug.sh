@@ -17,7 +17,7 @@ Exit code: the trainer's; 75 when a signal stopped the run after a checkpoint (r
 USAGE
 }
 
-# shellcheck source=lib.sh
+# shellcheck source=launch/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 parse_options "$@"
 run_trainer "$PYTHON" -m unet3d_dist.train "${trainer_args[@]}"

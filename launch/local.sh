@@ -19,7 +19,7 @@ Stop it with Ctrl-C or by signalling its process group (kill -TERM -- -PGID): to
 USAGE
 }
 
-# shellcheck source=lib.sh
+# shellcheck source=launch/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 parse_options "$@"
 run_trainer "${TORCHRUN[@]}" --standalone --nproc_per_node="${NPROC:-$(default_nproc)}" \

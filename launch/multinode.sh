@@ -24,7 +24,7 @@ Exit code: the trainer's; 75 when a signal stopped the run after a checkpoint (r
 USAGE
 }
 
-# shellcheck source=lib.sh
+# shellcheck source=launch/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 parse_options "$@"
 if [ -z "${NNODES:-}" ] || [ -z "${RDZV_ENDPOINT:-${MASTER_ADDR:-}}" ]; then

@@ -1,7 +1,10 @@
 # Shared by the sbatch scripts (sourced, not run): the log header of each attempt, the job's step, the requeue.
 # shellcheck shell=bash
 
-REQUEUE_EXIT_CODE=75  # launch/*.sh exit with it when the trainer stopped on a signal after a checkpoint
+# REQUEUE_EXIT_CODE, which launch/*.sh exit with when the trainer stopped on a signal after a checkpoint;
+# TORCHRUN and default_nproc. (Jobs run in the directory they were submitted from: the repository root.)
+# shellcheck source=launch/lib.sh
+source launch/lib.sh
 
 # Requeued attempts append to the same log (--open-mode=append), so each one starts with a header.
 echo "=== job $SLURM_JOB_ID ($SLURM_JOB_NAME), attempt $((${SLURM_RESTART_COUNT:-0} + 1)), nodes $SLURM_JOB_NODELIST, $(date -Is)"
