@@ -6,11 +6,12 @@ checkpoint, so a resumed or requeued run continues the same wandb run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -65,7 +66,7 @@ class RunLogger:
 
     def info(self, message: str) -> None:
         if self.enabled:
-            self.console.print(message)
+            self.console.print(message, soft_wrap=True)  # unbroken lines, so paths and commands can be copied
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Append to metrics.jsonl and wandb (scalars only here; tables and images go through log_media)."""
@@ -73,12 +74,24 @@ class RunLogger:
             return
         with open(self.run_dir / METRICS_FILE, "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+        self.log_media(step, metrics)
 
     def log_media(self, step: int, media: dict[str, Any]) -> None:
-        if self.enabled and self.wandb_run is not None:
-            self.wandb_run.log(media, step=step)
+        if self.wandb_run is not None:
+            with self._wandb_failures():
+                self.wandb_run.log(media, step=step)
+
+    @contextlib.contextmanager
+    def _wandb_failures(self) -> Iterator[None]:
+        """Losing wandb must stop neither training nor the checkpoint of a stop: warn and go on without it.
+
+        Its service process can die first: Slurm signals every process of a job step, wandb's too.
+        """
+        try:
+            yield
+        except Exception as err:
+            self.wandb_run = None
+            self.info(f"[yellow]wandb stopped ({type(err).__name__}: {err}); logging goes on in {METRICS_FILE}")
 
     def begin_progress(self, total: int, completed: int) -> None:
         if not self.enabled:
@@ -132,7 +145,8 @@ class RunLogger:
             return
         offline = self.wandb_run.settings.mode == "offline"
         run_dir = Path(self.wandb_run.dir).parent
-        self.wandb_run.finish()
+        with self._wandb_failures():
+            self.wandb_run.finish()
+            if offline:
+                self.info(f"wandb: offline run saved in {run_dir}; upload it with: wandb sync {run_dir}")
         self.wandb_run = None
-        if offline:
-            self.info(f"wandb: offline run saved in {run_dir}; upload it with: wandb sync {run_dir}")

@@ -193,6 +193,7 @@ class Trainer:
             persistent_workers=workers > 0,
         )
         self.logger = RunLogger(env.is_main, self.run_dir, resumed_step=self.state.global_step)
+        self.logger.start_wandb(cfg.log.wandb, cfg.log.wandb_project, cfg.log.run_name, self.run_id, cfg.to_dict())
         self.stop = StopRequest()
 
     # ----------------------------------------------------------------- the loop
@@ -340,6 +341,7 @@ class Trainer:
         if self.env.is_main:
             marker = {"signal": self.stop.signal_name, "step": self.state.global_step, "exit_code": REQUEUE_EXIT_CODE}
             (self.run_dir / STOP_MARKER).write_text(json.dumps(marker) + "\n")
+        barrier()  # no rank exits before the marker exists, so the launcher on every node finds it
         self.logger.info(
             f"[yellow]stopped by {self.stop.signal_name or 'a signal on another rank'} at step "
             f"{self.state.global_step}; checkpoint saved; exit code {REQUEUE_EXIT_CODE} (run the same command to resume)"
@@ -431,6 +433,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", type=Path, help="YAML recipe, e.g. configs/debug.yaml")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default and doc")
+    parser.add_argument("--print-run-dir", action="store_true", help="print the run directory these arguments select and exit (for launch scripts)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser.parse_args(argv)
 
@@ -442,6 +445,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_run_dir:
+            print(cfg.run_dir)
+            return
         with distributed(cfg.train.device, cfg.train.init_timeout_s) as env:
             code = Trainer(cfg, env).train()
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as err:

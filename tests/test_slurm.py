@@ -1,0 +1,227 @@
+"""The sbatch scripts on a real Slurm cluster: two nodes, n1 and n2, on 127.0.0.1, CPU only.
+
+The session fixture installs slurm-wlm and munge with apt when they are missing (root only; otherwise the tests
+are skipped and say why), starts a private munged, slurmctld and two slurmd daemons from a slurm.conf in a
+temporary folder, and stops each of them by pid at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from conftest import REPO
+from test_distributed import final_state, free_port, overrides
+
+SLURM_CONF = """\
+ClusterName=unet3d-test
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort={controller_port}
+SlurmdPort={n1_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# A requeued job may start again once its old credential has expired: 5 s instead of 120.
+AuthInfo=socket={root}/munge.socket,cred_expire=5
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool-%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd-%n.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+MailProg=/bin/true
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/builtin
+# Look at pending jobs every 2 s rather than every 60 s, so that a requeued job starts as soon as it may.
+SchedulerParameters=sched_interval=2
+# Finished jobs stay visible to scontrol for 10 minutes (there is no accounting database for sacct).
+MinJobAge=600
+ReturnToService=2
+SlurmdParameters=config_overrides
+NodeName=n1 NodeAddr=127.0.0.1 Port={n1_port} CPUs=2
+NodeName=n2 NodeAddr=127.0.0.1 Port={n2_port} CPUs=2
+PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
+"""
+# What the tests change in the scripts' defaults: no GPUs, one of the two CPUs of a node per task.
+CPU_JOB = ("--gpus-per-node=0", "--cpus-per-task=1")
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 300) -> object:
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
+    return result
+
+
+def ensure_installed() -> None:
+    """Install slurm-wlm and munge from apt if they are missing; skip (with the reason) when that is not possible."""
+    if all(shutil.which(tool) for tool in ("munged", "slurmctld", "slurmd", "sbatch")):
+        return
+    if os.geteuid() != 0:
+        pytest.skip("Slurm is not installed, and installing slurm-wlm and munge with apt needs root")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"]):
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
+        if result.returncode != 0:
+            pytest.skip(f"cannot install Slurm: `{' '.join(command)}` exited {result.returncode}: {result.stderr.strip()[-500:]}")
+
+
+class Cluster:
+    def __init__(self, root: Path):
+        self.root = root
+        self.env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf"), "PYTHON": sys.executable, "NPROC": "1"}
+
+    def run(self, *command: str) -> str:
+        result = subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=60)
+        assert result.returncode == 0, f"{' '.join(command)}: {result.stderr}"
+        return result.stdout
+
+    def submit(self, script: str, *args: str, logs: Path) -> str:
+        """sbatch a script of slurm/ from the repository root, as users do; return the job id."""
+        command = ["sbatch", "--parsable", *CPU_JOB, f"--output={logs}/%x-%j.out", f"slurm/{script}", *args]
+        result = subprocess.run(command, capture_output=True, text=True, env=self.env, cwd=REPO, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    def job(self, job_id: str) -> dict[str, str]:
+        return dict(re.findall(r"(\w+)=(\S*)", self.run("scontrol", "show", "job", "--oneliner", job_id)))
+
+    def wait_for_file(self, path: Path, job_id: str) -> None:
+        def ready() -> bool:
+            state = self.job(job_id)["JobState"]
+            assert state not in FINISHED, f"job {job_id} ended ({state}) before {path.name} appeared"
+            return path.exists()
+
+        wait_until(ready, f"{path} from job {job_id}")
+
+    def wait_until_finished(self, job_id: str, timeout: float = 300) -> dict[str, str]:
+        return wait_until(lambda: (j := self.job(job_id))["JobState"] in FINISHED and j, f"job {job_id} to end", timeout)
+
+
+def start_daemon(command: list[str], pid_file: Path, started: list[tuple[str, int]]) -> None:
+    """Start a daemon that forks into the background and record its pid."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"{command[0]} did not start: {result.stderr}"
+    wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), f"{pid_file.name}", timeout=30)
+    started.append((command[0], int(pid_file.read_text())))
+
+
+def stop_daemons(started: list[tuple[str, int]]) -> None:
+    for _, pid in reversed(started):
+        os.kill(pid, signal.SIGTERM)
+    for name, pid in started:
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(), f"{name} (pid {pid}) to stop", timeout=60)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory) -> Cluster:
+    ensure_installed()
+    if os.geteuid() != 0:
+        pytest.skip("running slurmd needs root")
+    root = tmp_path_factory.mktemp("slurm")
+    for folder in ("state", "spool-n1", "spool-n2"):
+        (root / folder).mkdir()
+    key = root / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o600)
+    ports = {"controller_port": free_port(), "n1_port": free_port(), "n2_port": free_port()}
+    (root / "slurm.conf").write_text(SLURM_CONF.format(root=root, **ports))
+    cluster = Cluster(root)
+    started: list[tuple[str, int]] = []
+    try:
+        start_daemon(
+            ["munged", "--force", f"--socket={root}/munge.socket", f"--key-file={key}", f"--pid-file={root}/munged.pid",
+             f"--log-file={root}/munged.log", f"--seed-file={root}/munged.seed"],
+            root / "munged.pid", started,
+        )
+        start_daemon(["slurmctld", "-f", str(root / "slurm.conf")], root / "slurmctld.pid", started)
+        for node in ("n1", "n2"):
+            start_daemon(["slurmd", "-f", str(root / "slurm.conf"), "-N", node], root / f"slurmd-{node}.pid", started)
+        wait_until(lambda: cluster.run("sinfo", "--noheader", "--format=%T %D").split() == ["idle", "2"], "two idle nodes", 60)
+        yield cluster
+    finally:
+        if len(started) == 4:  # jobs still running would leave their slurmstepd behind
+            cluster.run("scancel", "--user=root")
+            wait_until(lambda: not cluster.run("squeue", "--noheader").strip(), "the jobs to end", 120)
+        stop_daemons(started)
+
+
+def attempts(log: str) -> list[str]:
+    return re.findall(r"^=== job \d+ \(\S+\), attempt (\d+)", log, re.M)
+
+
+@pytest.fixture(scope="module")
+def preempted_run(slurm, tiny_dataset, tmp_path_factory) -> tuple[dict[str, str], Path, str]:
+    """slurm/train.sbatch on one node, sent SIGUSR1 with `scancel --signal=USR1` after its second step."""
+    tmp = tmp_path_factory.mktemp("train-sbatch")
+    args = overrides(tiny_dataset, tmp, "single", "train.epochs=2", "checkpoint.every_steps=2")
+    job_id = slurm.submit("train.sbatch", *args, logs=tmp)
+    slurm.wait_for_file(tmp / "single" / "checkpoints" / "ckpt-00000002.pt", job_id)
+    slurm.run("scancel", "--signal=USR1", job_id)  # reaches the step's processes, like --signal=USR1@N
+    job = slurm.wait_until_finished(job_id)
+    return job, tmp / "single", (tmp / f"unet3d-train-{job_id}.out").read_text()
+
+
+def test_train_sbatch_checkpoints_on_usr1_requeues_itself_and_resumes_to_the_end(preempted_run):
+    job, run_dir, log = preempted_run
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log
+    assert attempts(log) == ["1", "2"], log
+    stopped = re.search(r"stopped by SIGUSR1 at step (\d+); checkpoint saved", log)
+    assert stopped, log
+    assert "srun: error: n1: task 0: Exited with exit code 75" in log
+    assert "requeueing job" in log
+    assert "resumed at epoch" in log and f", step {stopped[1]}\n" in log
+    assert f"done: {2 * 8 // 2} steps" in log
+    assert final_state(run_dir)["train_state"]["global_step"] == 2 * 8 // 2
+    assert not (run_dir / "stopped_by_signal.json").exists()
+
+
+def test_evaluate_sbatch_writes_per_volume_results(slurm, preempted_run, tiny_dataset, tmp_path):
+    _, run_dir, _ = preempted_run
+    out = tmp_path / "eval"
+    job_id = slurm.submit(
+        "evaluate.sbatch", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--data", str(tiny_dataset),
+        "--split", "test", "--out", str(out), logs=tmp_path,
+    )
+    job = slurm.wait_until_finished(job_id)
+    log = (tmp_path / f"unet3d-eval-{job_id}.out").read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log
+    tables = list(out.glob("*.csv"))
+    assert tables and list(out.glob("*.json")), sorted(out.rglob("*"))
+    assert any("f" in row.values() for table in tables for row in csv.DictReader(table.open())), "no row for test case f"
+
+
+def test_two_node_job_requeues_on_usr1_to_the_batch_shell_and_resumes(slurm, tiny_dataset, tmp_path):
+    steps = 3 * 8 // (2 * 2)  # 3 epochs of 8 crops, batch 2 on each of 2 ranks
+    args = overrides(tiny_dataset, tmp_path, "nodes", "train.epochs=3", "checkpoint.every_steps=2")
+    job_id = slurm.submit("train_multinode.sbatch", *args, logs=tmp_path)
+    slurm.wait_for_file(tmp_path / "nodes" / "checkpoints" / "ckpt-00000002.pt", job_id)
+    slurm.run("scancel", "--batch", "--signal=USR1", job_id)  # only the batch shell, like --signal=B:USR1@N
+    job = slurm.wait_until_finished(job_id)
+    log = (tmp_path / f"unet3d-train-multinode-{job_id}.out").read_text()
+    assert (job["JobState"], job["ExitCode"], job["Restarts"], job["NodeList"]) == ("COMPLETED", "0:0", "1", "n[1-2]"), log
+    assert attempts(log) == ["1", "2"], log
+    assert "SIGUSR1: the step checkpoints and stops" in log and "stopped by SIGUSR1" in log
+    for task in ("n1: task 0", "n2: task 1"):  # each node's launcher saw the stop marker
+        assert f"srun: error: {task}: Exited with exit code 75" in log, log
+    assert log.count("world=2") == 2 and "resumed at epoch" in log
+    assert final_state(tmp_path / "nodes")["train_state"]["global_step"] == steps
