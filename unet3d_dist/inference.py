@@ -66,6 +66,8 @@ def sliding_window_logits(
         pad = [(0, p - s) for s, p in zip(shape, padded)]
         image = torch.nn.functional.pad(image, [v for pair in reversed(pad) for v in pair], value=pad_value)
     weight = gaussian_importance(tuple(patch)).to(stitch_device)
+    flips = [()] + ([(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if tta_flips else [])
+    window_weight = (weight / len(flips)).to(device)  # weighting and the mean over flips in one multiply
     logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=stitch_device)
     norm = torch.zeros(padded, dtype=torch.float32, device=stitch_device)
     corners = [
@@ -75,7 +77,6 @@ def sliding_window_logits(
         for z in window_starts(padded[2], patch[2], overlap)
     ]
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    flips = [()] + ([(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if tta_flips else [])
     for first in range(0, len(corners), batch_size):
         batch_corners = corners[first : first + batch_size]
         windows = torch.stack(
@@ -83,12 +84,14 @@ def sliding_window_logits(
         ).to(device, non_blocking=True)
         if channels_last:
             windows = windows.contiguous(memory_format=torch.channels_last_3d)
-        out = 0
+        out = None
         with autocast:
             for axes in flips:
                 pred = model(windows.flip(axes) if axes else windows)
-                out = out + (pred.flip(axes) if axes else pred).float()
-        out = (out / len(flips)).to(stitch_device) * weight
+                pred = (pred.flip(axes) if axes else pred).float()
+                out = pred if out is None else out + pred
+        # Weighted on the inference device, then moved once; channels-first so the adds below read memory in order.
+        out = (out.contiguous() * window_weight).to(stitch_device)
         for (x, y, z), window_logits in zip(batch_corners, out):
             region = (slice(x, x + patch[0]), slice(y, y + patch[1]), slice(z, z + patch[2]))
             logits[(slice(None), *region)] += window_logits
