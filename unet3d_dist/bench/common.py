@@ -17,20 +17,32 @@ from rich.console import Console
 from rich.table import Table
 
 
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall seconds of one call, with the GPU's queued work included."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def timeit(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> dict[str, float]:
     """Median and minimum wall seconds of ``fn`` over ``repeat`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
+    return compare({"fn": fn}, repeat, warmup)["fn"]
+
+
+def compare(fns: dict[str, Callable[[], Any]], repeat: int = 5, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """``timeit`` for several functions whose runs alternate, so load from other processes hits them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "repeat": repeat}
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "repeat": repeat} for name, t in times.items()}
 
 
 def machine() -> dict[str, Any]:
