@@ -17,19 +17,22 @@ from rich.console import Console
 from rich.table import Table
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    """Wall seconds of one call, with the GPU's queued work included."""
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """Wall and process-CPU seconds of one call, with the GPU's queued work included.
+
+    On a shared machine, wall time swings with other people's load; this process's CPU time hardly does.
+    """
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def timeit(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median and minimum wall seconds of ``fn`` over ``repeat`` runs after ``warmup`` runs."""
+    """Median and minimum wall seconds (and median CPU seconds) of ``fn`` over ``repeat`` runs after ``warmup`` runs."""
     return compare({"fn": fn}, repeat, warmup)["fn"]
 
 
@@ -38,11 +41,19 @@ def compare(fns: dict[str, Callable[[], Any]], repeat: int = 5, warmup: int = 1)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
-            times[name].append(timed(fn))
-    return {name: {"median_s": statistics.median(t), "min_s": min(t), "repeat": repeat} for name, t in times.items()}
+            runs[name].append(timed(fn))
+    return {
+        name: {
+            "median_s": statistics.median(w for w, _ in times),
+            "min_s": min(w for w, _ in times),
+            "cpu_median_s": statistics.median(c for _, c in times),
+            "repeat": repeat,
+        }
+        for name, times in runs.items()
+    }
 
 
 def machine() -> dict[str, Any]:
