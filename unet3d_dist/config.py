@@ -92,6 +92,7 @@ class TrainConfig:
     compile: bool = setting(False, "wrap the model in torch.compile")
     resume: str = setting("auto", "'auto' continues from the run's latest checkpoint, 'never' starts fresh, or a checkpoint path")
     val_every: int = setting(2, "validate every N epochs (and after the last); 0 disables", min=0)
+    val_distances: bool = setting(False, "also score ASD, ASSD, HD95 and HD at validation (slower; Dice is always scored)")
     max_nonfinite: int = setting(10, "stop after this many skipped non-finite steps in a row", min=1)
     init_timeout_s: int = setting(600, "timeout of the process-group rendezvous and collectives", min=1)
 

@@ -1,87 +1,190 @@
-"""Distributed evaluation: whole volumes split across ranks, sliding-window prediction, records gathered on rank 0."""
+"""Evaluation entry point: ``python -m unet3d_dist.evaluate --checkpoint PATH [--data DATASET] [--split test]``.
+
+The same command runs under ``torchrun --nproc_per_node=N``: each rank predicts and scores its own volumes, and
+rank 0 writes everything into ``--out`` (default ``<run dir>/eval-<split>/``):
+
+- ``results.csv`` and ``results.json``: one record per (case, foreground class); the JSON adds the summary. The JSON
+  is written last, so a folder with it holds a finished evaluation, which a later run refuses to overwrite.
+- ``masks/<case>.nii.gz`` (or ``.h5``): predicted label maps with the scan's spacing, origin and direction.
+- ``panels/<case>.png``: sagittal, coronal and axial slices for every case, or the ``--panels`` worst by Dice.
+"""
 
 from __future__ import annotations
 
-import time
+import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
-from .data.shards import ShardedDataset
-from .dist import DistEnv, gather_to_main
-from .inference import predict_labels, sliding_window_logits
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import Config, ConfigError, config_from_dict
+from .data.shards import DatasetError, ShardedDataset, atomic_write
+from .dist import distributed
+from .evaluator import EvalOptions, evaluate_cases
+from .logger import RunLogger, new_run_id
+from .masks import load_mask, mask_path
+from .model import DIVISOR, build_model
+from .report import slice_panel
+from .results import json_ready, metric_columns, summarize, write_csv, write_json
+from .train import default_workers, open_dataset, resolve_amp
 
-
-def balanced_shards(sizes: dict[str, int], world_size: int) -> list[list[str]]:
-    """Split cases into ``world_size`` disjoint lists with similar voxel totals (largest first, to the lightest rank).
-
-    Every case lands on exactly one rank, whatever the world size; ranks may get no case at all.
-    """
-    shards: list[list[str]] = [[] for _ in range(world_size)]
-    load = [0] * world_size
-    for case_id in sorted(sizes, key=lambda c: (-sizes[c], c)):
-        rank = load.index(min(load))
-        shards[rank].append(case_id)
-        load[rank] += sizes[case_id]
-    return shards
+RESULTS_JSON = "results.json"
+CHECKPOINT_KEYS = ("model", "config", "dataset")
 
 
-def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Dice of two binary masks; 1.0 when both are empty (nothing to find, nothing found)."""
-    intersection = np.count_nonzero(prediction & reference)
-    total = np.count_nonzero(prediction) + np.count_nonzero(reference)
-    return 1.0 if total == 0 else float(2.0 * intersection / total)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="unet3d-evaluate",
+        description="Evaluate a checkpoint on whole volumes (single process, torchrun or srun).",
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by unet3d-train")
+    parser.add_argument("--data", help="prepared dataset folder, or 'synthetic' (default: the checkpoint's data.dataset)")
+    parser.add_argument("--split", default="test", help="manifest split to evaluate (default: test)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <run dir>/eval-<split>)")
+    parser.add_argument("--patch", type=int, nargs=3, metavar=("X", "Y", "Z"), help="window size (default: the training crop)")
+    parser.add_argument("--overlap", type=float, default=0.5, help="overlap of neighbouring windows, in [0, 1) (default: 0.5)")
+    parser.add_argument("--batch-size", type=int, help="windows per forward pass (default: the training batch size)")
+    parser.add_argument("--tta", action="store_true", help="average the logits over the 8 axis-flip combinations")
+    parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="mixed precision (auto: as in training)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--stitch-device", choices=["device", "cpu"], default="device",
+                        help="where window logits are summed; cpu keeps only one batch of windows on the GPU (large CT)")
+    parser.add_argument("--workers", type=int, default=-1, help="metric processes per rank (default: from the CPU count)")
+    parser.add_argument("--mask-format", choices=["nifti", "hdf5"], default="nifti", help="format of the predicted masks")
+    parser.add_argument("--panels", type=int, default=20, help="slice pictures for every case, or for the K worst by Dice when there are more (default: 20)")
+    parser.add_argument("--wandb", choices=["offline", "online", "disabled"], help="wandb mode (default: the checkpoint's log.wandb; env WANDB_MODE wins)")
+    return parser.parse_args(argv)
 
 
-def evaluate_cases(
-    model: nn.Module,
-    dataset: ShardedDataset,
-    case_ids: list[str],
-    env: DistEnv,
-    *,
-    patch: tuple[int, int, int],
-    overlap: float = 0.5,
-    batch_size: int = 2,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-) -> list[dict[str, Any]] | None:
-    """Per-volume, per-class Dice records on rank 0 (None on other ranks). No collective inside the case loop."""
-    sizes = {c: int(np.prod(dataset.records[c]["shape"])) for c in case_ids}
-    mine = balanced_shards(sizes, env.world_size)[env.rank]
-    was_training = model.training
-    model.eval()
-    records = []
+def default_out(checkpoint: Path, split: str) -> Path:
+    """``runs/<name>/eval-<split>`` for ``runs/<name>/checkpoints/<file>``; beside the file otherwise."""
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return run_dir / f"eval-{split}"
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], Config]:
+    checkpoint = load_checkpoint(path)
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} entry: it was not written by unet3d-train")
     try:
-        for case_id in mine:
-            start = time.perf_counter()
-            image = torch.from_numpy(dataset.image(case_id))[None]
-            reference = dataset.label(case_id)
-            logits = sliding_window_logits(
-                model,
-                image,
-                patch,
-                dataset.num_classes,
-                overlap=overlap,
-                batch_size=batch_size,
-                pad_value=dataset.records[case_id].get("image_min", 0.0),
-                amp_dtype=amp_dtype,
-                device=env.device,
-                channels_last=channels_last,
-            )
-            prediction = predict_labels(logits)
-            seconds = time.perf_counter() - start
-            for cls in range(1, dataset.num_classes):
-                records.append(
-                    {
-                        "case": case_id,
-                        "class": dataset.classes[cls],
-                        "dice": dice(prediction == cls, reference == cls),
-                        "seconds": seconds,
-                    }
-                )
-    finally:
-        model.train(was_training)
-    gathered = gather_to_main(records)
-    return None if gathered is None else [r for part in gathered for r in part]
+        return checkpoint, config_from_dict(checkpoint["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {path} holds a config this version cannot use: {err}") from None
+
+
+def check_arguments(args: argparse.Namespace, out: Path) -> None:
+    if args.patch and any(side < DIVISOR or side % DIVISOR for side in args.patch):
+        raise ConfigError(f"--patch must be multiples of {DIVISOR} (the UNet halves each side 3 times), not {args.patch}")
+    if not 0 <= args.overlap < 1:
+        raise ConfigError(f"--overlap must be in [0, 1), not {args.overlap}")
+    if (out / RESULTS_JSON).exists():
+        raise ConfigError(f"{out} already holds a finished evaluation ({RESULTS_JSON}); choose another --out or remove it")
+
+
+def check_dataset(dataset: ShardedDataset, split: str, checkpoint: dict[str, Any], path: Path) -> list[str]:
+    """The split's case ids, once the dataset is known to have the checkpoint's classes."""
+    trained = checkpoint["dataset"]["classes"]
+    if dataset.classes != trained:
+        raise DatasetError(
+            f"dataset {dataset.root} has classes {dataset.classes} but checkpoint {path} was trained on {trained}; "
+            "pass --data with a dataset of the same classes"
+        )
+    case_ids = dataset.case_ids(split)
+    if not case_ids:
+        raise DatasetError(f"dataset {dataset.root} has no cases in split {split!r}; its splits are: {', '.join(dataset.splits())}")
+    return case_ids
+
+
+def draw_panels(records: list[dict[str, Any]], dataset: ShardedDataset, options: EvalOptions, folder: Path, count: int) -> None:
+    """Slice pictures of the ``count`` cases with the lowest mean Dice (all of them when there are no more)."""
+    by_case: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_case.setdefault(record["case"], []).append(record)
+    worst = sorted(by_case, key=lambda c: (sum(r["dice"] for r in by_case[c]) / len(by_case[c]), c))[:count]
+    folder.mkdir(parents=True, exist_ok=True)
+    for case_id in worst:
+        scores = [f"{r['class']}: Dice {r['dice']:.3f}" + (f", HD95 {r['hd95_mm']:.1f} mm" if r["empty"] == "none" else f", {r['empty']} empty")
+                  for r in by_case[case_id]]
+        prediction = load_mask(mask_path(options.masks_dir, case_id, options.mask_format))
+        spacing = tuple(dataset.records[case_id]["spacing"])
+
+        def draw(tmp: Path) -> None:
+            slice_panel(dataset.image(case_id), dataset.label(case_id), prediction, spacing, tmp, f"{case_id}  " + "; ".join(scores))
+
+        atomic_write(folder / f"{case_id}.png", draw)
+
+
+def write_outputs(records: list[dict[str, Any]], dataset: ShardedDataset, options: EvalOptions, args: argparse.Namespace,
+                  cfg: Config, out: Path, logger: RunLogger) -> None:
+    """Rank 0: panels, CSV, summary table, wandb, and the JSON last."""
+    summary = summarize(records)
+    if args.panels > 0:
+        draw_panels(records, dataset, options, out / "panels", args.panels)
+    write_csv(out / "results.csv", records)
+    logger.table(
+        f"{args.split}: {len({r['case'] for r in records})} cases ({dataset.root})",
+        ["class", "metric", "mean ± std", "median", "n", "undefined"],
+        [[row["class"], row["metric"], f"{row['mean']:.4g} ± {row['std']:.3g}", f"{row['median']:.4g}", row["n"], row["undefined"]]
+         for row in summary],
+    )
+    logger.start_wandb(args.wandb or cfg.log.wandb, cfg.log.wandb_project, f"{cfg.log.run_name}-eval-{args.split}", new_run_id(),
+                       {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+    columns = list(records[0])
+    logger.log_table(0, f"eval/{args.split}/cases", columns, [[json_ready(r.get(c)) for c in columns] for r in records])
+    logger.log_media(0, {f"eval/{args.split}/{row['class']}/{row['metric']}": row["mean"] for row in summary})
+    logger.finish()
+    write_json(out / RESULTS_JSON, {"checkpoint": str(args.checkpoint), "dataset": str(dataset.root), "split": args.split,
+                                    "metrics": metric_columns(records), "summary": summary, "cases": records})
+    logger.info(f"[bold green]done[/]: {len(records)} records in {out / 'results.csv'} and {out / RESULTS_JSON}; masks in {out / 'masks'}")
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    checkpoint, cfg = read_checkpoint(args.checkpoint)
+    if args.data:
+        cfg.data.dataset = args.data
+    out = args.out or default_out(args.checkpoint, args.split)
+    check_arguments(args, out)
+    with distributed(args.device) as env:
+        dataset = open_dataset(cfg, env)
+        case_ids = check_dataset(dataset, args.split, checkpoint, args.checkpoint)
+        model = build_model(cfg.model, 1, dataset.num_classes)
+        model.load_state_dict(checkpoint["model"])
+        options = EvalOptions(
+            patch=tuple(args.patch or cfg.data.crop),
+            overlap=args.overlap,
+            batch_size=args.batch_size or cfg.train.batch_size,
+            tta_flips=args.tta,
+            amp_dtype=resolve_amp(args.amp, env.device),
+            channels_last=cfg.train.channels_last,
+            stitch_device="cpu" if args.stitch_device == "cpu" else None,
+            distances=True,
+            metric_workers=args.workers if args.workers >= 0 else default_workers(env),
+            masks_dir=out / "masks",
+            mask_format=args.mask_format,
+        )
+        logger = RunLogger(env.is_main, out)
+        logger.info(
+            f"[bold]unet3d-evaluate[/] {args.checkpoint} on {len(case_ids)} {args.split!r} cases of {dataset.root}  "
+            f"world={env.world_size}  device={env.device.type}  patch={'x'.join(map(str, options.patch))}  "
+            f"overlap={options.overlap}  metric workers/rank={options.metric_workers}"
+        )
+        model = model.to(env.device, memory_format=torch.channels_last_3d if options.channels_last else torch.contiguous_format)
+        records = evaluate_cases(model, dataset, case_ids, env, options)
+        if records is not None:
+            write_outputs(records, dataset, options, args, cfg, out, logger)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        evaluate(args)
+    except (ConfigError, DatasetError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ volume only needs one batch of windows on the GPU.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from functools import lru_cache
 
@@ -17,16 +18,37 @@ import torch
 from torch import nn
 
 
+def outer(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return x[:, None, None] * y[None, :, None] * z[None, None, :]
+
+
 @lru_cache(maxsize=8)
-def gaussian_importance(patch: tuple[int, int, int], sigma_scale: float = 1 / 8) -> torch.Tensor:
-    """Separable gaussian centred on the patch, normalised to max 1, with a floor so no voxel weighs zero."""
+def gaussian_axes(patch: tuple[int, int, int], sigma_scale: float = 1 / 8) -> tuple[torch.Tensor, ...]:
+    """1-D gaussians (float64, max 1) whose outer product is the window weight; the smallest, at an edge, is e^-8."""
     axes = []
     for size in patch:
         coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-        axes.append(torch.exp(-0.5 * (coords / (size * sigma_scale)) ** 2))
-    weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    weight = weight / weight.max()
-    return weight.clamp_min(weight[weight > 0].min().item()).float()
+        axis = torch.exp(-0.5 * (coords / (size * sigma_scale)) ** 2)
+        axes.append(axis / axis.max())
+    return tuple(axes)
+
+
+@lru_cache(maxsize=8)
+def gaussian_importance(patch: tuple[int, int, int]) -> torch.Tensor:
+    """Separable gaussian centred on the patch, max 1; even a corner voxel weighs about 4e-11, never 0."""
+    return outer(*gaussian_axes(patch)).float()
+
+
+def weight_sums(shape: list[int], starts: list[list[int]], patch: tuple[int, int, int]) -> list[torch.Tensor]:
+    """Per-axis sums of the windows' 1-D weights. The windows form a grid and the weight is separable, so the outer
+    product of these sums is the total weight at every voxel, with no full-size add per window."""
+    sums = []
+    for size, axis_starts, axis in zip(shape, starts, gaussian_axes(patch)):
+        total = torch.zeros(size, dtype=torch.float64)
+        for start in axis_starts:
+            total[start : start + len(axis)] += axis
+        sums.append(total)
+    return sums
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -65,17 +87,12 @@ def sliding_window_logits(
     if padded != list(shape):
         pad = [(0, p - s) for s, p in zip(shape, padded)]
         image = torch.nn.functional.pad(image, [v for pair in reversed(pad) for v in pair], value=pad_value)
-    weight = gaussian_importance(tuple(patch)).to(stitch_device)
-    logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=stitch_device)
-    norm = torch.zeros(padded, dtype=torch.float32, device=stitch_device)
-    corners = [
-        (x, y, z)
-        for x in window_starts(padded[0], patch[0], overlap)
-        for y in window_starts(padded[1], patch[1], overlap)
-        for z in window_starts(padded[2], patch[2], overlap)
-    ]
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     flips = [()] + ([(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if tta_flips else [])
+    window_weight = (gaussian_importance(tuple(patch)) / len(flips)).to(device)  # weight and mean over flips at once
+    logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=stitch_device)
+    starts = [window_starts(size, side, overlap) for size, side in zip(padded, patch)]
+    corners = list(itertools.product(*starts))
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for first in range(0, len(corners), batch_size):
         batch_corners = corners[first : first + batch_size]
         windows = torch.stack(
@@ -83,17 +100,18 @@ def sliding_window_logits(
         ).to(device, non_blocking=True)
         if channels_last:
             windows = windows.contiguous(memory_format=torch.channels_last_3d)
-        out = 0
+        out = None
         with autocast:
             for axes in flips:
                 pred = model(windows.flip(axes) if axes else windows)
-                out = out + (pred.flip(axes) if axes else pred).float()
-        out = (out / len(flips)).to(stitch_device) * weight
+                pred = (pred.flip(axes) if axes else pred).float()
+                out = pred if out is None else out + pred
+        # Weighted on the inference device, then moved once; channels-first so the adds below read memory in order.
+        out = out.contiguous().mul_(window_weight).to(stitch_device)
         for (x, y, z), window_logits in zip(batch_corners, out):
             region = (slice(x, x + patch[0]), slice(y, y + patch[1]), slice(z, z + patch[2]))
             logits[(slice(None), *region)] += window_logits
-            norm[region] += weight
-    logits /= norm
+    logits /= outer(*(total.to(stitch_device, torch.float32) for total in weight_sums(padded, starts, tuple(patch))))
     return logits[:, : shape[0], : shape[1], : shape[2]]
 
 

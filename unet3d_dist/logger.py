@@ -93,6 +93,13 @@ class RunLogger:
             self.wandb_run = None
             self.info(f"[yellow]wandb stopped ({type(err).__name__}: {err}); logging goes on in {METRICS_FILE}")
 
+    def log_table(self, step: int, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A wandb table (wandb is only imported when a run is active)."""
+        if self.enabled and self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
     def begin_progress(self, total: int, completed: int) -> None:
         if not self.enabled:
             return

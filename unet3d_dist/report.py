@@ -36,6 +36,15 @@ def plot_loss_curve(metrics_file: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
+def outline(ax: plt.Axes, mask: np.ndarray, color: str) -> None:
+    """Contour of a 2-D mask on imshow's pixel grid, closed along the image edge (a mask filling the slice too)."""
+    if not mask.any():
+        return
+    rows, cols = mask.shape
+    padded = np.pad(mask.astype(np.float32), 1)
+    ax.contour(np.arange(-1, cols + 1), np.arange(-1, rows + 1), padded, levels=[0.5], colors=color, linewidths=1.2)
+
+
 def slice_panel(
     image: np.ndarray,
     reference: np.ndarray | None,
@@ -60,10 +69,9 @@ def slice_panel(
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.4))
     for ax, (name, take, (sx, sy), origin) in zip(axes, views):
         ax.imshow(take(image), cmap="gray", vmin=low, vmax=high, origin=origin, aspect=sy / sx, interpolation="nearest")
-        if reference is not None and take(reference).any():
-            ax.contour(take(reference) > 0, levels=[0.5], colors="lime", linewidths=1.2, origin=origin)
-        if take(prediction).any():
-            ax.contour(take(prediction) > 0, levels=[0.5], colors="red", linewidths=1.2, origin=origin)
+        if reference is not None:
+            outline(ax, take(reference) > 0, "lime")
+        outline(ax, take(prediction) > 0, "red")
         ax.set_title(name)
         ax.axis("off")
     legend = "reference: green, prediction: red" if reference is not None else "prediction: red"

@@ -29,11 +29,12 @@ from .data.shards import DatasetError, ShardedDataset
 from .data.splits import run_cases
 from .data.synthetic import ensure_synthetic
 from .dist import DistEnv, any_rank, barrier, broadcast_from_main, distributed, gather_to_main, mean_over_ranks
-from .evaluate import evaluate_cases
+from .evaluator import EvalOptions, evaluate_cases
 from .logger import RunLogger, new_run_id
 from .loss import build_loss
 from .model import build_model, count_parameters, forward_flops, to_channels_last
 from .report import plot_loss_curve
+from .results import mean_metrics
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; run the same command again to resume
 STOP_MARKER = "stopped_by_signal.json"  # tells launch scripts, which only see torchrun's exit code, to requeue
@@ -313,25 +314,30 @@ class Trainer:
         return f"loss {loss:.4f}  lr {lr:.2e}  {crops_per_s:.2f} crops/s"
 
     def validate(self) -> bool:
-        """Sliding-window Dice on the validation split, distributed over ranks; True if it is the best so far."""
+        """The evaluator on the validation split, distributed over ranks; True if its mean Dice is the best so far.
+
+        Dice (and Jaccard) only by default; train.val_distances adds the surface distances, scored in worker processes.
+        """
         if not self.val_ids:
             return False
-        records = evaluate_cases(
-            self.model,
-            self.dataset,
-            self.val_ids,
-            self.env,
+        distances = self.cfg.train.val_distances
+        options = EvalOptions(
             patch=self.cfg.data.crop,
             batch_size=self.cfg.train.batch_size,
             amp_dtype=self.amp_dtype,
             channels_last=self.cfg.train.channels_last,
+            distances=distances,
+            metric_workers=default_workers(self.env) if distances else 0,
         )
-        mean_dice = broadcast_from_main(sum(r["dice"] for r in records) / len(records) if records else None)
-        self.logger.log(self.state.global_step, {"val/dice": mean_dice})
+        records = evaluate_cases(self.model, self.dataset, self.val_ids, self.env, options)
+        means = broadcast_from_main(mean_metrics(records) if records is not None else None)
+        self.logger.log(self.state.global_step, {f"val/{name}": value for name, value in means.items()})
+        mean_dice = means["dice"]
         is_best = mean_dice > self.state.best_dice
         if is_best:
             self.state.best_dice = mean_dice
-        self.logger.info(f"epoch {self.state.epoch}: validation Dice {mean_dice:.4f} (best {self.state.best_dice:.4f})")
+        hd95 = f", HD95 {means['hd95_mm']:.2f} mm" if distances else ""
+        self.logger.info(f"epoch {self.state.epoch}: validation Dice {mean_dice:.4f}{hd95} (best {self.state.best_dice:.4f})")
         return is_best
 
     def stop_for_requeue(self) -> int:

@@ -17,20 +17,43 @@ from rich.console import Console
 from rich.table import Table
 
 
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+    """Wall and process-CPU seconds of one call, with the GPU's queued work included.
+
+    On a shared machine, wall time swings with other people's load; this process's CPU time hardly does.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def timeit(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median and minimum wall seconds of ``fn`` over ``repeat`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
+    """Median and minimum wall seconds (and median CPU seconds) of ``fn`` over ``repeat`` runs after ``warmup`` runs."""
+    return compare({"fn": fn}, repeat, warmup)["fn"]
+
+
+def compare(fns: dict[str, Callable[[], Any]], repeat: int = 5, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """``timeit`` for several functions whose runs alternate, so load from other processes hits them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "repeat": repeat}
+        for name, fn in fns.items():
+            runs[name].append(timed(fn))
+    return {
+        name: {
+            "median_s": statistics.median(w for w, _ in times),
+            "min_s": min(w for w, _ in times),
+            "cpu_median_s": statistics.median(c for _, c in times),
+            "repeat": repeat,
+        }
+        for name, times in runs.items()
+    }
 
 
 def machine() -> dict[str, Any]:

@@ -57,7 +57,11 @@ class Case:
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)``, fsync the result and rename it onto ``path``; clean up on failure."""
+    """Call ``write(tmp_path)``, fsync the result and rename it onto ``path``; clean up on failure.
+
+    The temporary name ends like ``path`` (``.tmp-<pid>-<name>``), so writers that pick the format from the suffix,
+    like SimpleITK, can write to it.
+    """
     path = Path(path)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the suffix, which some writers go by
     try:

@@ -1,0 +1,185 @@
+"""The evaluation command end to end: real checkpoint, real HDF5, real torchrun (gloo), outputs checked with medpy."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from medpy.metric import binary as medpy
+
+from conftest import box_case
+from test_distributed import torchrun
+from test_train import TINY, train
+from unet3d_dist.config import load_config
+from unet3d_dist.data.shards import ShardedDataset, write_dataset
+from unet3d_dist.evaluate import main
+from unet3d_dist.evaluator import EvalOptions, predict_case
+from unet3d_dist.masks import load_mask
+from unet3d_dist.model import build_model
+
+CASES = ["big", "border", "empty", "small", "wide"]
+CLASSES = ["background", "box"]
+
+
+@pytest.fixture(scope="module")
+def five_cases(tmp_path_factory) -> Path:
+    """Five test volumes (one smaller than the 16x16x8 patch, one without foreground, one touching the border)."""
+    root = tmp_path_factory.mktemp("five") / "dataset"
+    cases = [
+        box_case("big", (48, 40, 28), np.s_[10:30, 8:28, 5:20], "test", 11),
+        box_case("border", (36, 32, 20), np.s_[0:12, 20:32, 4:12], "test", 12),
+        box_case("empty", (24, 24, 16), None, "test", 13),
+        box_case("small", (12, 10, 6), np.s_[3:8, 2:7, 1:4], "test", 14),
+        box_case("wide", (40, 20, 16), np.s_[5:35, 5:15, 4:12], "test", 15),
+        box_case("train-only", (24, 24, 16), np.s_[5:15, 5:15, 4:12], "train", 16),
+    ]
+    write_dataset(root, cases, CLASSES, name="five", modality="CT", preprocessing={}, cases_per_shard=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, five_cases) -> Path:
+    """A checkpoint as the Trainer writes it (the weights are a fresh tiny model: the tests check plumbing, not skill)."""
+    cfg = load_config(None, [f"data.dataset={five_cases}", *TINY])
+    torch.manual_seed(3)
+    model = build_model(cfg.model, 1, len(CLASSES))
+    path = tmp_path_factory.mktemp("run") / "tiny" / "checkpoints" / "best.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "dataset": {"classes": CLASSES}}, path)
+    return path
+
+
+def evaluate_command(*args: str, world: int = 1) -> list[str]:
+    return (torchrun(world) if world > 1 else [sys.executable]) + ["-m", "unet3d_dist.evaluate", *args]
+
+
+def run(command: list[str], **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"} | env
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def single_process(checkpoint) -> Path:
+    """One single-process run, default output folder, NIfTI masks, 3 panels and an offline wandb run."""
+    run(evaluate_command("--checkpoint", str(checkpoint), "--panels", "3", "--wandb", "offline", "--stitch-device", "cpu"))
+    return checkpoint.parent.parent / "eval-test"
+
+
+def test_every_test_case_is_scored_once_and_matches_medpy_on_the_saved_masks(single_process, five_cases, checkpoint):
+    rows = read_csv(single_process / "results.csv")
+    assert sorted(r["case"] for r in rows) == CASES and {r["class"] for r in rows} == {"box"}
+    dataset = ShardedDataset(five_cases)
+    for row in rows:
+        prediction = load_mask(single_process / "masks" / f"{row['case']}.nii.gz") == 1
+        reference = dataset.label(row["case"]) == 1
+        spacing = dataset.records[row["case"]]["spacing"]
+        assert int(row["pred_voxels"]) == prediction.sum() and int(row["ref_voxels"]) == reference.sum()
+        if row["empty"] == "none":
+            assert float(row["dice"]) == pytest.approx(medpy.dc(prediction, reference), rel=1e-9)
+            assert float(row["hd95_mm"]) == pytest.approx(medpy.hd95(prediction, reference, spacing), rel=1e-6)
+            assert float(row["hd95_vox"]) == pytest.approx(medpy.hd95(prediction, reference), rel=1e-6)
+        else:
+            assert math.isnan(float(row["hd95_mm"])) and math.isnan(float(row["asd_mm"]))
+    empty = next(r for r in rows if r["case"] == "empty")
+    assert empty["empty"] in ("reference", "both") and float(empty["dice"]) == (1.0 if empty["empty"] == "both" else 0.0)
+
+
+def test_masks_carry_the_scan_geometry_and_the_prediction(single_process, five_cases, checkpoint):
+    dataset = ShardedDataset(five_cases)
+    saved = torch.load(checkpoint, weights_only=True)
+    cfg = load_config(None, [f"data.dataset={five_cases}", *TINY])
+    model = build_model(cfg.model, 1, len(CLASSES))
+    model.load_state_dict(saved["model"])
+    model = model.to(memory_format=torch.channels_last_3d).eval()  # as the command does (train.channels_last)
+    options = EvalOptions(patch=cfg.data.crop, channels_last=True)
+    for case_id in ("small", "border"):
+        image = sitk.ReadImage(str(single_process / "masks" / f"{case_id}.nii.gz"))
+        record = dataset.records[case_id]
+        assert image.GetSize() == tuple(record["shape"])  # (x, y, z) as stored, not transposed
+        assert image.GetSpacing() == pytest.approx(record["spacing"]) and image.GetOrigin() == pytest.approx(record["origin"])
+        expected = predict_case(model, dataset, case_id, options, torch.device("cpu"))
+        assert np.array_equal(sitk.GetArrayFromImage(image).transpose(2, 1, 0), expected)
+
+
+def test_json_summary_panels_of_the_worst_cases_and_wandb(single_process):
+    results = json.loads((single_process / "results.json").read_text())
+    assert [r["case"] for r in results["cases"]] == CASES and results["split"] == "test"
+    dice = next(s for s in results["summary"] if s["metric"] == "dice")
+    assert dice["n"] == 5 and dice["mean"] == pytest.approx(np.mean([r["dice"] for r in results["cases"]]))
+    by_dice = sorted(results["cases"], key=lambda r: (r["dice"], r["case"]))
+    assert sorted(p.stem for p in (single_process / "panels").iterdir()) == sorted(r["case"] for r in by_dice[:3])
+    for png in (single_process / "panels").iterdir():
+        data = png.read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+    assert list((single_process / "wandb").glob("offline-run-*/run-*.wandb")), "no offline wandb run was written"
+
+
+def test_two_ranks_evaluate_each_case_exactly_once_with_the_same_values(tmp_path, checkpoint, single_process):
+    out = tmp_path / "eval"
+    command = evaluate_command("--checkpoint", str(checkpoint), "--out", str(out), "--workers", "1",
+                               "--mask-format", "hdf5", "--panels", "0", world=2)
+    result = run(command, WANDB_MODE="disabled")
+    assert "world=2" in result.stdout
+    rows = read_csv(out / "results.csv")
+    assert [r["case"] for r in rows] == CASES  # each once, none missing
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [f"{c}.h5" for c in CASES]
+    single = {r["case"]: r for r in read_csv(single_process / "results.csv")}
+    for row in rows:
+        assert float(row["dice"]) == pytest.approx(float(single[row["case"]]["dice"]), abs=1e-3)
+    assert load_mask(out / "masks" / "small.h5").shape == (12, 10, 6)
+
+
+def test_a_finished_evaluation_is_not_overwritten(single_process, checkpoint, capsys):
+    before = (single_process / "results.json").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(checkpoint)])
+    assert exit_info.value.code == 2
+    assert "already holds a finished evaluation" in capsys.readouterr().err
+    assert (single_process / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--checkpoint", "{missing}"], "checkpoint {missing} does not exist"),
+        (["--checkpoint", "{checkpoint}", "--split", "tset"], "has no cases in split 'tset'; its splits are: test, train"),
+        (["--checkpoint", "{checkpoint}", "--data", "{other}"], "has classes ['background', 'liver', 'spleen'] but checkpoint"),
+        (["--checkpoint", "{checkpoint}", "--patch", "12", "16", "8"], "--patch must be multiples of 8"),
+    ],
+)
+def test_bad_input_stops_with_one_clear_line(tmp_path, checkpoint, capsys, arguments, message):
+    other = tmp_path / "other"
+    write_dataset(other, [box_case("x", (16, 16, 8), None, "test", 0)], ["background", "liver", "spleen"],
+                  name="other", modality="CT", preprocessing={})
+    names = {"missing": tmp_path / "nope.pt", "checkpoint": checkpoint, "other": other}
+    out = ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(**names) for a in arguments] + out)
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert error.startswith("error: ") and message.format(**names) in error and "\n" not in error
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_training_validation_can_score_surface_distances(tmp_path, tiny_dataset):
+    train(tmp_path, tiny_dataset, "train.epochs=1", "train.val_distances=true", "log.run_name=distances")
+    rows = [json.loads(line) for line in (tmp_path / "distances" / "metrics.jsonl").read_text().splitlines()]
+    validation = next(r for r in rows if "val/dice" in r)
+    assert {"val/jaccard", "val/hd95_mm", "val/assd_mm", "val/hd_vox"} <= set(validation)
+    assert 0 <= validation["val/dice"] <= 1

@@ -1,0 +1,123 @@
+"""Evaluation benchmarks: ``python -m unet3d_dist.bench eval [--part metrics|window|all]``.
+
+- metrics: our per-class metrics (one call: Dice ... HD in mm and voxels) against medpy's asd, assd, hd95 and hd on
+  a 256x256x200 volume holding an organ-sized object; also checks that the values are identical.
+- window: our sliding window against MONAI's ``sliding_window_inference`` (``pip install -e .[bench]``) with the same
+  model, patch, overlap, batch and gaussian weighting, once with an echo model (stitching cost alone) and once with
+  the ResUNet3D (end to end); their runs alternate so that load from elsewhere hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from medpy.metric import binary as medpy
+from scipy import ndimage
+from torch import nn
+
+from ..inference import sliding_window_logits
+from ..metrics import class_metrics
+from ..model import ResUNet3D
+from .common import compare, report, timeit
+
+MEDPY_DISTANCES = {"asd": medpy.asd, "assd": medpy.assd, "hd95": medpy.hd95, "hd": medpy.hd}
+
+
+def organ_masks(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A liver-sized irregular reference and a prediction that misses its edges here and there plus a far-off island."""
+    rng = np.random.default_rng(seed)
+    axes = [np.linspace(-1, 1, n) for n in shape]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    wobble = ndimage.gaussian_filter(rng.standard_normal(shape), 8) * 40
+    reference = (x / 0.5) ** 2 + (y / 0.4) ** 2 + (z / 0.45) ** 2 + wobble < 1
+    edge_noise = ndimage.gaussian_filter(rng.standard_normal(shape), 3) * 5
+    prediction = ((x - 0.02) / 0.49) ** 2 + (y / 0.41) ** 2 + (z / 0.45) ** 2 + wobble + edge_noise < 1
+    prediction[10:16, 200:206, 170:178] = True
+    return prediction, reference
+
+
+def bench_metrics(repeat: int) -> tuple[list[list[Any]], dict[str, Any]]:
+    shape, spacing = (256, 256, 200), (0.8, 0.8, 2.5)
+    prediction, reference = organ_masks(shape)
+    ours = class_metrics(prediction, reference, spacing)
+    theirs = {name: float(fn(prediction, reference, spacing)) for name, fn in MEDPY_DISTANCES.items()}
+    worst = max(abs(ours[f"{k}_mm"] - v) / abs(v) for k, v in theirs.items())
+    ours_t = timeit(lambda: class_metrics(prediction, reference, spacing), repeat=repeat)
+    medpy_t = timeit(lambda: [fn(prediction, reference, spacing) for fn in MEDPY_DISTANCES.values()], repeat=1, warmup=0)
+    rows = [
+        ["medpy, 4 calls (mm)", medpy_t["median_s"], medpy_t["cpu_median_s"], 1.0, 1.0, "-"],
+        ["ours, 1 call (mm+vox)", ours_t["median_s"], ours_t["cpu_median_s"], medpy_t["median_s"] / ours_t["median_s"],
+         medpy_t["cpu_median_s"] / ours_t["cpu_median_s"], f"{worst:.1e}"],
+    ]
+    record = {
+        "shape": shape,
+        "spacing": spacing,
+        "reference_voxels": int(reference.sum()),
+        "prediction_voxels": int(prediction.sum()),
+        "medpy": {**medpy_t, "values_mm": theirs},
+        "ours": {**ours_t, "values": ours},
+        "max_relative_difference": worst,
+    }
+    return rows, record
+
+
+class Echo(nn.Module):
+    """Returns its input as two-class logits: the cost left is the sliding window's own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([-x, x], dim=1)
+
+
+def bench_window(repeats: dict[str, int], shape: tuple[int, ...], patch: tuple[int, ...], overlap: float, batch: int) -> tuple[list[list[Any]], dict[str, Any]]:
+    try:
+        from monai.inferers import sliding_window_inference
+    except ImportError:
+        raise SystemExit("the window benchmark compares against MONAI: pip install -e '.[bench]'") from None
+    torch.manual_seed(0)
+    image = torch.randn(1, 1, *shape)
+    rows, record = [], {"shape": shape, "patch": patch, "overlap": overlap, "batch": batch}
+    for name, model in (("echo", Echo()), ("ResUNet3D", ResUNet3D(1, 2, (16, 32, 64, 128)).eval())):
+
+        def ours() -> torch.Tensor:
+            return sliding_window_logits(model, image[0], patch, 2, overlap=overlap, batch_size=batch)
+
+        @torch.no_grad()
+        def monai() -> torch.Tensor:
+            return sliding_window_inference(image, patch, batch, model, overlap=overlap, mode="gaussian", sigma_scale=0.125)[0]
+
+        agree = float((ours().argmax(0) == monai().argmax(0)).float().mean())
+        times = compare({"monai": monai, "ours": ours}, repeat=repeats[name], warmup=0)  # the calls above warmed up
+        monai_t, ours_t = times["monai"], times["ours"]
+        rows.append([f"{name}: MONAI", monai_t["median_s"], monai_t["cpu_median_s"], 1.0, 1.0, "-"])
+        rows.append([f"{name}: ours", ours_t["median_s"], ours_t["cpu_median_s"], monai_t["median_s"] / ours_t["median_s"],
+                     monai_t["cpu_median_s"] / ours_t["cpu_median_s"], f"{agree:.4%}"])
+        record[name] = {**times, "argmax_agreement": agree}
+    return rows, record
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unet3d_dist.bench eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["metrics", "window", "all"], default="all")
+    parser.add_argument("--repeat", type=int, default=10, help="timed runs of our metrics and of the echo windows (medpy runs once)")
+    parser.add_argument("--model-repeat", type=int, default=3, help="timed runs of the ResUNet3D windows")
+    parser.add_argument("--shape", type=int, nargs=3, default=[128, 112, 96], help="window benchmark volume (x y z)")
+    parser.add_argument("--patch", type=int, nargs=3, default=[64, 64, 48], help="window benchmark patch (x y z)")
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--batch", type=int, default=2, help="windows per forward pass")
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    columns = ["", "wall s", "CPU s", "speed-up wall", "speed-up CPU", "agreement"]
+    if args.part in ("metrics", "all"):
+        rows, record = bench_metrics(args.repeat)
+        columns[-1] = "max rel diff"
+        report("metrics on 256x256x200, one organ", columns, rows, record, args.out and args.out.with_suffix(".metrics.json"))
+    if args.part in ("window", "all"):
+        repeats = {"echo": args.repeat, "ResUNet3D": args.model_repeat}
+        rows, record = bench_window(repeats, tuple(args.shape), tuple(args.patch), args.overlap, args.batch)
+        columns[-1] = "argmax equal"
+        title = f"sliding window {'x'.join(map(str, args.shape))}, patch {'x'.join(map(str, args.patch))}, overlap {args.overlap}"
+        report(title, columns, rows, record, args.out and args.out.with_suffix(".window.json"))
