@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from rich.console import Console
 from torch.utils.data import DataLoader
 
 from .checkpoint import Checkpointer, CheckpointError, config_differences, load_checkpoint, rng_state, set_rng_state
@@ -33,7 +34,6 @@ from .evaluator import EvalOptions, evaluate_cases
 from .logger import RunLogger, new_run_id
 from .loss import build_loss
 from .model import build_model, count_parameters, forward_flops, to_channels_last
-from .report import plot_loss_curve
 from .results import mean_metrics
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; run the same command again to resume
@@ -119,7 +119,8 @@ def open_dataset(cfg: Config, env: DistEnv) -> ShardedDataset:
     if cfg.data.dataset != "synthetic":
         return ShardedDataset(cfg.data.dataset)
     if env.local_rank == 0:
-        with RunLogger(env.is_main, cfg.run_dir).console.status(f"preparing the synthetic CT phantom ({cfg.data.synthetic_cases} cases)"):
+        console = Console(quiet=not env.is_main)
+        with console.status(f"preparing the synthetic CT phantom ({cfg.data.synthetic_cases} cases)"):
             ensure_synthetic(cfg.data.synthetic_dir, cfg.data.synthetic_cases)
     barrier()
     return ShardedDataset(ensure_synthetic(cfg.data.synthetic_dir, cfg.data.synthetic_cases))  # cached by now
@@ -212,6 +213,8 @@ class Trainer:
             if cfg.train.val_every and ((epoch + 1) % cfg.train.val_every == 0 or last):
                 is_best = self.validate()
             self.save_checkpoint(is_best)
+            if not last and any_rank(self.stop.requested):  # a signal that came during validation
+                return self.stop_for_requeue(checkpoint_saved=True)
         self.finish()
         return 0
 
@@ -340,9 +343,10 @@ class Trainer:
         self.logger.info(f"epoch {self.state.epoch}: validation Dice {mean_dice:.4f}{hd95} (best {self.state.best_dice:.4f})")
         return is_best
 
-    def stop_for_requeue(self) -> int:
+    def stop_for_requeue(self, checkpoint_saved: bool = False) -> int:
         """Checkpoint, leave the marker for launch scripts, and return the requeue exit code."""
-        self.save_checkpoint()
+        if not checkpoint_saved:
+            self.save_checkpoint()
         self.logger.end_progress()
         if self.env.is_main:
             marker = {"signal": self.stop.signal_name, "step": self.state.global_step, "exit_code": REQUEUE_EXIT_CODE}
@@ -358,6 +362,8 @@ class Trainer:
     def finish(self) -> None:
         self.logger.end_progress()
         if self.env.is_main:
+            from .report import plot_loss_curve  # matplotlib costs ~1 s to import; only the end of a run needs it
+
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
             self.logger.info(
                 f"[bold green]done[/]: {self.state.global_step} steps; best validation Dice {self.state.best_dice:.4f}; "
