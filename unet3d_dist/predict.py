@@ -26,7 +26,7 @@ from .data.preprocess import CANONICAL_ORIENTATION, model_input, onto_grid, reor
 from .data.readers import CaseError, array_xyz, image_xyz, read_image, strip_suffix
 from .data.shards import atomic_write
 from .dist import distributed, gather_to_main
-from .evaluate import balanced_shards
+from .evaluator import balanced_shards
 from .inference import predict_labels, sliding_window_logits
 from .model import build_model
 from .report import slice_panel
