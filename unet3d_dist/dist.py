@@ -80,11 +80,14 @@ _control_group: Any = None
 
 
 @contextlib.contextmanager
-def distributed(device: str = "auto", timeout_s: int = 600) -> Iterator[DistEnv]:
-    """Join the process group (nccl on CUDA, gloo otherwise) and always leave it, even on errors."""
+def distributed(device: str = "auto", timeout_s: int = 600, require_group: bool = False) -> Iterator[DistEnv]:
+    """Join the process group (nccl on CUDA, gloo otherwise) and always leave it, even on errors.
+
+    A world of one gets no group unless ``require_group`` (the GPU check exercises NCCL on a single GPU).
+    """
     rank, local_rank, world_size, local_world_size = _from_environment()
     env = DistEnv(rank, local_rank, world_size, local_world_size, _pick_device(device, local_rank))
-    if env.distributed and not dist.is_initialized():
+    if (env.distributed or require_group) and not dist.is_initialized():
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world_size))
         timeout = datetime.timedelta(seconds=timeout_s)

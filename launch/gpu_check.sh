@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# GPU check, under 5 minutes on one GPU: bf16/fp16 training throughput with torch.compile off and on, peak memory,
+# one whole-volume evaluation, and a 1-process torchrun with NCCL. Prints a table and writes
+# bench-results/gpu.json; copy the table into docs/PERFORMANCE.md with the date, GPU model and torch version.
+#   usage: launch/gpu_check.sh [--repeat N] [--out FILE]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec "${PYTHON:-python}" -m unet3d_dist.bench gpu "$@"
