@@ -125,3 +125,38 @@ def test_cross_validation_folds_partition_the_training_cases(tiny_dataset):
         held_out += val
     assert sorted(held_out) == ["a", "b", "c", "d"]  # every training case is held out exactly once
     assert run_cases(data, load_config().data, "val") == ["e"]  # without folds: the manifest's split
+
+
+def test_spatial_transform_is_exact_for_identity_and_quarter_turns(data):
+    from unet3d_dist.data.augment import rotation, transformed_crop
+
+    shape = data.records["a"]["shape"]
+    read = lambda region: (data.image("a", region), data.label("a", region))  # noqa: E731
+    start = np.array([10, 8, 6])
+    crop = (16, 16, 8)
+    centre = start + (np.array(crop) - 1) / 2
+    plain = tuple(slice(s, s + c) for s, c in zip(start, crop))
+    image, label = transformed_crop(read, shape, centre, crop, np.eye(3), pad=-5.0)
+    np.testing.assert_allclose(image, data.image("a")[plain], atol=1e-5)
+    np.testing.assert_array_equal(label, data.label("a")[plain])
+    square = (16, 16, 8)
+    quarter = rotation(np.deg2rad([0.0, 0.0, 90.0]))
+    image, label = transformed_crop(read, shape, centre, square, quarter, pad=-5.0)
+    np.testing.assert_allclose(image, np.rot90(data.image("a")[plain], k=-1, axes=(0, 1)), atol=1e-5)
+    np.testing.assert_array_equal(label, np.rot90(data.label("a")[plain], k=-1, axes=(0, 1)))
+
+
+def test_augmented_crops_stay_deterministic_and_valid(data):
+    from unet3d_dist.data.augment import Augmentation
+
+    aug = Augmentation(rotate_deg=20, scale=0.2, spatial_prob=1.0, intensity=True)
+    crops = CropDataset(data, ["a", "b", "c"], (16, 16, 8), 30, 3, 0.5, True, aug)
+    plain = CropDataset(data, ["a", "b", "c"], (16, 16, 8), 30, 3, 0.5, True)
+    changed = 0
+    for index in range(30):
+        image, label = crops[(1, index)]
+        again, _ = crops[(1, index)]
+        assert torch.equal(image, again) and torch.isfinite(image).all()
+        assert set(label.unique().tolist()) <= {0, 1}
+        changed += not torch.equal(image, plain[(1, index)][0])
+    assert changed == 30

@@ -33,3 +33,29 @@ def test_stitching_reconstructs_the_echoed_volume(shape, patch, overlap, flips):
     labels = predict_labels(logits)
     assert labels.shape == shape and (labels == (image[0] > 0).numpy()).all()
 
+
+
+def test_largest_component_keeps_one_object_per_class():
+    import numpy as np
+
+    from unet3d_dist.inference import keep_largest_component
+
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[2:8, 2:8, 2:8] = 1  # 216 voxels: kept
+    labels[12:14, 12:14, 12:14] = 1  # 8 voxels: dropped
+    labels[15:18, 2:5, 2:5] = 2  # the only class-2 object: kept
+    labels[9, 9, 9] = 2  # touches nothing: dropped
+    out = keep_largest_component(labels)
+    assert (out[2:8, 2:8, 2:8] == 1).all() and (out[12:14, 12:14, 12:14] == 0).all()
+    assert (out[15:18, 2:5, 2:5] == 2).all() and out[9, 9, 9] == 0
+    assert out.sum() == 216 + 2 * 27
+
+
+def test_resampling_to_another_grid_keeps_a_smooth_volume():
+    from unet3d_dist.inference import resample_to_shape
+
+    ramp = torch.linspace(0, 1, 20).reshape(1, 20, 1, 1).expand(2, 20, 6, 4)
+    coarse = resample_to_shape(ramp, (10, 3, 2))
+    fine = resample_to_shape(coarse, (20, 6, 4))
+    assert coarse.shape == (2, 10, 3, 2) and fine.shape == (2, 20, 6, 4)
+    assert torch.allclose(fine[:, 3:-3], ramp[:, 3:-3], atol=1e-6)  # linear data survives away from the borders

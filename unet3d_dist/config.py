@@ -36,6 +36,10 @@ class DataConfig:
     crop: tuple[int, int, int] = setting((64, 64, 48), "training crop (x, y, z) in voxels; configs/default.yaml has the full-size 112x112x80")
     foreground_fraction: float = setting(1 / 3, "share of crops centred on a foreground voxel", min=0.0, max=1.0)
     flip: bool = setting(True, "random flips along all three axes")
+    rotate_deg: float = setting(0.0, "largest random rotation about each axis, in degrees (voxel space: for isotropic data); 0 disables", min=0.0, max=180.0)
+    scale: float = setting(0.0, "largest random zoom, e.g. 0.15 for [0.85, 1.15]; 0 disables", min=0.0, max=0.5)
+    spatial_prob: float = setting(0.3, "share of crops rotated/scaled when rotate_deg or scale is set", min=0.0, max=1.0)
+    intensity_aug: bool = setting(False, "nnU-Net-style brightness, contrast, gamma and noise changes")
     samples_per_epoch: int = setting(100, "crops per epoch, summed over all ranks", min=1)
     num_workers: int = setting(-1, "DataLoader workers per rank; -1 picks from the CPU count", min=-1)
     train_split: str = setting("train", "manifest split used for training")
@@ -91,10 +95,19 @@ class TrainConfig:
     channels_last: bool = setting(True, "channels_last_3d memory format (faster convolutions)")
     compile: bool = setting(False, "wrap the model in torch.compile")
     resume: str = setting("auto", "'auto' continues from the run's latest checkpoint, 'never' starts fresh, or a checkpoint path")
-    val_every: int = setting(2, "validate every N epochs (and after the last); 0 disables", min=0)
+    val_every: int = setting(3, "validate every N epochs (and after the last); 0 disables", min=0)
     val_distances: bool = setting(False, "also score ASD, ASSD, HD95 and HD at validation (slower; Dice is always scored)")
     max_nonfinite: int = setting(10, "stop after this many skipped non-finite steps in a row", min=1)
     init_timeout_s: int = setting(600, "timeout of the process-group rendezvous and collectives", min=1)
+
+
+@dataclass
+class InferenceConfig:
+    """Whole-volume prediction, shared by validation, unet3d-evaluate and unet3d-predict (which read it from the checkpoint)."""
+
+    overlap: float = setting(0.5, "overlap of neighbouring sliding windows, as a fraction of the patch", min=0.0, max=0.9)
+    tta_flips: bool = setting(False, "average the logits over the 8 axis-flip combinations (8x slower)")
+    largest_component: bool = setting(False, "keep only the largest connected component of each class (single-structure targets)")
 
 
 @dataclass
@@ -125,6 +138,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

@@ -21,6 +21,7 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, ConfigError, config_from_dict
 from .data.shards import DatasetError, ShardedDataset, atomic_write
+from .data.splits import run_cases
 from .dist import distributed
 from .evaluator import EvalOptions, evaluate_cases
 from .logger import RunLogger, new_run_id
@@ -41,12 +42,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by unet3d-train")
     parser.add_argument("--data", help="prepared dataset folder, or 'synthetic' (default: the checkpoint's data.dataset)")
-    parser.add_argument("--split", default="test", help="manifest split to evaluate (default: test)")
+    parser.add_argument("--split", default="test",
+                        help="manifest split to evaluate (default: test); 'val' of a cross-validation checkpoint is its held-out fold")
     parser.add_argument("--out", type=Path, help="output folder (default: <run dir>/eval-<split>)")
     parser.add_argument("--patch", type=int, nargs=3, metavar=("X", "Y", "Z"), help="window size (default: the training crop)")
-    parser.add_argument("--overlap", type=float, default=0.5, help="overlap of neighbouring windows, in [0, 1) (default: 0.5)")
+    parser.add_argument("--overlap", type=float, help="overlap of neighbouring windows, in [0, 1) (default: the checkpoint's inference.overlap)")
     parser.add_argument("--batch-size", type=int, help="windows per forward pass (default: the training batch size)")
-    parser.add_argument("--tta", action="store_true", help="average the logits over the 8 axis-flip combinations")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                        help="average the logits over the 8 axis-flip combinations (default: the checkpoint's inference.tta_flips)")
+    parser.add_argument("--largest-component", action=argparse.BooleanOptionalAction,
+                        help="keep each class's largest connected component (default: the checkpoint's inference.largest_component)")
     parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="mixed precision (auto: as in training)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--stitch-device", choices=["device", "cpu"], default="device",
@@ -78,21 +83,24 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], Config]:
 def check_arguments(args: argparse.Namespace, out: Path) -> None:
     if args.patch and any(side < DIVISOR or side % DIVISOR for side in args.patch):
         raise ConfigError(f"--patch must be multiples of {DIVISOR} (the UNet halves each side 3 times), not {args.patch}")
-    if not 0 <= args.overlap < 1:
+    if args.overlap is not None and not 0 <= args.overlap < 1:
         raise ConfigError(f"--overlap must be in [0, 1), not {args.overlap}")
     if (out / RESULTS_JSON).exists():
         raise ConfigError(f"{out} already holds a finished evaluation ({RESULTS_JSON}); choose another --out or remove it")
 
 
-def check_dataset(dataset: ShardedDataset, split: str, checkpoint: dict[str, Any], path: Path) -> list[str]:
-    """The split's case ids, once the dataset is known to have the checkpoint's classes."""
+def check_dataset(dataset: ShardedDataset, split: str, checkpoint: dict[str, Any], path: Path, cfg: Config) -> list[str]:
+    """The split's case ids, once the dataset is known to have the checkpoint's classes.
+
+    For a checkpoint trained on one fold of a cross-validation (data.folds > 0), 'val' is that fold's held-out cases.
+    """
     trained = checkpoint["dataset"]["classes"]
     if dataset.classes != trained:
         raise DatasetError(
             f"dataset {dataset.root} has classes {dataset.classes} but checkpoint {path} was trained on {trained}; "
             "pass --data with a dataset of the same classes"
         )
-    case_ids = dataset.case_ids(split)
+    case_ids = run_cases(dataset, cfg.data, "val") if split == "val" and cfg.data.folds else dataset.case_ids(split)
     if not case_ids:
         raise DatasetError(f"dataset {dataset.root} has no cases in split {split!r}; its splits are: {', '.join(dataset.splits())}")
     return case_ids
@@ -149,14 +157,16 @@ def evaluate(args: argparse.Namespace) -> None:
     check_arguments(args, out)
     with distributed(args.device) as env:
         dataset = open_dataset(cfg, env)
-        case_ids = check_dataset(dataset, args.split, checkpoint, args.checkpoint)
+        case_ids = check_dataset(dataset, args.split, checkpoint, args.checkpoint, cfg)
         model = build_model(cfg.model, 1, dataset.num_classes)
         model.load_state_dict(checkpoint["model"])
         options = EvalOptions(
             patch=tuple(args.patch or cfg.data.crop),
-            overlap=args.overlap,
+            overlap=cfg.inference.overlap if args.overlap is None else args.overlap,
             batch_size=args.batch_size or cfg.train.batch_size,
-            tta_flips=args.tta,
+            tta_flips=cfg.inference.tta_flips if args.tta is None else args.tta,
+            largest_component=cfg.inference.largest_component if args.largest_component is None else args.largest_component,
+            model_spacing=checkpoint["dataset"].get("preprocessing", {}).get("spacing"),
             amp_dtype=resolve_amp(args.amp, env.device),
             channels_last=cfg.train.channels_last,
             stitch_device="cpu" if args.stitch_device == "cpu" else None,

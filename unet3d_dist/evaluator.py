@@ -20,7 +20,7 @@ from torch import nn
 
 from .data.shards import ShardedDataset
 from .dist import DistEnv, gather_to_main
-from .inference import predict_labels, sliding_window_logits
+from .inference import keep_largest_component, predict_labels, resample_to_shape, sliding_window_logits
 from .masks import mask_path, save_mask
 from .metrics import case_metrics
 
@@ -40,6 +40,8 @@ class EvalOptions:
     metric_workers: int = 0  # processes per rank that score (and save) volumes; 0 scores in the rank's own process
     masks_dir: Path | None = None  # where predicted label maps are written; None keeps none
     mask_format: str = "nifti"
+    largest_component: bool = False  # keep each class's largest connected component only
+    model_spacing: tuple[float, float, float] | None = None  # the training data's spacing, where it was resampled
 
 
 def balanced_shards(sizes: dict[str, int], world_size: int) -> list[list[str]]:
@@ -80,8 +82,16 @@ def wait_for_room(jobs: list[Future], limit: int) -> None:
 
 
 def predict_case(model: nn.Module, dataset: ShardedDataset, case_id: str, options: EvalOptions, device: torch.device) -> np.ndarray:
-    """Label map (x, y, z) of one whole volume from the gaussian sliding window."""
+    """Label map (x, y, z) of one whole volume, on the case's own grid, from the gaussian sliding window.
+
+    A model trained at another spacing sees the volume resampled to that spacing; its logits are resampled back
+    (trilinear) before the argmax, so the scores are those of the case's own grid.
+    """
+    record = dataset.records[case_id]
     image = torch.from_numpy(dataset.image(case_id))[None]
+    shape = tuple(image.shape[1:])
+    if options.model_spacing and any(abs(a - b) > 1e-6 for a, b in zip(record["spacing"], options.model_spacing)):
+        image = resample_to_shape(image, [max(1, round(n * s / m)) for n, s, m in zip(shape, record["spacing"], options.model_spacing)])
     logits = sliding_window_logits(
         model,
         image,
@@ -96,7 +106,10 @@ def predict_case(model: nn.Module, dataset: ShardedDataset, case_id: str, option
         stitch_device=options.stitch_device,
         channels_last=options.channels_last,
     )
-    return predict_labels(logits)
+    if tuple(logits.shape[1:]) != shape:
+        logits = resample_to_shape(logits, shape)
+    labels = predict_labels(logits)
+    return keep_largest_component(labels) if options.largest_component else labels
 
 
 def evaluate_cases(

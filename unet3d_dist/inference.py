@@ -118,3 +118,24 @@ def sliding_window_logits(
 def predict_labels(logits: torch.Tensor) -> np.ndarray:
     """Class map (uint8) from stitched logits."""
     return logits.argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def resample_to_shape(volume: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A (C, X, Y, Z) volume trilinearly resampled to ``shape`` over the same physical extent."""
+    return torch.nn.functional.interpolate(volume[None].float(), size=tuple(shape), mode="trilinear", align_corners=False)[0]
+
+
+def keep_largest_component(labels: np.ndarray) -> np.ndarray:
+    """Per foreground class, drop every connected component (26-connectivity) but the largest."""
+    from scipy import ndimage
+
+    out = labels.copy()
+    for cls in np.unique(labels):
+        if cls == 0:
+            continue
+        components, count = ndimage.label(labels == cls, structure=np.ones((3, 3, 3), bool))
+        if count > 1:
+            sizes = np.bincount(components.ravel())
+            sizes[0] = 0
+            out[(components != np.argmax(sizes)) & (components > 0)] = 0
+    return out

@@ -2,7 +2,8 @@
 
 Each input (a NIfTI/NRRD/MHA file or a DICOM series folder, no label) goes through the preprocessing its training
 data had (the manifest's ``preprocessing``, stored in the checkpoint): reorientation, resampling, normalisation. The
-gaussian sliding window runs with the training crop as its patch, and the class map is moved back onto the input's
+gaussian sliding window runs with the training crop as its patch (overlap, flip averaging and largest-component
+post-processing as the checkpoint's ``inference`` section says), and the class map is moved back onto the input's
 own grid by nearest neighbour, so ``DIR/<name>_mask.nii.gz`` has the input's exact size, spacing, origin and
 direction. Voxel values are indices into the checkpoint's classes. ``DIR/<name>_panel.png`` shows three slices.
 
@@ -27,7 +28,7 @@ from .data.readers import CaseError, array_xyz, image_xyz, read_image, strip_suf
 from .data.shards import atomic_write
 from .dist import distributed, gather_to_main
 from .evaluator import balanced_shards
-from .inference import predict_labels, sliding_window_logits
+from .inference import keep_largest_component, predict_labels, sliding_window_logits
 from .model import build_model
 from .report import slice_panel
 from .train import resolve_amp
@@ -38,8 +39,9 @@ EXIT_SKIPPED = 3
 class Predictor:
     """A trained model with the preprocessing and patch its training used."""
 
-    def __init__(self, checkpoint: dict[str, Any], device: torch.device, overlap: float, batch_size: int):
+    def __init__(self, checkpoint: dict[str, Any], device: torch.device, overlap: float | None, batch_size: int):
         cfg = config_from_dict(checkpoint["config"])
+        self.inference = cfg.inference
         self.classes: list[str] = checkpoint["dataset"]["classes"]
         self.preprocessing: dict[str, Any] = checkpoint["dataset"]["preprocessing"]
         if "normalization" not in self.preprocessing:
@@ -48,7 +50,8 @@ class Predictor:
         self.model = build_model(cfg.model, in_channels=1, num_classes=len(self.classes))
         self.model.load_state_dict(checkpoint["model"])
         self.model.to(device).eval()
-        self.device, self.overlap, self.batch_size = device, overlap, batch_size
+        self.device, self.batch_size = device, batch_size
+        self.overlap = cfg.inference.overlap if overlap is None else overlap
         self.amp_dtype = resolve_amp("auto", device)
 
     def mask(self, image: sitk.Image) -> sitk.Image:
@@ -57,9 +60,12 @@ class Predictor:
         voxels = torch.from_numpy(array_xyz(prepared))
         logits = sliding_window_logits(
             self.model, voxels[None], self.patch, len(self.classes), overlap=self.overlap, batch_size=self.batch_size,
-            pad_value=float(voxels.min()), amp_dtype=self.amp_dtype, device=self.device,
+            pad_value=float(voxels.min()), amp_dtype=self.amp_dtype, device=self.device, tta_flips=self.inference.tta_flips,
         )
-        return onto_grid(image_xyz(predict_labels(logits), like=prepared), image)
+        labels = predict_labels(logits)
+        if self.inference.largest_component:
+            labels = keep_largest_component(labels)
+        return onto_grid(image_xyz(labels, like=prepared), image)
 
 
 def output_paths(inputs: list[Path], out: Path, overwrite: bool) -> dict[Path, tuple[Path, Path]]:
@@ -110,7 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA files or DICOM series folders")
     parser.add_argument("--out", type=Path, required=True, help="folder for <name>_mask.nii.gz and <name>_panel.png")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the local rank's GPU if there is one")
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap as a fraction of the patch")
+    parser.add_argument("--overlap", type=float, help="sliding-window overlap as a fraction of the patch (default: the checkpoint's inference.overlap)")
     parser.add_argument("--batch-size", type=int, default=2, help="windows per forward pass")
     parser.add_argument("--overwrite", action="store_true", help="replace existing masks and panels")
     return parser.parse_args(argv)

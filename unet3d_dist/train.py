@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import Checkpointer, CheckpointError, config_differences, load_checkpoint, rng_state, set_rng_state
 from .config import Config, ConfigError, describe, load_config
+from .data.augment import Augmentation
 from .data.crops import CropDataset, EpochSampler
 from .data.shards import DatasetError, ShardedDataset
 from .data.splits import run_cases
@@ -186,6 +187,7 @@ class Trainer:
                 cfg.train.seed,
                 cfg.data.foreground_fraction,
                 cfg.data.flip,
+                Augmentation(cfg.data.rotate_deg, cfg.data.scale, cfg.data.spatial_prob, cfg.data.intensity_aug),
             ),
             batch_size=cfg.train.batch_size,
             sampler=self.sampler,
@@ -326,6 +328,9 @@ class Trainer:
         distances = self.cfg.train.val_distances
         options = EvalOptions(
             patch=self.cfg.data.crop,
+            overlap=self.cfg.inference.overlap,
+            tta_flips=self.cfg.inference.tta_flips,
+            largest_component=self.cfg.inference.largest_component,
             batch_size=self.cfg.train.batch_size,
             amp_dtype=self.amp_dtype,
             channels_last=self.cfg.train.channels_last,

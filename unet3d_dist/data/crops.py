@@ -12,11 +12,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from .augment import Augmentation, augment_intensity, spatial_matrix, transformed_crop
 from .shards import ShardedDataset
 
 
 class CropDataset(Dataset):
-    """Crops of ``crop`` voxels; ``foreground_fraction`` of them centred on a foreground voxel; random flips.
+    """Crops of ``crop`` voxels; ``foreground_fraction`` of them centred on a foreground voxel; random flips, and
+    optionally rotation/scaling and intensity changes (see augment.py).
 
     Items are addressed by ``(epoch, index)``; index ``i`` reads case ``i % len(case_ids)``, so every epoch visits all
     cases evenly. Volumes smaller than the crop are padded with their minimum intensity and label 0.
@@ -31,6 +33,7 @@ class CropDataset(Dataset):
         seed: int,
         foreground_fraction: float = 1 / 3,
         flip: bool = True,
+        augmentation: Augmentation = Augmentation(),
     ):
         if not case_ids:
             raise ValueError("CropDataset needs at least one case")
@@ -41,6 +44,7 @@ class CropDataset(Dataset):
         self.seed = seed
         self.foreground_fraction = foreground_fraction
         self.flip = flip
+        self.augmentation = augmentation
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -52,11 +56,20 @@ class CropDataset(Dataset):
         record = self.dataset.records[case_id]
         shape = record["shape"]
         start = self.crop_start(rng, case_id, shape)
-        image, label = self.read_padded(case_id, shape, start, record.get("image_min", 0.0))
+        pad = record.get("image_min", 0.0)
+        matrix = spatial_matrix(rng, self.augmentation)
+        if matrix is None:
+            image, label = self.read_padded(case_id, shape, start, pad)
+        else:
+            centre = np.asarray(start) + (np.asarray(self.crop) - 1) / 2
+            read = lambda region: (self.dataset.image(case_id, region), self.dataset.label(case_id, region))  # noqa: E731
+            image, label = transformed_crop(read, shape, centre, self.crop, matrix, pad)
         if self.flip:
             axes = tuple(a for a in range(3) if rng.random() < 0.5)
             if axes:
                 image, label = np.flip(image, axes), np.flip(label, axes)
+        if self.augmentation.intensity:
+            image = augment_intensity(image, rng)
         return torch.from_numpy(np.ascontiguousarray(image)[None]), torch.from_numpy(np.ascontiguousarray(label))
 
     def crop_start(self, rng: np.random.Generator, case_id: str, shape: list[int]) -> list[int]:
