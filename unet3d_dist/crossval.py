@@ -1,0 +1,103 @@
+"""Cross-validation: ``python -m unet3d_dist.crossval --config RECIPE [--folds 5] [section.key=value ...]``.
+
+For each fold it trains ``<run_name>-fold<k>`` (``data.folds``/``data.fold``; under torchrun when ``--nproc`` > 1,
+which defaults to the visible GPUs) and evaluates that run's last checkpoint on the fold's held-out cases. The last
+checkpoint, not ``best.pt``: best.pt is chosen by Dice on those very cases, which would leak them into the score.
+Finished folds are skipped, so rerunning the command resumes. The pooled per-case table goes to
+``runs/<run_name>-cv/``: ``summary.json`` and ``summary.md`` (per fold and pooled, in mm and in voxels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpointer
+from .config import ConfigError, load_config
+from .results import summarize
+
+METRICS = ("dice", "jaccard", "asd_mm", "asd_vox", "hd95_mm", "hd95_vox", "hd_mm", "hd_vox")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="unet3d-crossval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True, help="training recipe, e.g. configs/la_mri.yaml")
+    parser.add_argument("--folds", type=int, default=5, help="number of folds (default: 5)")
+    parser.add_argument("--only", type=int, nargs="+", metavar="K", help="run these folds only (the summary pools what exists)")
+    parser.add_argument("--nproc", type=int, default=max(1, torch.cuda.device_count()), help="processes per fold (default: the visible GPUs, or 1)")
+    parser.add_argument("--eval-data", help="evaluate on this prepared dataset instead (same case ids, e.g. the native-resolution scans)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser.parse_args(argv)
+
+
+def run(command: list[str]) -> None:
+    print("+ " + " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def train_fold(args: argparse.Namespace, fold: int, run_name: str) -> None:
+    launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    run([*launcher, "-m", "unet3d_dist.train", "--config", str(args.config), *args.overrides,
+         f"data.folds={args.folds}", f"data.fold={fold}", f"log.run_name={run_name}"])
+
+
+def evaluate_fold(args: argparse.Namespace, checkpoint: Path, out: Path) -> None:
+    launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    data = ["--data", args.eval_data] if args.eval_data else []
+    run([*launcher, "-m", "unet3d_dist.evaluate", "--checkpoint", str(checkpoint), "--split", "val", "--out", str(out), *data])
+
+
+def summary_table(per_fold: dict[int, list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], str]:
+    """Rows of mean/std/median per fold and pooled, and the same as a markdown table."""
+    rows = []
+    groups = [(f"fold {k}", records) for k, records in sorted(per_fold.items())]
+    groups.append(("pooled", [r for records in per_fold.values() for r in records]))
+    lines = ["| cases | class | " + " | ".join(METRICS) + " |", "|---|---|" + "---:|" * len(METRICS)]
+    for name, records in groups:
+        stats = {(s["class"], s["metric"]): s for s in summarize(records)}
+        for cls in sorted({r["class"] for r in records}):
+            row = {"group": name, "class": cls, "cases": len({r["case"] for r in records if r["class"] == cls})}
+            cells = []
+            for metric in METRICS:
+                s = stats.get((cls, metric))
+                row[metric] = None if s is None else {"mean": s["mean"], "std": s["std"], "median": s["median"]}
+                cells.append("–" if s is None else f"{s['mean']:.4g} ± {s['std']:.2g}")
+            rows.append(row)
+            lines.append(f"| {name} ({row['cases']}) | {cls} | " + " | ".join(cells) + " |")
+    return rows, "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.folds < 2:
+            raise ConfigError(f"--folds must be at least 2, not {args.folds}")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    cv_dir = Path(cfg.log.runs_dir) / f"{cfg.log.run_name}-cv"
+    per_fold: dict[int, list[dict[str, Any]]] = {}
+    for fold in args.only or range(args.folds):
+        run_name = f"{cfg.log.run_name}-fold{fold}"
+        out = cv_dir / f"fold{fold}"
+        if not (out / "results.json").exists():
+            train_fold(args, fold, run_name)
+            evaluate_fold(args, Checkpointer(Path(cfg.log.runs_dir) / run_name, 1).latest(), out)
+    for results in sorted(cv_dir.glob("fold*/results.json")):
+        per_fold[int(results.parent.name[4:])] = json.loads(results.read_text())["cases"]
+    rows, markdown = summary_table(per_fold)
+    (cv_dir / "summary.json").write_text(json.dumps({"config": str(args.config), "folds": args.folds, "rows": rows}, indent=1))
+    (cv_dir / "summary.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {cv_dir / 'summary.md'} and {cv_dir / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
