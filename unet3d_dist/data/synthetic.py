@@ -1,9 +1,9 @@
 """Synthetic abdominal CT phantom: the embedded default dataset.
 
 Each volume is built from tissue masks in millimetres, so the liver label is exact by construction; the image is
-painted from those masks with realistic HU values, partial-volume blur, a smooth bias field and noise. The liver is
-an irregular, randomly deformed and placed shape whose HU lies within noise of the spleen's, the muscle's and the
-bowel's, so the network has to use shape, texture and position, not intensity alone.
+painted from those masks with portal-venous-phase HU values, partial-volume blur, a smooth bias field and noise
+(sigma 10-22 HU). The liver is an irregular, randomly deformed and placed shape with brighter vessels; the spleen
+is 15-35 HU brighter and lies on the other side, so the network has to use shape and position as well as intensity.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from scipy import ndimage
 from .preprocess import ct_window
 from .shards import MANIFEST, Case, write_dataset
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 DATA_SEED = 20240601
 SPACING_MM = 3.0
 HU_WINDOW = (-200.0, 250.0)
@@ -98,11 +98,12 @@ def make_phantom(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple
         kidneys |= _ellipsoid(grid, (side * rng.uniform(55, 75), rng.uniform(35, 55), rng.uniform(-0.3, 0.1) * half_z), (28, 22, 50), side * 20) < 1
     kidneys &= cavity & ~liver
 
-    liver_hu = rng.uniform(55, 110)
+    # Portal-venous phase: the liver enhances to ~85-115 HU, its vessels and the spleen somewhat more.
+    liver_hu = rng.uniform(85, 115)
     hu[liver] = liver_hu
-    vessels = liver & (np.abs(_smooth_noise(rng, shape, 9)) < 0.12)
-    hu[vessels] = liver_hu + rng.uniform(30, 70)
-    hu[spleen] = liver_hu + rng.uniform(8, 25)  # portal-venous phase: the spleen enhances more than the liver
+    vessels = liver & (np.abs(_smooth_noise(rng, shape, 9)) < 0.06)
+    hu[vessels] = liver_hu + rng.uniform(25, 50)
+    hu[spleen] = liver_hu + rng.uniform(15, 35)
     hu[kidneys] = rng.choice([30.0, liver_hu + 80])
 
     # Spine and ribs.

@@ -1,0 +1,68 @@
+"""The synthetic CT phantom: realistic HU per tissue, one exact liver label, seeded, cached once through the shard writer."""
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull
+
+from unet3d_dist.data.preprocess import ct_window
+from unet3d_dist.data.shards import MANIFEST, ShardedDataset
+from unet3d_dist.data.synthetic import HU_WINDOW, ensure_synthetic, make_phantom
+
+SHAPE = (128, 112, 96)
+
+
+def phantom(case: int) -> tuple[np.ndarray, np.ndarray]:
+    return make_phantom(np.random.default_rng([7, case]), SHAPE)
+
+
+def share(hu: np.ndarray, low: float, high: float) -> float:
+    return float(((hu >= low) & (hu <= high)).mean())
+
+
+def test_tissues_have_realistic_hounsfield_units():
+    for case in range(3):
+        hu, liver = phantom(case)
+        assert abs(np.median(hu[:8, :8, :]) + 1000) < 30  # air outside the body
+        inner_liver = ndimage.binary_erosion(liver, iterations=2)
+        assert 80 <= np.median(hu[inner_liver]) <= 130  # portal-venous liver, with brighter vessels
+        assert share(hu, -150, -60) > 0.05  # subcutaneous and visceral fat
+        assert share(hu, -950, -750) > 0.005  # lungs (and bowel gas)
+        assert np.percentile(hu, 99.95) > 500  # cortical bone of spine and ribs
+        assert hu.dtype == np.float32 and np.isfinite(hu).all()
+
+
+def test_the_liver_is_one_irregular_randomly_placed_structure():
+    centres, fractions = [], []
+    for case in range(3):
+        _, liver = phantom(case)
+        assert liver.dtype == np.uint8 and set(np.unique(liver)) == {0, 1}
+        assert ndimage.label(liver)[1] == 1
+        fractions.append(liver.mean())
+        centres.append(np.argwhere(liver).mean(axis=0))
+        assert liver.sum() < 0.97 * ConvexHull(np.argwhere(liver)).volume  # two deformed lobes: an ellipsoid gives 1.02
+    assert all(0.02 < f < 0.25 for f in fractions)
+    assert np.ptp(np.array(centres), axis=0).max() > 3  # placed differently in each case
+
+
+def test_same_seed_same_volume_and_different_cases_differ():
+    hu_a, liver_a = phantom(0)
+    hu_b, liver_b = phantom(0)
+    assert np.array_equal(hu_a, hu_b) and np.array_equal(liver_a, liver_b)
+    assert not np.array_equal(liver_a, phantom(1)[1])
+
+
+def test_generated_once_through_the_shard_writer_with_exact_labels(tmp_path):
+    root = ensure_synthetic(tmp_path, 6)
+    stamp = (root / MANIFEST).stat().st_mtime_ns
+    dataset = ShardedDataset(root)
+    assert dataset.classes == ["background", "liver"]
+    assert {split: len(dataset.case_ids(split)) for split in ("train", "val", "test")} == {"train": 4, "val": 1, "test": 1}
+    case = dataset.manifest["cases"][0]
+    rng = np.random.default_rng([20240601, 0])
+    shape = (int(rng.integers(120, 137)), int(rng.integers(104, 121)), int(rng.integers(88, 105)))
+    hu, liver = make_phantom(rng, shape)
+    assert case["shape"] == list(shape) and case["spacing"] == [3.0, 3.0, 3.0]
+    assert np.array_equal(dataset.label(case["id"]), liver)
+    assert np.allclose(dataset.image(case["id"]), ct_window(hu, *HU_WINDOW))
+    assert ensure_synthetic(tmp_path, 6) == root and (root / MANIFEST).stat().st_mtime_ns == stamp  # cached, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [root.name]  # no temporary folder left behind
