@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from unet3d_dist.data.augment import Augmentation, rotation, transformed_crop
 from unet3d_dist.data.crops import CropDataset, EpochSampler
 from unet3d_dist.data.shards import Case, ShardedDataset, write_dataset
 
@@ -128,8 +129,6 @@ def test_cross_validation_folds_partition_the_training_cases(tiny_dataset):
 
 
 def test_spatial_transform_is_exact_for_identity_and_quarter_turns(data):
-    from unet3d_dist.data.augment import rotation, transformed_crop
-
     shape = data.records["a"]["shape"]
     read = lambda region: (data.image("a", region), data.label("a", region))  # noqa: E731
     start = np.array([10, 8, 6])
@@ -147,8 +146,6 @@ def test_spatial_transform_is_exact_for_identity_and_quarter_turns(data):
 
 
 def test_augmented_crops_stay_deterministic_and_valid(data):
-    from unet3d_dist.data.augment import Augmentation
-
     aug = Augmentation(rotate_deg=20, scale=0.2, spatial_prob=1.0, intensity=True)
     crops = CropDataset(data, ["a", "b", "c"], (16, 16, 8), 30, 3, 0.5, True, aug)
     plain = CropDataset(data, ["a", "b", "c"], (16, 16, 8), 30, 3, 0.5, True)

@@ -43,6 +43,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--dir", type=Path, help="folder to write into (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/checkpoint.json"))
     args = parser.parse_args(argv)
+    if args.dir:
+        args.dir.mkdir(parents=True, exist_ok=True)
     state = training_state()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         checkpointer = Checkpointer(Path(tmp), keep_last=2)

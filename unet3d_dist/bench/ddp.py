@@ -1,8 +1,9 @@
 """DDP cost: step time of 1 rank against 2 ranks at equal per-rank work, and the gradient all-reduce alone.
 
-``python -m unet3d_dist.bench ddp`` launches itself twice under torchrun (1 and 2 processes, one thread each, so the
-two ranks of the 2-process run do not share a core), then prints the ratio. The all-reduce is timed on a flat
-tensor of the model's gradient size, which is what DDP's buckets carry per step.
+``python -m unet3d_dist.bench ddp`` launches itself three times under torchrun, one thread per process: 1 rank;
+2 ranks stepping independently (no DDP: the reference for what two processes on one machine cost each other in
+memory bandwidth and cache); 2 ranks under DDP. DDP's own cost is the third against the second. The all-reduce is
+timed on a flat tensor of the model's gradient size, which is what DDP's buckets carry per step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from ..dist import distributed
 from ..loss import DiceCELoss
-from ..model import ResUNet3D, count_parameters
+from ..model import ResUNet3D, count_parameters, to_channels_last
 from .common import report, timeit
 
 
@@ -28,8 +29,9 @@ def worker(args: argparse.Namespace) -> None:
     """Runs inside torchrun: time DDP steps and the all-reduce, rank 0 writes JSON."""
     with distributed("auto", 120) as env:
         torch.manual_seed(0)
-        model = ResUNet3D().to(env.device).to(memory_format=torch.channels_last_3d)
-        net = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if env.distributed else model
+        model = to_channels_last(ResUNet3D().to(env.device))
+        use_ddp = env.distributed and not args.independent
+        net = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if use_ddp else model
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True, foreach=True)
         loss_fn = DiceCELoss()
         image = torch.randn(args.batch, 1, *args.crop, device=env.device).contiguous(memory_format=torch.channels_last_3d)
@@ -42,7 +44,7 @@ def worker(args: argparse.Namespace) -> None:
 
         step_time = timeit(step, repeat=args.steps)
         result = {"world_size": env.world_size, "step": step_time, "threads": torch.get_num_threads()}
-        if env.distributed:
+        if use_ddp:
             grads = torch.zeros(count_parameters(model), device=env.device)
             result["allreduce"] = timeit(lambda: dist.all_reduce(grads), repeat=20, warmup=3)
             result["allreduce_bytes"] = grads.numel() * grads.element_size()
@@ -50,11 +52,11 @@ def worker(args: argparse.Namespace) -> None:
             Path(args.worker).write_text(json.dumps(result))
 
 
-def launch(nproc: int, args: argparse.Namespace, out: Path) -> dict:
+def launch(nproc: int, args: argparse.Namespace, out: Path, independent: bool = False) -> dict:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "unet3d_dist.bench", "ddp", "--worker", str(out), "--steps", str(args.steps), "--batch", str(args.batch),
-        "--crop", *map(str, args.crop),
+        "--crop", *map(str, args.crop), *(["--independent"] if independent else []),
     ]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(out.read_text())
@@ -67,27 +69,30 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench-results/ddp.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--independent", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         one = launch(1, args, Path(tmp) / "one.json")
+        apart = launch(2, args, Path(tmp) / "apart.json", independent=True)
         two = launch(2, args, Path(tmp) / "two.json")
-    t1, t2 = one["step"]["median_s"], two["step"]["median_s"]
+    t1, t_apart, t2 = one["step"]["median_s"], apart["step"]["median_s"], two["step"]["median_s"]
     ar = two["allreduce"]["median_s"]
     rows = [
-        ["step, 1 rank", t1 * 1e3, 1.0],
-        ["step, 2 ranks (DDP, gloo)", t2 * 1e3, t1 / t2],
-        ["all-reduce of the gradients alone", ar * 1e3, ar / t1],
+        ["step, 1 rank", t1 * 1e3, 1.0, ""],
+        ["step, 2 independent processes (no DDP)", t_apart * 1e3, t1 / t_apart, 1.0],
+        ["step, 2 ranks (DDP, gloo)", t2 * 1e3, t1 / t2, t_apart / t2],
+        ["all-reduce of the gradients alone", ar * 1e3, ar / t1, ar / t_apart],
     ]
     record = {
-        "crop": args.crop, "batch_per_rank": args.batch, "one_rank": one, "two_ranks": two,
-        "scaling_efficiency": t1 / t2, "allreduce_mb": two["allreduce_bytes"] / 1e6,
+        "crop": args.crop, "batch_per_rank": args.batch, "one_rank": one, "two_independent": apart, "two_ranks": two,
+        "scaling_efficiency": t1 / t2, "ddp_efficiency": t_apart / t2, "allreduce_mb": two["allreduce_bytes"] / 1e6,
         "allreduce_gb_per_s": two["allreduce_bytes"] / ar / 1e9,
     }
     title = (
         f"DDP on {one['threads']} thread per rank, crop {'x'.join(map(str, args.crop))}, batch {args.batch}/rank, "
         f"gradients {record['allreduce_mb']:.2f} MB"
     )
-    report(title, ["measurement", "ms", "ratio to 1-rank step"], rows, record, args.out)
+    report(title, ["measurement", "ms", "ratio to 1-rank step", "ratio to independent"], rows, record, args.out)

@@ -23,6 +23,9 @@ from ..config import OptimConfig
 from .common import report, timeit
 
 
+AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def conv3d_peak(device: torch.device, repeat: int, amp: torch.dtype | None = None) -> tuple[float, str]:
     """GFLOP/s of a 64->64 3x3x3 conv3d forward on 64x64x48 volumes (8 of them on a GPU), best memory format."""
     best, best_format = 0.0, ""
@@ -84,16 +87,16 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--crop", type=int, nargs=3, default=[112, 112, 80], help="default: the product's crop")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--variants", default="all", choices=["all", "default"], help="'default': fp32/auto AMP, channels_last, no compile")
+    parser.add_argument("--amp", nargs="+", choices=list(AMP), default=list(AMP), help="mixed-precision variants (default: all)")
+    parser.add_argument("--channels-last", nargs="+", choices=["on", "off"], default=["on", "off"], help="memory-format variants")
+    parser.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off", "on"], help="torch.compile variants")
     parser.add_argument("--out", type=Path, default=Path("bench-results/train_step.json"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     crop = tuple(args.crop)
     peak, peak_format = conv3d_peak(device, args.repeat)
     default_amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else None
-    variants = [(default_amp, True, False)]
-    if args.variants == "all":
-        variants = [(amp, cl, compiled) for amp in (None, torch.bfloat16, torch.float16) for cl in (True, False) for compiled in (False, True)]
+    variants = [(AMP[amp], cl == "on", compiled == "on") for amp in args.amp for cl in args.channels_last for compiled in args.compile]
     flops_ours = step_flops(ResUNet3D().to(device), args.batch, crop, device)
     rows, record = [], {"crop": crop, "batch": args.batch, "peak_gflops": peak, "peak_format": peak_format, "results": []}
 

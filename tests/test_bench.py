@@ -1,0 +1,53 @@
+"""The benchmark command runs each part for real, at toy sizes, and records what docs/PERFORMANCE.md quotes."""
+
+import json
+import subprocess
+import sys
+
+from unet3d_dist.model import ResUNet3D, count_parameters
+from test_train import TINY
+
+
+def bench(*args: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "unet3d_dist.bench", *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"bench {args[0]} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
+
+
+def test_an_unknown_part_lists_the_parts():
+    result = subprocess.run([sys.executable, "-m", "unet3d_dist.bench", "nope"], capture_output=True, text=True)
+    assert result.returncode == 2 and "train_step" in result.stderr and "ddp" in result.stderr
+
+
+def test_ddp_compares_ddp_with_independent_processes_and_times_the_gradient_all_reduce(tmp_path):
+    bench("ddp", "--crop", "16", "16", "16", "--batch", "1", "--steps", "1", "--out", str(tmp_path / "ddp.json"))
+    record = json.loads((tmp_path / "ddp.json").read_text())
+    assert [record[k]["world_size"] for k in ("one_rank", "two_independent", "two_ranks")] == [1, 2, 2]
+    assert "allreduce" not in record["two_independent"]  # no process group traffic without DDP
+    assert record["allreduce_mb"] * 1e6 == 4 * count_parameters(ResUNet3D())  # fp32 gradients of the default model
+    assert record["ddp_efficiency"] > 0 and record["machine"]["command"].startswith("python -m unet3d_dist.bench ddp")
+
+
+def test_train_step_measures_each_requested_variant_against_the_conv3d_peak(tmp_path):
+    bench("train_step", "--crop", "32", "32", "32", "--batch", "1", "--repeat", "1", "--amp", "off", "--compile", "off",
+          "--out", str(tmp_path / "step.json"))
+    record = json.loads((tmp_path / "step.json").read_text())
+    ours = [r for r in record["results"] if r["model"].endswith("(ours)")]
+    assert [(r["amp"], r["channels_last"], r["compile"]) for r in ours] == [("off", True, False), ("off", False, False)]
+    assert record["peak_gflops"] > 0
+    for r in ours:
+        assert r["gflop_per_step"] > 0 and abs(r["fraction_of_peak"] - r["gflops"] / record["peak_gflops"]) < 1e-9
+
+
+def test_pipeline_reports_the_data_wait_and_efficiency_of_the_real_loop(tmp_path, tiny_dataset):
+    bench("pipeline", "--steps", "2", "--out", str(tmp_path / "pipeline.json"), f"data.dataset={tiny_dataset}", *TINY, "data.samples_per_epoch=20")
+    record = json.loads((tmp_path / "pipeline.json").read_text())
+    assert record["steps"] == 2 and record["crop"] == [16, 16, 8]
+    assert 0 <= record["data_wait_fraction"] < 1 and abs(record["efficiency"] - record["pure_ms"] / record["real_ms"]) < 1e-9
+
+
+def test_checkpoint_times_the_atomic_save_against_torch_save_in_memory(tmp_path):
+    bench("checkpoint", "--dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ckpt.json"))
+    record = json.loads((tmp_path / "ckpt.json").read_text())
+    assert record["model_tensor_elements"] == count_parameters(ResUNet3D())
+    assert record["bytes"] > 2 * 4 * record["model_tensor_elements"]  # fp32 weights and SGD momentum buffers
+    assert {"save", "load", "reference_in_memory"} <= record.keys()
