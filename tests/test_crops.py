@@ -138,9 +138,8 @@ def test_spatial_transform_is_exact_for_identity_and_quarter_turns(data):
     image, label = transformed_crop(read, shape, centre, crop, np.eye(3), pad=-5.0)
     np.testing.assert_allclose(image, data.image("a")[plain], atol=1e-5)
     np.testing.assert_array_equal(label, data.label("a")[plain])
-    square = (16, 16, 8)
-    quarter = rotation(np.deg2rad([0.0, 0.0, 90.0]))
-    image, label = transformed_crop(read, shape, centre, square, quarter, pad=-5.0)
+    quarter = rotation(np.deg2rad([0.0, 0.0, 90.0]))  # about z; the crop is square in x-y
+    image, label = transformed_crop(read, shape, centre, crop, quarter, pad=-5.0)
     np.testing.assert_allclose(image, np.rot90(data.image("a")[plain], k=-1, axes=(0, 1)), atol=1e-5)
     np.testing.assert_array_equal(label, np.rot90(data.label("a")[plain], k=-1, axes=(0, 1)))
 

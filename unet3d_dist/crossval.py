@@ -20,9 +20,7 @@ import torch
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, load_config
-from .results import summarize
-
-METRICS = ("dice", "jaccard", "asd_mm", "asd_vox", "hd95_mm", "hd95_vox", "hd_mm", "hd_vox")
+from .results import METRIC_COLUMNS, summarize
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,16 +39,19 @@ def run(command: list[str]) -> None:
     subprocess.run(command, check=True)
 
 
+def launcher(nproc: int) -> list[str]:
+    """This Python, under torchrun when more than one process is asked for."""
+    return [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
 def train_fold(args: argparse.Namespace, fold: int, run_name: str) -> None:
-    launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    run([*launcher, "-m", "unet3d_dist.train", "--config", str(args.config), *args.overrides,
+    run([*launcher(args.nproc), "-m", "unet3d_dist.train", "--config", str(args.config), *args.overrides,
          f"data.folds={args.folds}", f"data.fold={fold}", f"log.run_name={run_name}"])
 
 
 def evaluate_fold(args: argparse.Namespace, checkpoint: Path, out: Path) -> None:
-    launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
     data = ["--data", args.eval_data] if args.eval_data else []
-    run([*launcher, "-m", "unet3d_dist.evaluate", "--checkpoint", str(checkpoint), "--split", "val", "--out", str(out), *data])
+    run([*launcher(args.nproc), "-m", "unet3d_dist.evaluate", "--checkpoint", str(checkpoint), "--split", "val", "--out", str(out), *data])
 
 
 def summary_table(per_fold: dict[int, list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], str]:
@@ -58,13 +59,13 @@ def summary_table(per_fold: dict[int, list[dict[str, Any]]]) -> tuple[list[dict[
     rows = []
     groups = [(f"fold {k}", records) for k, records in sorted(per_fold.items())]
     groups.append(("pooled", [r for records in per_fold.values() for r in records]))
-    lines = ["| cases | class | " + " | ".join(METRICS) + " |", "|---|---|" + "---:|" * len(METRICS)]
+    lines = ["| cases | class | " + " | ".join(METRIC_COLUMNS) + " |", "|---|---|" + "---:|" * len(METRIC_COLUMNS)]
     for name, records in groups:
         stats = {(s["class"], s["metric"]): s for s in summarize(records)}
         for cls in sorted({r["class"] for r in records}):
             row = {"group": name, "class": cls, "cases": len({r["case"] for r in records if r["class"] == cls})}
             cells = []
-            for metric in METRICS:
+            for metric in METRIC_COLUMNS:
                 s = stats.get((cls, metric))
                 row[metric] = None if s is None else {"mean": s["mean"], "std": s["std"], "median": s["median"]}
                 cells.append("–" if s is None else f"{s['mean']:.4g} ± {s['std']:.2g}")

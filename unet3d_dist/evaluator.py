@@ -99,7 +99,7 @@ def predict_case(model: nn.Module, dataset: ShardedDataset, case_id: str, option
         dataset.num_classes,
         overlap=options.overlap,
         batch_size=options.batch_size,
-        pad_value=dataset.records[case_id].get("image_min", 0.0),
+        pad_value=record.get("image_min", 0.0),
         tta_flips=options.tta_flips,
         amp_dtype=options.amp_dtype,
         device=device,
