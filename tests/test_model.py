@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from unet3d_dist.model import ResUNet3D, count_parameters, forward_flops
+from unet3d_dist.model import ResUNet3D, as_channels_last, count_parameters, forward_flops, to_channels_last
 
 
 @pytest.mark.parametrize("shape", [(8, 8, 8), (16, 24, 32), (40, 16, 8)])
@@ -54,3 +54,16 @@ def test_default_model_size_and_flops():
     assert 1.5e6 < params < 2.5e6
     # Dominated by the 16-channel 3x3x3 convolutions at full resolution: ~100+ GFLOP per crop.
     assert 80e9 < flops < 200e9
+
+
+def test_channels_last_reaches_the_first_level_from_a_one_channel_image():
+    # .contiguous(memory_format=...) keeps NCDHW strides for one channel, and the first block then ran in NCDHW.
+    model = to_channels_last(ResUNet3D(widths=(8, 8, 8, 8)))
+    image = torch.randn(2, 1, 16, 16, 8)  # with one image, torch reads the batch as NCDHW whatever its strides
+    assert image.contiguous(memory_format=torch.channels_last_3d).stride(1) != 1
+    first = model.encoders[0]
+    for tensor in (as_channels_last(image), first.conv1.weight):
+        assert tensor.is_contiguous(memory_format=torch.channels_last_3d) and tensor.stride(1) == 1
+    assert torch.equal(as_channels_last(image), image)
+    for out in (first.conv1(as_channels_last(image)), first.shortcut(as_channels_last(image)), first(as_channels_last(image))):
+        assert out.is_contiguous(memory_format=torch.channels_last_3d) and not out.is_contiguous()

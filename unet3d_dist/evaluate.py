@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, ConfigError, config_from_dict
 from .data.shards import DatasetError, ShardedDataset, atomic_write
@@ -26,7 +24,7 @@ from .dist import distributed
 from .evaluator import EvalOptions, evaluate_cases
 from .logger import RunLogger, new_run_id
 from .masks import load_mask, mask_path
-from .model import DIVISOR, build_model
+from .model import DIVISOR, build_model, to_channels_last
 from .report import slice_panel
 from .results import json_ready, metric_columns, summarize, write_csv, write_json
 from .train import default_workers, open_dataset, resolve_amp
@@ -181,7 +179,9 @@ def evaluate(args: argparse.Namespace) -> None:
             f"world={env.world_size}  device={env.device.type}  patch={'x'.join(map(str, options.patch))}  "
             f"overlap={options.overlap}  metric workers/rank={options.metric_workers}"
         )
-        model = model.to(env.device, memory_format=torch.channels_last_3d if options.channels_last else torch.contiguous_format)
+        model = model.to(env.device)
+        if options.channels_last:
+            to_channels_last(model)
         records = evaluate_cases(model, dataset, case_ids, env, options)
         if records is not None:
             write_outputs(records, dataset, options, args, cfg, out, logger)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .model import as_channels_last
+
 
 def outer(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return x[:, None, None] * y[None, :, None] * z[None, None, :]
@@ -99,7 +101,7 @@ def sliding_window_logits(
             [image[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]] for x, y, z in batch_corners]
         ).to(device, non_blocking=True)
         if channels_last:
-            windows = windows.contiguous(memory_format=torch.channels_last_3d)
+            windows = as_channels_last(windows)
         out = None
         with autocast:
             for axes in flips:

@@ -99,6 +99,18 @@ class ResUNet3D(nn.Module):
         return outputs[-1]
 
 
+def as_channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with explicit channels_last_3d strides, also when it has a single channel.
+
+    ``.contiguous(memory_format=torch.channels_last_3d)`` leaves a one-channel tensor (an image batch, the first
+    conv's weight) with its NCDHW strides, since both layouts describe it. Convolutions then run the first level
+    in NCDHW and copy between layouts: 10 % of a CPU training step at 112x112x80.
+    """
+    if tensor.is_contiguous(memory_format=torch.channels_last_3d) and tensor.stride(1) == 1:
+        return tensor
+    return torch.empty_like(tensor, memory_format=torch.channels_last_3d).copy_(tensor)
+
+
 def to_channels_last(model: nn.Module) -> nn.Module:
     """channels_last_3d for every conv weight except 1x1x1 kernels.
 
@@ -107,7 +119,7 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     """
     for module in model.modules():
         if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)) and module.weight.shape[2:] != (1, 1, 1):
-            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            module.weight.data = as_channels_last(module.weight.data)
     return model
 
 

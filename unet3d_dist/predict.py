@@ -29,7 +29,7 @@ from .data.shards import atomic_write
 from .dist import distributed, gather_to_main
 from .evaluator import balanced_shards
 from .inference import keep_largest_component, predict_labels, sliding_window_logits
-from .model import build_model
+from .model import build_model, to_channels_last
 from .report import slice_panel
 from .train import resolve_amp
 
@@ -50,6 +50,9 @@ class Predictor:
         self.model = build_model(cfg.model, in_channels=1, num_classes=len(self.classes))
         self.model.load_state_dict(checkpoint["model"])
         self.model.to(device).eval()
+        self.channels_last = cfg.train.channels_last
+        if self.channels_last:
+            to_channels_last(self.model)
         self.device, self.batch_size = device, batch_size
         self.overlap = cfg.inference.overlap if overlap is None else overlap
         self.amp_dtype = resolve_amp("auto", device)
@@ -61,6 +64,7 @@ class Predictor:
         logits = sliding_window_logits(
             self.model, voxels[None], self.patch, len(self.classes), overlap=self.overlap, batch_size=self.batch_size,
             pad_value=float(voxels.min()), amp_dtype=self.amp_dtype, device=self.device, tta_flips=self.inference.tta_flips,
+            channels_last=self.channels_last,
         )
         labels = predict_labels(logits)
         if self.inference.largest_component:

@@ -34,7 +34,7 @@ from .dist import DistEnv, any_rank, barrier, broadcast_from_main, distributed, 
 from .evaluator import EvalOptions, evaluate_cases
 from .logger import RunLogger, new_run_id
 from .loss import build_loss
-from .model import build_model, count_parameters, forward_flops, to_channels_last
+from .model import as_channels_last, build_model, count_parameters, forward_flops, to_channels_last
 from .results import mean_metrics
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; run the same command again to resume
@@ -146,7 +146,6 @@ class Trainer:
         self.model = build_model(cfg.model, in_channels=1, num_classes=self.dataset.num_classes).to(env.device)
         if cfg.model.norm == "batch" and env.distributed:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.memory_format = torch.channels_last_3d if cfg.train.channels_last else torch.contiguous_format
         if cfg.train.channels_last:
             to_channels_last(self.model)
         self.optimizer = build_optimizer(list(self.model.parameters()), cfg.optim)
@@ -250,7 +249,9 @@ class Trainer:
         In fp16 the GradScaler skips steps with non-finite gradients. Consecutive non-finite steps are counted on
         the device and checked at logging intervals and before checkpoints (see check_finite).
         """
-        image = image.to(self.env.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        image = image.to(self.env.device, non_blocking=True)
+        if self.cfg.train.channels_last:
+            image = as_channels_last(image)
         label = label.to(self.env.device, non_blocking=True)
         with torch.autocast(self.env.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             outputs = self.net(image)

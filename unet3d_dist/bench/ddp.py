@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..dist import distributed
 from ..loss import DiceCELoss
-from ..model import ResUNet3D, count_parameters, to_channels_last
+from ..model import ResUNet3D, as_channels_last, count_parameters, to_channels_last
 from .common import report, timeit
 
 
@@ -34,7 +34,7 @@ def worker(args: argparse.Namespace) -> None:
         net = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if use_ddp else model
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True, foreach=True)
         loss_fn = DiceCELoss()
-        image = torch.randn(args.batch, 1, *args.crop, device=env.device).contiguous(memory_format=torch.channels_last_3d)
+        image = as_channels_last(torch.randn(args.batch, 1, *args.crop, device=env.device))
         label = (image[:, 0] > 1).long()
 
         def step() -> None:
