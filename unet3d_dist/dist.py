@@ -17,6 +17,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from .host_memory import keep_freed_memory
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -84,9 +86,12 @@ def distributed(device: str = "auto", timeout_s: int = 600, require_group: bool 
     """Join the process group (nccl on CUDA, gloo otherwise) and always leave it, even on errors.
 
     A world of one gets no group unless ``require_group`` (the GPU check exercises NCCL on a single GPU).
+    On the CPU, large activations live in host memory, so freed memory is kept for reuse (see host_memory).
     """
     rank, local_rank, world_size, local_world_size = _from_environment()
     env = DistEnv(rank, local_rank, world_size, local_world_size, _pick_device(device, local_rank))
+    if env.device.type == "cpu":
+        keep_freed_memory()
     if (env.distributed or require_group) and not dist.is_initialized():
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world_size))
