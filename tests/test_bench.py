@@ -1,6 +1,7 @@
 """The benchmark command runs each part for real, at toy sizes, and records what docs/PERFORMANCE.md quotes."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -36,9 +37,11 @@ def test_train_step_measures_each_requested_variant_against_the_conv3d_peak(tmp_
     assert [(r["heap"], r["amp"], r["channels_last"], r["compile"]) for r in ours] == [
         ("glibc", "off", True, False), ("glibc", "off", False, False), ("kept", "off", True, False), ("kept", "off", False, False)
     ]
-    assert record["peak_gflops"] > 0
-    for r in ours:
-        assert r["gflop_per_step"] > 0 and abs(r["fraction_of_peak"] - r["gflops"] / record["peak_gflops"]) < 1e-9
+    kept = [r for r in record["results"] if r["heap"] == "kept"]
+    assert all(r["peak_gflops"] > 0 for r in ours) and record["peak_gflops"] == statistics.median(r["peak_gflops"] for r in kept)
+    for r in ours:  # each against the conv timed beside it; glibc rows against the machine's peak (the kept heap's)
+        peak = r["peak_gflops"] if r["heap"] == "kept" else record["peak_gflops"]
+        assert r["gflop_per_step"] > 0 and abs(r["fraction_of_peak"] - r["gflops"] / peak) < 1e-9
 
 
 def test_pipeline_reports_the_data_wait_and_efficiency_of_the_real_loop(tmp_path, tiny_dataset):
