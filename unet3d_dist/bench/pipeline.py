@@ -1,12 +1,14 @@
 """Training-loop efficiency: the real loop (DataLoader + train_step) against the pure step on in-memory tensors.
 
 Both use the same Trainer, built from the same config (the default run unless --config / overrides say otherwise),
-so the only difference is waiting for data. Efficiency = pure step time / real step time; target >= 0.95.
+so the only difference is waiting for data. The pure steps are timed before and after the real ones. Efficiency = median pure step time / median real step time (the same
+statistic on both sides, so one slow step of a shared machine does not count against either); target >= 0.95.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ def synchronize(device: torch.device) -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m unet3d_dist.bench pipeline", description=__doc__)
     parser.add_argument("--config", type=Path)
-    parser.add_argument("--steps", type=int, default=30, help="measured steps (after 3 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=30, help="measured steps (after 5 warm-up steps)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/pipeline.json"))
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
@@ -35,31 +37,41 @@ def main(argv: list[str]) -> None:
         cfg = load_config(args.config, [*args.overrides, f"log.runs_dir={runs}", "log.wandb=disabled", "train.val_every=0"])
         with distributed(cfg.train.device, 120) as env:
             trainer = Trainer(cfg, env)
-            warmup = 3
-            steps = min(args.steps, trainer.steps_per_epoch - warmup)
+            warmup = 5  # also lets the CPU's kept heap settle (host_memory)
+            steps = min(args.steps, trainer.steps_per_epoch - warmup - 1)
             trainer.sampler.set_epoch(0)
             batches = iter(trainer.loader)
-            waiting = computing = 0.0
-            for step in range(warmup + steps):
+            image, label = next(batches)
+
+            def pure_block() -> float:
+                return timeit(lambda: trainer.train_step(image, label), repeat=steps, warmup=0)["median_s"]
+
+            for step in range(warmup):
+                trainer.train_step(*next(batches))
+            # Pure steps before and after the real ones, so a drift in the machine's speed does not pass for data waits.
+            pure_before = pure_block()
+            waits, totals = [], []
+            for step in range(steps):
                 start = time.perf_counter()
-                image, label = next(batches)
+                batch = next(batches)
                 arrived = time.perf_counter()
-                trainer.train_step(image, label)
+                trainer.train_step(*batch)
                 synchronize(env.device)
-                if step >= warmup:
-                    waiting += arrived - start
-                    computing += time.perf_counter() - arrived
-            pure = timeit(lambda: trainer.train_step(image, label), repeat=steps, warmup=0)["median_s"]
+                waits.append(arrived - start)
+                totals.append(time.perf_counter() - start)
+            pure_after = pure_block()
+            pure = (pure_before + pure_after) / 2
             workers = trainer.loader.num_workers
-    real = (waiting + computing) / steps
+    real, wait_fraction = statistics.median(totals), sum(waits) / sum(totals)
     rows = [
         ["pure step (tensors in memory)", pure * 1e3, 1.0],
         ["real loop, per step", real * 1e3, pure / real],
-        ["  of which waiting for data", waiting / steps * 1e3, waiting / (waiting + computing)],
+        ["  waiting for data, mean per step", statistics.mean(waits) * 1e3, wait_fraction],
     ]
     record = {
-        "crop": cfg.data.crop, "batch": cfg.train.batch_size, "workers": workers, "steps": steps,
-        "pure_ms": pure * 1e3, "real_ms": real * 1e3, "efficiency": pure / real, "data_wait_fraction": waiting / (waiting + computing),
+        "crop": cfg.data.crop, "batch": cfg.train.batch_size, "workers": workers, "steps": steps, "pure_ms": pure * 1e3,
+        "pure_before_ms": pure_before * 1e3, "pure_after_ms": pure_after * 1e3,
+        "real_ms": real * 1e3, "real_mean_ms": statistics.mean(totals) * 1e3, "efficiency": pure / real, "data_wait_fraction": wait_fraction,
     }
     title = f"Training loop, crop {'x'.join(map(str, cfg.data.crop))}, batch {cfg.train.batch_size}, {workers} loader workers: efficiency {pure / real:.3f}"
     report(title, ["measurement", "ms", "ratio"], rows, record, args.out)
