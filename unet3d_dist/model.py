@@ -104,11 +104,13 @@ def as_channels_last(tensor: torch.Tensor) -> torch.Tensor:
 
     ``.contiguous(memory_format=torch.channels_last_3d)`` leaves a one-channel tensor (an image batch, the first
     conv's weight) with its NCDHW strides, since both layouts describe it. Convolutions then run the first level
-    in NCDHW and copy between layouts: 10 % of a CPU training step at 112x112x80.
+    in NCDHW and copy between layouts: 10 % of a CPU training step at 112x112x80. With one channel the memory is
+    the same in both layouts, so only the channel stride changes: a view, no copy.
     """
-    if tensor.is_contiguous(memory_format=torch.channels_last_3d) and tensor.stride(1) == 1:
-        return tensor
-    return torch.empty_like(tensor, memory_format=torch.channels_last_3d).copy_(tensor)
+    tensor = tensor.contiguous(memory_format=torch.channels_last_3d)
+    if tensor.size(1) == 1 and tensor.stride(1) != 1:
+        return tensor.as_strided(tensor.shape, (tensor.stride(0), 1, *tensor.stride()[2:]))
+    return tensor
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
