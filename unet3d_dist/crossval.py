@@ -20,6 +20,7 @@ import torch
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, load_config
+from .dist import torchrun_command
 from .results import METRIC_COLUMNS, summarize
 
 
@@ -41,7 +42,7 @@ def run(command: list[str]) -> None:
 
 def launcher(nproc: int) -> list[str]:
     """This Python, under torchrun when more than one process is asked for."""
-    return [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [sys.executable] if nproc == 1 else torchrun_command(nproc)
 
 
 def train_fold(args: argparse.Namespace, fold: int, run_name: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -50,6 +51,11 @@ def _from_environment() -> tuple[int, int, int, int]:
         tasks_per_node = int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"]).split("(")[0])
         return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), tasks_per_node
     return 0, 0, 1, 1
+
+
+def torchrun_command(nproc: int) -> list[str]:
+    """Command prefix that starts ``nproc`` processes of this Python under torchrun on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
 def _pick_device(preference: str, local_rank: int) -> torch.device:

@@ -12,14 +12,13 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..dist import distributed
+from ..dist import distributed, torchrun_command
 from ..loss import DiceCELoss
 from ..model import ResUNet3D, as_channels_last, count_parameters, to_channels_last
 from .common import report, timeit
@@ -54,9 +53,8 @@ def worker(args: argparse.Namespace) -> None:
 
 def launch(nproc: int, args: argparse.Namespace, out: Path, independent: bool = False) -> dict:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "unet3d_dist.bench", "ddp", "--worker", str(out), "--steps", str(args.steps), "--batch", str(args.batch),
-        "--crop", *map(str, args.crop), *(["--independent"] if independent else []),
+        *torchrun_command(nproc), "-m", "unet3d_dist.bench", "ddp", "--worker", str(out), "--steps", str(args.steps),
+        "--batch", str(args.batch), "--crop", *map(str, args.crop), *(["--independent"] if independent else []),
     ]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(out.read_text())

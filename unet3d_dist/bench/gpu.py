@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..dist import distributed
+from ..dist import distributed, torchrun_command
 from ..inference import predict_labels, sliding_window_logits
 from ..metrics import case_metrics
 from ..model import ResUNet3D, count_parameters, to_channels_last
@@ -73,8 +73,7 @@ def nccl_worker(out: Path) -> None:
 def nccl_check() -> list[list]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "nccl.json"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                   "-m", "unet3d_dist.bench", "gpu", "--nccl-worker", str(out)]
+        command = [*torchrun_command(1), "-m", "unet3d_dist.bench", "gpu", "--nccl-worker", str(out)]
         subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "4"})
         result = json.loads(out.read_text())
     return [[f"torchrun 1 process, {result['backend']} all-reduce of the gradients ({'ok' if result['ok'] else 'WRONG'})", result["allreduce_s"] * 1e3, "", "", "", ""]]
