@@ -46,12 +46,12 @@ def main(argv: list[str]) -> None:
             def pure_block() -> float:
                 return timeit(lambda: trainer.train_step(image, label), repeat=steps, warmup=0)["median_s"]
 
-            for step in range(warmup):
+            for _ in range(warmup):
                 trainer.train_step(*next(batches))
             # Pure steps before and after the real ones, so a drift in the machine's speed does not pass for data waits.
             pure_before = pure_block()
             waits, totals = [], []
-            for step in range(steps):
+            for _ in range(steps):
                 start = time.perf_counter()
                 batch = next(batches)
                 arrived = time.perf_counter()

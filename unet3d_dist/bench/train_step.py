@@ -157,9 +157,10 @@ def main(argv: list[str]) -> None:
         if "failed" in r:
             rows.append([r["model"], r["heap"], r["amp"], r["channels_last"], r["compile"], f"failed: {r['failed']}", "", "", "", "", ""])
             continue
-        r["fraction_of_peak"] = r["gflops"] / (r["peak_gflops"] if r["heap"] != "glibc" or peak is None else peak)
+        compared_with = r["peak_gflops"] if r["heap"] != "glibc" or peak is None else peak
+        r["fraction_of_peak"] = r["gflops"] / compared_with
         rows.append([r["model"], r["heap"], r["amp"], r["channels_last"], r["compile"], r["ms_per_step"], r["voxels_per_s"] / 1e6,
-                     r["gflop_per_step"], r["gflops"], r["peak_gflops"], r["fraction_of_peak"]])
+                     r["gflop_per_step"], r["gflops"], compared_with, r["fraction_of_peak"]])
     title = (
         f"Training step, crop {'x'.join(map(str, crop))}, batch {args.batch}, {device.type}; "
         f"against a 64->64 conv3d ({peak_format}) timed alternately with each step"
