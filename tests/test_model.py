@@ -67,3 +67,18 @@ def test_channels_last_reaches_the_first_level_from_a_one_channel_image():
     assert torch.equal(as_channels_last(image), image) and as_channels_last(image).data_ptr() == image.data_ptr()  # a view
     for out in (first.conv1(as_channels_last(image)), first.shortcut(as_channels_last(image)), first(as_channels_last(image))):
         assert out.is_contiguous(memory_format=torch.channels_last_3d) and not out.is_contiguous()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_gradient_has_its_parameters_strides(threads):
+    # DDP's buckets take the parameters' strides and copy (and warn) for any gradient that differs. With several
+    # threads oneDNN gives 1x1x1 conv weights channels-last gradients, with one thread the native kernel does not.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = to_channels_last(ResUNet3D(widths=(4, 8, 8, 16)))
+        model(as_channels_last(torch.randn(2, 1, 16, 16, 8))).sum().backward()
+    finally:
+        torch.set_num_threads(before)
+    mismatched = {name: (p.stride(), p.grad.stride()) for name, p in model.named_parameters() if p.stride() != p.grad.stride()}
+    assert not mismatched
