@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -24,11 +25,21 @@ def box_case(case_id: str, shape: tuple[int, int, int], box: tuple[slice, ...] |
     return Case(case_id, image, label, spacing=(1.5, 1.0, 2.5), origin=(10.0, -5.0, 3.0), split=split)
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory) -> Path:
-    """Six small cases in two shards: one smaller than typical crops, one without foreground."""
-    root = tmp_path_factory.mktemp("tiny") / "dataset"
-    cases = [
+def flip_byte_in_chunk(shard: Path, case_id: str, name: str, chunk: int = 0) -> tuple[int, ...]:
+    """Flip one byte in the middle of a stored chunk, as a failing disk or copy would, and return the chunk's offset."""
+    with h5py.File(shard, "r") as h5:
+        info = h5[case_id][name].id.get_chunk_info(chunk)
+    with open(shard, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        byte = fh.read(1)[0]
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte ^ 0xFF]))
+    return info.chunk_offset
+
+
+def tiny_cases() -> list[Case]:
+    """Six small cases: one smaller than typical crops, one without foreground."""
+    return [
         box_case("a", (40, 36, 28), np.s_[10:20, 8:18, 5:15], "train", 1),
         box_case("b", (44, 40, 24), np.s_[20:30, 20:30, 10:20], "train", 2),
         box_case("c", (20, 18, 12), np.s_[5:10, 5:10, 3:8], "train", 3),
@@ -36,5 +47,22 @@ def tiny_dataset(tmp_path_factory) -> Path:
         box_case("e", (40, 40, 24), np.s_[12:24, 10:22, 6:14], "val", 5),
         box_case("f", (32, 40, 28), np.s_[4:14, 20:34, 8:20], "test", 6),
     ]
-    write_dataset(root, cases, ["background", "box"], name="tiny", modality="CT", preprocessing={"normalization": {"kind": "none"}}, cases_per_shard=4)
+
+
+def write_tiny(root: Path, checksums: bool = True) -> Path:
+    """The six tiny cases in two shards; ``checksums=False`` writes them as datasets prepared before checksums were."""
+    preprocessing = {"normalization": {"kind": "none"}}
+    write_dataset(root, tiny_cases(), ["background", "box"], name="tiny", modality="CT", preprocessing=preprocessing, cases_per_shard=4, checksums=checksums)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """The six tiny cases in two shards, with chunk checksums."""
+    return write_tiny(tmp_path_factory.mktemp("tiny") / "dataset")
+
+
+@pytest.fixture(scope="session")
+def unchecksummed_dataset(tmp_path_factory) -> Path:
+    """The six tiny cases as a dataset prepared before chunks carried checksums."""
+    return write_tiny(tmp_path_factory.mktemp("old") / "dataset", checksums=False)

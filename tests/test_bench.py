@@ -57,3 +57,14 @@ def test_checkpoint_times_the_atomic_save_against_torch_save_in_memory(tmp_path)
     assert record["model_tensor_elements"] == count_parameters(ResUNet3D())
     assert record["bytes"] > 2 * 4 * record["model_tensor_elements"]  # fp32 weights and SGD momentum buffers
     assert {"save", "load", "reference_in_memory"} <= record.keys()
+
+
+def test_data_measures_every_layout_with_checksums_and_the_default_also_without(tmp_path, tiny_dataset):
+    bench("data", "--dataset", str(tiny_dataset), "--crops", "2", "--out", str(tmp_path / "data.json"))
+    record = json.loads((tmp_path / "data.json").read_text())
+    layouts = [(tuple(v["chunks"]), v["compression"], v["checksums"]) for v in record["variants"]]
+    assert len(layouts) == 13 and layouts[1:3] == [((16, 16, 16), "lzf", True), ((16, 16, 16), "lzf", False)]
+    assert sum(not checksums for *_, checksums in layouts) == 1
+    on, off = record["variants"][1:3]
+    assert record["checksum_cost"]["crops_per_cpu_s"]["64x64x48"] == on["64x64x48"]["crops_per_cpu_s"] / off["64x64x48"]["crops_per_cpu_s"]
+    assert on["disk_mb"] > off["disk_mb"]  # 4 bytes of checksum per chunk

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from unet3d_dist.data.shards import DatasetError, ShardedDataset, load_manifest, verify_dataset, write_dataset
-from conftest import box_case
+from conftest import box_case, flip_byte_in_chunk
 
 
 def test_round_trip_keeps_arrays_geometry_and_manifest(tmp_path):
@@ -54,6 +54,72 @@ def test_corrupt_shard_of_the_right_size_is_refused(tiny_dataset, tmp_path):
     with pytest.raises(DatasetError, match="shard-00001.h5.*not a readable HDF5"):
         ShardedDataset(copy).image("e")
     assert verify_dataset(copy) == [f"{shard}: sha256 differs from the manifest"]
+
+
+def test_every_array_carries_chunk_checksums_and_the_manifest_says_so(tiny_dataset):
+    import h5py
+
+    data = ShardedDataset(tiny_dataset)
+    assert data.manifest["chunk_checksums"] == "fletcher32" and data.checksum_note is None
+    for shard in sorted(tiny_dataset.glob("shard-*.h5")):
+        with h5py.File(shard, "r") as h5:
+            assert all(h5[case][name].fletcher32 for case in h5 for name in ("image", "label", "foreground"))
+
+
+def test_a_corrupt_chunk_is_an_error_naming_shard_and_case_and_the_other_chunks_still_read(tiny_dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, copy)
+    shard = copy / "shard-00000.h5"
+    assert flip_byte_in_chunk(shard, "a", "image", 0) == (0, 0, 0)
+    data, intact = ShardedDataset(copy), ShardedDataset(tiny_dataset)
+    with pytest.raises(DatasetError) as caught:
+        data.image("a")
+    assert str(caught.value).startswith(f"cannot read the image of case 'a' from shard {shard}: a chunk is corrupt")
+    assert str(caught.value).endswith(f"run python -m unet3d_dist.prepare --verify {copy} and prepare the dataset again")
+    beyond_chunk = np.s_[16:, 16:, 16:]
+    np.testing.assert_array_equal(data.image("a", beyond_chunk), intact.image("a", beyond_chunk))
+    np.testing.assert_array_equal(data.label("a"), intact.label("a"))
+    np.testing.assert_array_equal(data.image("b"), intact.image("b"))
+    assert verify_dataset(copy) == [f"{shard}: sha256 differs from the manifest"]
+
+
+def test_a_worker_s_error_reaches_the_main_process_as_the_worker_s_sentence(tiny_dataset, tmp_path):
+    import shutil
+
+    from torch.utils.data import DataLoader
+
+    from unet3d_dist.data.crops import CropDataset
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, copy)
+    flip_byte_in_chunk(copy / "shard-00000.h5", "c", "image", 0)  # every crop of case c reads its first chunk
+    data = ShardedDataset(copy)
+    with pytest.raises(DatasetError) as direct:
+        data.image("c")
+    loader = DataLoader(CropDataset(data, ["c"], (16, 16, 8), 2, seed=0), sampler=[(0, 0), (0, 1)], batch_size=2, num_workers=1)
+    with pytest.raises(DatasetError) as relayed:
+        next(iter(loader))
+    assert relayed.value.args[0].startswith("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback")
+    assert str(relayed.value) == str(direct.value)
+
+
+def test_a_dataset_prepared_before_checksums_reads_and_says_so_in_one_line(unchecksummed_dataset, tiny_dataset):
+    import h5py
+
+    with h5py.File(unchecksummed_dataset / "shard-00000.h5", "r") as h5:
+        assert not any(h5["a"][name].fletcher32 for name in ("image", "label", "foreground"))
+    data, checked = ShardedDataset(unchecksummed_dataset), ShardedDataset(tiny_dataset)
+    assert "chunk_checksums" not in data.manifest
+    note = data.checksum_note
+    assert note == (
+        f"dataset {unchecksummed_dataset} was prepared without chunk checksums, so a corrupt chunk would go unnoticed; "
+        f"python -m unet3d_dist.prepare --verify {unchecksummed_dataset} checks whole files, and preparing it again adds checksums"
+    )
+    for case_id in data.case_ids():
+        np.testing.assert_array_equal(data.image(case_id), checked.image(case_id))
+        np.testing.assert_array_equal(data.foreground(case_id), checked.foreground(case_id))
 
 
 def test_missing_manifest_and_bad_version(tmp_path):

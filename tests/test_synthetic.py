@@ -55,7 +55,7 @@ def test_generated_once_through_the_shard_writer_with_exact_labels(tmp_path):
     root = ensure_synthetic(tmp_path, 6)
     stamp = (root / MANIFEST).stat().st_mtime_ns
     dataset = ShardedDataset(root)
-    assert dataset.classes == ["background", "liver"]
+    assert dataset.classes == ["background", "liver"] and dataset.checksum_note is None  # its chunks carry checksums
     assert {split: len(dataset.case_ids(split)) for split in ("train", "val", "test")} == {"train": 4, "val": 1, "test": 1}
     case = dataset.manifest["cases"][0]
     rng = np.random.default_rng([20240601, 0])

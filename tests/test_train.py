@@ -78,3 +78,32 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     assert "non-finite steps in a row" in result.stderr and "the last good checkpoint" in result.stderr
     assert sorted(p.name for p in good.parent.glob("ckpt-*.pt")) == [good.name]
     assert good.read_bytes() == before
+
+
+def test_a_corrupt_chunk_in_a_loader_worker_stops_the_run_with_one_line_and_no_checkpoint(tmp_path):
+    import numpy as np
+
+    from conftest import box_case, flip_byte_in_chunk
+    from unet3d_dist.data.shards import write_dataset
+
+    # The only training case is one chunk, so every crop reads the corrupt bytes.
+    cases = [box_case("one", (16, 16, 12), np.s_[4:12, 4:12, 3:9], "train", 0), box_case("v", (16, 16, 12), np.s_[2:9, 2:9, 2:9], "val", 1)]
+    root = tmp_path / "data"
+    write_dataset(root, cases, ["background", "box"], name="corrupt", modality="CT", preprocessing={})
+    flip_byte_in_chunk(root / "shard-00000.h5", "one", "image")
+    result = train(tmp_path, root, "train.epochs=1", "data.num_workers=2", "log.run_name=corrupt", check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.endswith("\n") and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"error: cannot read the image of case 'one' from shard {root / 'shard-00000.h5'}: a chunk is corrupt")
+    assert f"run python -m unet3d_dist.prepare --verify {root} and prepare" in result.stderr and "note:" not in result.stdout
+    run = tmp_path / "corrupt"
+    assert (run / "config.yaml").is_file() and not list(run.rglob("*.pt"))  # the run started; nothing of the broken step was saved
+
+
+def test_a_dataset_prepared_before_checksums_trains_with_a_one_line_note(tmp_path, unchecksummed_dataset):
+    from unet3d_dist.data.shards import ShardedDataset
+
+    result = train(tmp_path, unchecksummed_dataset, "train.epochs=1", "log.run_name=old")
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: {ShardedDataset(unchecksummed_dataset).checksum_note}"] and "without chunk checksums" in notes[0]
+    assert "done" in result.stdout

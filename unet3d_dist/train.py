@@ -118,7 +118,10 @@ def default_workers(env: DistEnv) -> int:
 def open_dataset(cfg: Config, env: DistEnv) -> ShardedDataset:
     """The configured dataset; the synthetic phantom is generated once by each node's first rank."""
     if cfg.data.dataset != "synthetic":
-        return ShardedDataset(cfg.data.dataset)
+        dataset = ShardedDataset(cfg.data.dataset)
+        if env.is_main and dataset.checksum_note:  # prepared before chunk checksums (the phantom always has them)
+            print(f"note: {dataset.checksum_note}")
+        return dataset
     if env.local_rank == 0:
         console = Console(quiet=not env.is_main)
         with console.status(f"preparing the synthetic CT phantom ({cfg.data.synthetic_cases} cases)"):

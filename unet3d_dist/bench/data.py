@@ -6,7 +6,8 @@
    through the real ``CropDataset``: bytes the process reads from the shard files per crop divided by the crop's own
    bytes (image float32 + label uint8; from /proc/self/io ``rchar``, every byte HDF5 asks the kernel for, page cache
    or not), and crops per CPU second in one process, which is what one DataLoader worker delivers with a core to
-   itself.
+   itself. Every layout carries the writer's fletcher32 chunk checksums; the default layout is also measured without
+   them, right after, and their cost is the ratio of the two.
 
 CPU seconds rather than wall seconds make the figures stable on a machine shared with other work. Reads run with a
 warm page cache, so crops/s is the CPU cost (decompression, copies); the byte ratio is what a cold cache or a network
@@ -21,19 +22,42 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
 
 from ..data.crops import CropDataset
 from ..data.recipe import load_recipe
-from ..data.shards import Case, ShardedDataset, write_dataset
+from ..data.shards import DEFAULT_CHUNKS, DEFAULT_COMPRESSION, Case, ShardedDataset, write_dataset
 from ..prepare import prepare
 from .common import report
 
 CHUNKS = ((16, 16, 16), (32, 32, 16), (32, 32, 32), (64, 64, 32))
 COMPRESSIONS = ("none", "lzf", "gzip")
 CROPS = ((64, 64, 48), (112, 112, 80))
+Layout = tuple[tuple[int, int, int], str, bool]  # chunk shape, compression, fletcher32 checksums
+
+
+def layouts() -> list[Layout]:
+    """Every chunk shape x compression with checksums, and the default layout without them measured right after it."""
+    with_checksums = [(chunks, compression, True) for chunks in CHUNKS for compression in COMPRESSIONS]
+    default = with_checksums.index((DEFAULT_CHUNKS, DEFAULT_COMPRESSION, True))
+    return [*with_checksums[: default + 1], (DEFAULT_CHUNKS, DEFAULT_COMPRESSION, False), *with_checksums[default + 1 :]]
+
+
+def dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def checksum_cost(variants: list[dict]) -> dict[str, Any]:
+    """The default layout with checksums against without: ratios of crops per CPU s (per crop size) and of write speed."""
+    default = {v["checksums"]: v for v in variants if (tuple(v["chunks"]), v["compression"]) == (DEFAULT_CHUNKS, DEFAULT_COMPRESSION)}
+    on, off = default[True], default[False]
+    return {
+        "crops_per_cpu_s": {dims(c): on[dims(c)]["crops_per_cpu_s"] / off[dims(c)]["crops_per_cpu_s"] for c in CROPS},
+        "write_mb_per_cpu_s": on["write_mb_per_cpu_s"] / off["write_mb_per_cpu_s"],
+    }
 
 
 def read_bytes() -> int:
@@ -91,6 +115,31 @@ def bench_crops(root: Path, crop: tuple[int, int, int], count: int) -> dict[str,
     return {"read_ratio": read / (count * int(np.prod(crop)) * 5), "crops_per_cpu_s": count / seconds}
 
 
+def bench_layout(root: Path, cases: list[Case], classes: list[str], voxel_mb: float, layout: Layout, count: int) -> dict[str, Any]:
+    """Write the cases with one layout, then read ``count`` training crops of each size from it."""
+    chunks, compression, checksums = layout
+    start = time.process_time()
+    written = write_dataset(root, cases, classes, name="bench", modality="", preprocessing={}, compression=compression, chunks=chunks, checksums=checksums)
+    write_s = time.process_time() - start
+    variant = {
+        "chunks": list(chunks), "compression": compression, "checksums": checksums,
+        "disk_mb": sum(s["bytes"] for s in written["shards"]) / 1e6, "write_mb_per_cpu_s": voxel_mb / write_s,
+    }
+    variant.update({dims(crop): bench_crops(root, crop, count) for crop in CROPS})
+    shutil.rmtree(root)
+    return variant
+
+
+def table_rows(variants: list[dict[str, Any]]) -> list[list[Any]]:
+    """One row per layout and crop size."""
+    return [
+        [dims(v["chunks"]), v["compression"], "fletcher32" if v["checksums"] else "none", dims(crop), v[dims(crop)]["read_ratio"],
+         v[dims(crop)]["crops_per_cpu_s"], v["disk_mb"], v["write_mb_per_cpu_s"]]
+        for v in variants
+        for crop in CROPS
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unet3d_dist.bench data", description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, nargs="+", default=[Path("../shared/data/la_mri/train")], help="scans to prepare")
@@ -115,26 +164,20 @@ def main(argv: list[str] | None = None) -> None:
             )
         cases, manifest = load_cases(args.dataset)
         record["dataset"] = {"name": manifest["name"], "cases": len(cases), "voxel_mb": sum(c.image.size for c in cases) * 5 / 1e6}
-        rows, variants = [], []
-        for chunks in CHUNKS:
-            for compression in COMPRESSIONS:
-                root = work / f"{compression}-{'x'.join(map(str, chunks))}"
-                start = time.process_time()
-                written = write_dataset(root, cases, manifest["classes"], name="bench", modality="", preprocessing={}, compression=compression, chunks=chunks)
-                write_s = time.process_time() - start
-                disk_mb = sum(s["bytes"] for s in written["shards"]) / 1e6
-                variant = {"chunks": list(chunks), "compression": compression, "disk_mb": disk_mb, "write_mb_per_cpu_s": record["dataset"]["voxel_mb"] / write_s}
-                for crop in CROPS:
-                    measured = bench_crops(root, crop, args.crops)
-                    variant["x".join(map(str, crop))] = measured
-                    rows.append(["x".join(map(str, chunks)), compression, "x".join(map(str, crop)), measured["read_ratio"], measured["crops_per_cpu_s"], disk_mb, variant["write_mb_per_cpu_s"]])
-                variants.append(variant)
-                shutil.rmtree(root)
+        voxel_mb = record["dataset"]["voxel_mb"]
+        variants = [bench_layout(work / f"layout-{i}", cases, manifest["classes"], voxel_mb, layout, args.crops) for i, layout in enumerate(layouts())]
         record["variants"] = variants
+        record["checksum_cost"] = checksum_cost(variants)
     report(
         f"crop reads from {record['dataset']['name']} ({record['dataset']['cases']} cases, {record['dataset']['voxel_mb']:.0f} MB of voxels)",
-        ["chunks", "compression", "crop", "read / crop bytes", "crops per CPU s", "disk MB", "write MB per CPU s"],
-        rows,
+        ["chunks", "compression", "checksums", "crop", "read / crop bytes", "crops per CPU s", "disk MB", "write MB per CPU s"],
+        table_rows(variants),
         record,
         args.out,
+    )
+    cost = record["checksum_cost"]
+    crops = ", ".join(f"{ratio:.3f} ({crop})" for crop, ratio in cost["crops_per_cpu_s"].items())
+    Console().print(
+        f"fletcher32 checksums on {dims(DEFAULT_CHUNKS)} {DEFAULT_COMPRESSION} chunks, with / without: crops per CPU s {crops}; "
+        f"write MB per CPU s {cost['write_mb_per_cpu_s']:.3f}"
     )

@@ -9,6 +9,10 @@ Layout of a dataset folder::
                              case attributes: spacing, origin, direction (ITK physical geometry)
                              file attributes: manifest_records, notes (JSON; the shard describes itself)
 
+Every dataset carries HDF5's fletcher32 checksum per chunk (manifest ``chunk_checksums``), so a corrupt chunk is
+a read error naming the shard and case instead of silently changed voxels. Datasets prepared before checksums
+still read; ``ShardedDataset.checksum_note`` says their corruption would go unnoticed.
+
 Arrays are stored in (x, y, z) order, so ``spacing[i]`` belongs to array axis ``i``. Every file is written to a
 temporary name in the same folder, fsynced and renamed, so a reader never sees half a shard or half a manifest.
 Readers open shard files lazily, once per process, so DataLoader workers each get their own handle.
@@ -35,10 +39,20 @@ COMPRESSIONS = ("lzf", "gzip", "none")
 # crop's bytes, 16^3 lzf chunks give the most crops per CPU second, for MRI and CT and for small and large crops.
 DEFAULT_COMPRESSION = "lzf"
 DEFAULT_CHUNKS = (16, 16, 16)
+CHUNK_CHECKSUM = "fletcher32"
 
 
 class DatasetError(RuntimeError):
-    """A dataset folder, manifest or shard that cannot be used; the message names the file."""
+    """A dataset folder, manifest or shard that cannot be used; the message names the file.
+
+    Torch re-raises a DataLoader worker's DatasetError as a new one whose message is the worker's whole traceback;
+    ``str`` gives back the worker's own sentence, so the user sees one line, not the traceback.
+    """
+
+    def __str__(self) -> str:
+        message = super().__str__()
+        _, found, sentence = message.rpartition(f"\n{type(self).__module__}.{type(self).__qualname__}: ")
+        return sentence.strip() if found and message.startswith("Caught ") else message
 
 
 @dataclass
@@ -135,17 +149,19 @@ def write_shard(
     compression: str = DEFAULT_COMPRESSION,
     chunks: tuple[int, int, int] = DEFAULT_CHUNKS,
     notes: dict[str, Any] | None = None,
+    checksums: bool = True,
 ) -> list[dict[str, Any]]:
     """Write cases to one shard atomically and return their manifest records.
 
     The records (and any JSON-able ``notes``) are also stored in the shard's ``manifest_records`` / ``notes``
     attributes, so a finished shard describes itself and an interrupted ``prepare`` can resume from it.
+    ``checksums=False`` writes chunks without fletcher32, as before checksums existed (for benchmarks and tests).
     """
     cases = list(cases)
     for case in cases:
         _check_case(case, num_classes)
     records = [case_record(case, path.name, num_classes) for case in cases]
-    filters = {"compression": None if compression == "none" else compression}
+    filters = {"compression": None if compression == "none" else compression, "fletcher32": checksums}
 
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as h5:
@@ -154,7 +170,7 @@ def write_shard(
                 chunk = tuple(min(c, s) for c, s in zip(chunks, case.image.shape))
                 group.create_dataset("image", data=case.image.astype(np.float32), chunks=chunk, **filters)
                 group.create_dataset("label", data=case.label, chunks=chunk, **filters)
-                group.create_dataset("foreground", data=foreground_samples(case.label, num_classes))
+                group.create_dataset("foreground", data=foreground_samples(case.label, num_classes), fletcher32=checksums)
                 for key in ("spacing", "origin", "direction"):
                     group.attrs[key] = np.asarray(getattr(case, key), dtype=np.float64)
             h5.attrs["manifest_records"] = json.dumps(records)
@@ -179,8 +195,15 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
 
 
 def new_manifest(
-    name: str, modality: str, classes: list[str], preprocessing: dict[str, Any], shards: list[dict[str, Any]], records: list[dict[str, Any]]
+    name: str,
+    modality: str,
+    classes: list[str],
+    preprocessing: dict[str, Any],
+    shards: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    checksums: bool = True,
 ) -> dict[str, Any]:
+    """The manifest of shards written by ``write_shard`` with the same ``checksums``."""
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -188,6 +211,7 @@ def new_manifest(
         "modality": modality,
         "classes": list(classes),
         "channels": 1,
+        **({"chunk_checksums": CHUNK_CHECKSUM} if checksums else {}),
         "preprocessing": preprocessing,
         "shards": shards,
         "cases": records,
@@ -205,6 +229,7 @@ def write_dataset(
     cases_per_shard: int = 8,
     compression: str = DEFAULT_COMPRESSION,
     chunks: tuple[int, int, int] = DEFAULT_CHUNKS,
+    checksums: bool = True,
 ) -> dict[str, Any]:
     """Write all cases into shards of ``cases_per_shard`` and then the manifest (last, so it only lists complete shards)."""
     root = Path(root)
@@ -213,7 +238,7 @@ def write_dataset(
 
     def flush() -> None:
         path = root / f"shard-{len(shards):05d}.h5"
-        records.extend(write_shard(path, batch, len(classes), compression, chunks))
+        records.extend(write_shard(path, batch, len(classes), compression, chunks, checksums=checksums))
         shards.append(shard_entry(path, [c.id for c in batch]))
         batch.clear()
 
@@ -223,7 +248,7 @@ def write_dataset(
             flush()
     if batch:
         flush()
-    manifest = new_manifest(name, modality, classes, preprocessing, shards, records)
+    manifest = new_manifest(name, modality, classes, preprocessing, shards, records, checksums)
     write_manifest(root, manifest)
     return manifest
 
@@ -246,6 +271,16 @@ class ShardedDataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def checksum_note(self) -> str | None:
+        """One line for datasets prepared before chunks carried checksums (their corruption would go unnoticed)."""
+        if self.manifest.get("chunk_checksums") == CHUNK_CHECKSUM:
+            return None
+        return (
+            f"dataset {self.root} was prepared without chunk checksums, so a corrupt chunk would go unnoticed; "
+            f"python -m unet3d_dist.prepare --verify {self.root} checks whole files, and preparing it again adds checksums"
+        )
 
     def case_ids(self, split: str | None = None) -> list[str]:
         return [r["id"] for r in self.manifest["cases"] if split is None or r["split"] == split]
@@ -276,11 +311,17 @@ class ShardedDataset:
             raise DatasetError(f"shard {self.root / shard} has no case {case_id!r} although the manifest lists it") from None
 
     def _read(self, case_id: str, name: str, index: Any = ()) -> np.ndarray:
+        """Read ``index`` of one array; a chunk that fails its checksum or decompression is a DatasetError."""
+        shard = self.root / self.records[case_id]["shard"]
         try:
             return self._group(case_id)[name][index]
-        except (OSError, KeyError) as err:
-            shard = self.root / self.records[case_id]["shard"]
-            raise DatasetError(f"cannot read {name} of case {case_id!r} from {shard}: {err}") from None
+        except KeyError:
+            raise DatasetError(f"shard {shard} has no {name} for case {case_id!r}; prepare the dataset again") from None
+        except OSError as err:
+            raise DatasetError(
+                f"cannot read the {name} of case {case_id!r} from shard {shard}: a chunk is corrupt or unreadable ({err}); "
+                f"run python -m unet3d_dist.prepare --verify {self.root} and prepare the dataset again"
+            ) from None
 
     def image(self, case_id: str, index: Any = ()) -> np.ndarray:
         return self._read(case_id, "image", index)

@@ -18,7 +18,7 @@ from scipy import ndimage
 from .preprocess import ct_window
 from .shards import MANIFEST, Case, write_dataset
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4  # names the cache folder; v4 has the voxels of v3 in shards with chunk checksums
 DATA_SEED = 20240601
 SPACING_MM = 3.0
 HU_WINDOW = (-200.0, 250.0)
