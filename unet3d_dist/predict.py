@@ -7,8 +7,9 @@ post-processing as the checkpoint's ``inference`` section says), and the class m
 own grid by nearest neighbour, so ``DIR/<name>_mask.nii.gz`` has the input's exact size, spacing, origin and
 direction. Voxel values are indices into the checkpoint's classes. ``DIR/<name>_panel.png`` shows three slices.
 
-Under torchrun every rank takes a disjoint, size-balanced share of the inputs. A bad input is reported with one
-sentence and skipped (exit status 3); it does not stop the others.
+Under torchrun every rank takes a disjoint, size-balanced share of the inputs. A bad input (unreadable, or with NaN
+or infinite voxels, refused as ``prepare`` refuses it) is reported with one sentence and skipped (exit status 3);
+nothing is written for it and it does not stop the others.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, config_from_dict
 from .data.preprocess import CANONICAL_ORIENTATION, model_input, onto_grid, reorient
-from .data.readers import CaseError, array_xyz, image_xyz, read_image, strip_suffix
+from .data.readers import CaseError, array_xyz, check_finite, image_xyz, read_image, strip_suffix
 from .data.shards import atomic_write
 from .dist import distributed, gather_to_main
 from .evaluator import balanced_shards
@@ -92,6 +93,7 @@ def output_paths(inputs: list[Path], out: Path, overwrite: bool) -> dict[Path, t
 def predict_file(predictor: Predictor, path: Path, mask_path: Path, panel_path: Path) -> None:
     """Write the mask NIfTI and the slice panel of one input (each file atomically)."""
     image = read_image(path)
+    check_finite(image, path)
     mask = predictor.mask(image)
     atomic_write(mask_path, lambda tmp: sitk.WriteImage(mask, str(tmp), useCompression=True))
     # report.slice_panel draws LPS arrays the radiological way

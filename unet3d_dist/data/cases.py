@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from .layouts import Source
 from .preprocess import bounding_box, map_labels, model_input, onto_grid, reorient
-from .readers import CaseError, array_xyz, read_hdf5_pair, read_pair
+from .readers import array_xyz, check_finite, read_hdf5_pair, read_pair
 from .recipe import Recipe
 from .shards import Case
 
@@ -43,9 +43,7 @@ def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list
         image, label = read_hdf5_pair(source.image, tuple(recipe.input.spacing))
     else:
         image, label = read_pair(source.image, source.label)
-    voxels = sitk.GetArrayViewFromImage(image)
-    if voxels.dtype.kind == "f" and not np.isfinite(voxels).all():
-        raise CaseError(f"image {source.image} holds {np.count_nonzero(~np.isfinite(voxels))} NaN or infinite voxels")
+    check_finite(image, source.image)
     mapped = sitk.GetImageFromArray(map_labels(sitk.GetArrayViewFromImage(label), recipe.labels.classes, recipe.labels.unmapped, source.label))
     mapped.CopyInformation(label)
 
