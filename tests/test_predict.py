@@ -87,3 +87,14 @@ def test_an_image_with_nan_voxels_is_skipped_with_prepares_sentence_and_nothing_
     assert result.returncode == 3, result.stdout + result.stderr
     assert f"skipped: image {nan_path} holds 5 NaN or infinite voxels\n" in result.stderr  # prepare's sentence
     assert sorted(p.name for p in out.iterdir()) == ["image_mask.nii.gz", "image_panel.png"]  # the good input still is
+
+
+def test_one_process_says_which_input_is_padded_and_writes_into_the_run_by_default(checkpoint):
+    image = SHARED_DATA / "ct_abdomen/image.nii.gz"  # 30x25x28 voxels at 12 mm, under the 32x32x32 patch
+    result = predict(checkpoint, image)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = checkpoint.parent.parent / "predictions"
+    assert result.stdout.splitlines() == [
+        f"{image}: prepared shape 30x25x28 is smaller than the patch 32x32x32 along x, y, z, so it is padded there",
+        f"wrote {out / 'image_mask.nii.gz'} and {out / 'image_panel.png'}",
+    ]

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, run_dir_of
 from .config import Config, ConfigError, config_from_dict
 from .data.shards import DatasetError, ShardedDataset, atomic_write
 from .data.splits import run_cases
@@ -63,8 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def default_out(checkpoint: Path, split: str) -> Path:
     """``runs/<name>/eval-<split>`` for ``runs/<name>/checkpoints/<file>``; beside the file otherwise."""
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    return run_dir / f"eval-{split}"
+    return run_dir_of(checkpoint) / f"eval-{split}"
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], Config]:
