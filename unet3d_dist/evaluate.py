@@ -10,9 +10,9 @@ writes into ``--out`` (default ``<run dir>/eval-<split>/``):
 
 The folder says how far an evaluation got. Before any other output, rank 0 writes ``unfinished.txt`` there and
 clears the outputs above; ``results.json`` is written last and ``unfinished.txt`` is then removed. So a folder
-with ``results.json`` holds a finished evaluation and a folder with only ``unfinished.txt`` an interrupted one,
-which the same command resumes (as cross-validation does for its folds). Any other non-empty folder, a finished
-evaluation included, is refused before the process group starts, on every rank, unless ``--overwrite`` is given.
+with ``results.json`` holds a finished evaluation, and one with ``unfinished.txt`` an interrupted one, which a rerun
+starts over (as cross-validation does for its folds, and Slurm for a requeued job). Any other non-empty folder, a
+finished evaluation included, is refused on every rank before the process group starts, unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def check_arguments(args: argparse.Namespace, out: Path) -> None:
 
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse, before any work, a file, a finished evaluation or a folder of other files as ``--out``, unless
-    ``overwrite``; a folder this command left unfinished is resumed."""
+    ``overwrite``; a folder this command left unfinished is taken up again."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder; choose another --out (nothing was changed)")
     if overwrite or not out.exists():
@@ -168,7 +168,7 @@ def draw_panels(records: list[dict[str, Any]], dataset: ShardedDataset, options:
 
 def write_outputs(records: list[dict[str, Any]], dataset: ShardedDataset, options: EvalOptions, args: argparse.Namespace,
                   cfg: Config, out: Path, logger: RunLogger) -> None:
-    """Rank 0: panels, CSV, summary table, wandb, and the JSON last."""
+    """Rank 0: panels, CSV, summary table, wandb, and the JSON last; only then is the folder no longer unfinished."""
     summary = summarize(records)
     if args.panels > 0:
         draw_panels(records, dataset, options, out / "panels", args.panels)

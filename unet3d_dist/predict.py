@@ -158,13 +158,13 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         with distributed(args.device) as env:
             predictor = Predictor(checkpoint, env.device, args.overlap, args.batch_size)
-            rank = f"rank {env.rank} " if env.world_size > 1 else ""
+            rank_prefix = f"rank {env.rank} " if env.world_size > 1 else ""
             failures = []
             for name in balanced_shards({str(p): input_bytes(p) for p in args.inputs}, env.world_size)[env.rank]:
                 mask_file, panel_file = paths[Path(name)]
                 try:
                     predict_file(predictor, Path(name), mask_file, panel_file)
-                    print(f"{rank}wrote {mask_file} and {panel_file}", flush=True)
+                    print(f"{rank_prefix}wrote {mask_file} and {panel_file}", flush=True)
                 except CaseError as err:
                     failures.append(str(err))
             gathered = gather_to_main(failures)
