@@ -179,14 +179,14 @@ def test_a_default_out_holding_the_users_file_is_refused_naming_it_and_left_byte
 def test_overwrite_replaces_the_evaluations_own_files_and_keeps_the_others(tmp_path, checkpoint):
     out = tmp_path / "mine"
     (out / "panels").mkdir(parents=True)
-    (out / "notes.txt").write_text("keep me\n")
+    (out / "metrics.jsonl").write_text('{"step": 5, "train/loss": 0.4}\n')  # as in a training run's folder
     (out / "results.csv").write_text("an old table\n")
     (out / "panels" / "old.png").write_bytes(b"an old panel")
     run(evaluate_command("--checkpoint", str(checkpoint), "--out", str(out), "--overwrite", "--panels", "1", "--workers", "0", "--wandb", "disabled"))
-    assert (out / "notes.txt").read_text() == "keep me\n"
+    assert (out / "metrics.jsonl").read_text() == '{"step": 5, "train/loss": 0.4}\n'
     assert [r["case"] for r in read_csv(out / "results.csv")] == CASES
     assert len(list((out / "panels").iterdir())) == 1 and not (out / "panels" / "old.png").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["masks", "notes.txt", "panels", "results.csv", "results.json"]  # finished: no marker
+    assert sorted(p.name for p in out.iterdir()) == ["masks", "metrics.jsonl", "panels", "results.csv", "results.json"]  # finished: no marker
 
 
 def test_a_rerun_over_its_own_interrupted_output_finishes_it_without_leftovers(tmp_path, checkpoint):
