@@ -21,7 +21,7 @@ from test_distributed import torchrun
 from test_train import TINY, train
 from unet3d_dist.config import load_config
 from unet3d_dist.data.shards import ShardedDataset, write_dataset
-from unet3d_dist.evaluate import main
+from unet3d_dist.evaluate import UNFINISHED, main
 from unet3d_dist.evaluator import EvalOptions, predict_case
 from unet3d_dist.masks import load_mask
 from unet3d_dist.model import build_model
@@ -128,6 +128,7 @@ def test_json_summary_panels_of_the_worst_cases_and_wandb(single_process):
         data = png.read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000
     assert list((single_process / "wandb").glob("offline-run-*/run-*.wandb")), "no offline wandb run was written"
+    assert not (single_process / UNFINISHED).exists()  # removed once results.json is written
 
 
 def test_two_ranks_evaluate_each_case_exactly_once_with_the_same_values(tmp_path, checkpoint, single_process):
@@ -152,6 +153,50 @@ def test_a_finished_evaluation_is_not_overwritten(single_process, checkpoint, ca
     assert exit_info.value.code == 2
     assert "already holds a finished evaluation" in capsys.readouterr().err
     assert (single_process / "results.json").read_bytes() == before
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_default_out_holding_the_users_file_is_refused_naming_it_and_left_byte_identical(tmp_path, checkpoint):
+    mine = tmp_path / "mine" / "checkpoints" / "best.pt"  # the same checkpoint in a run folder of its own
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(checkpoint.read_bytes())
+    out = tmp_path / "mine" / "eval-test"
+    out.mkdir()
+    (out / "results.csv").write_text("case,my own dice\nbig,0.93\n")
+    before = files_under(tmp_path)
+    result = subprocess.run(evaluate_command("--checkpoint", str(mine)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == (
+        f"error: --out {out} is not empty and is not an unfinished evaluation (it holds results.csv); choose another --out, "
+        "or pass --overwrite to replace results.json, results.csv, masks/ and panels/ in it (nothing was changed)\n"
+    )
+    assert files_under(tmp_path) == before and sorted(p.name for p in out.iterdir()) == ["results.csv"]
+
+
+def test_overwrite_replaces_the_evaluations_own_files_and_keeps_the_others(tmp_path, checkpoint):
+    out = tmp_path / "mine"
+    (out / "panels").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 5, "train/loss": 0.4}\n')  # as in a training run's folder
+    (out / "results.csv").write_text("an old table\n")
+    (out / "panels" / "old.png").write_bytes(b"an old panel")
+    run(evaluate_command("--checkpoint", str(checkpoint), "--out", str(out), "--overwrite", "--panels", "1", "--workers", "0", "--wandb", "disabled"))
+    assert (out / "metrics.jsonl").read_text() == '{"step": 5, "train/loss": 0.4}\n'
+    assert [r["case"] for r in read_csv(out / "results.csv")] == CASES
+    assert len(list((out / "panels").iterdir())) == 1 and not (out / "panels" / "old.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["masks", "metrics.jsonl", "panels", "results.csv", "results.json"]  # finished: no marker
+
+
+def test_a_rerun_over_its_own_interrupted_output_finishes_it_without_leftovers(tmp_path, checkpoint):
+    out = tmp_path / "eval"
+    (out / "masks").mkdir(parents=True)
+    (out / UNFINISHED).write_text("left by a run that was killed\n")
+    (out / "masks" / "gone.nii.gz").write_bytes(b"half a mask of a case this run does not score")
+    run(evaluate_command("--checkpoint", str(checkpoint), "--out", str(out), "--panels", "0", "--workers", "0", "--wandb", "disabled"))
+    assert json.loads((out / "results.json").read_text())["split"] == "test" and not (out / UNFINISHED).exists()
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [f"{c}.nii.gz" for c in CASES]
 
 
 @pytest.mark.parametrize(

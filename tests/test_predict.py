@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,3 +65,36 @@ def test_masks_come_out_on_each_inputs_own_grid_from_two_ranks(checkpoint, tmp_p
         main(["--checkpoint", str(checkpoint), str(inputs[0]), "--out", str(out)])
     error = capsys.readouterr().err
     assert again.value.code == 2 and "image_mask.nii.gz already exists" in error and "--overwrite" in error
+
+
+def predict(checkpoint: Path, *arguments: object) -> subprocess.CompletedProcess:
+    """The real command line in its own process, on the CPU."""
+    command = [sys.executable, "-m", "unet3d_dist.predict", "--checkpoint", str(checkpoint), *map(str, arguments), "--device", "cpu"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_an_image_with_nan_voxels_is_skipped_with_prepares_sentence_and_nothing_is_written_for_it(checkpoint, tmp_path):
+    source = sitk.ReadImage(str(SHARED_DATA / "ct_abdomen/image.nii.gz"))
+    voxels = sitk.GetArrayFromImage(source).astype(np.float32)
+    voxels[40:45, 50, 60] = np.nan
+    with_nan = sitk.GetImageFromArray(voxels)
+    with_nan.CopyInformation(source)
+    nan_path = tmp_path / "with_nan.nrrd"  # ITK reads NaN in NIfTI files as 0
+    sitk.WriteImage(with_nan, str(nan_path))
+    out = tmp_path / "predictions"
+
+    result = predict(checkpoint, nan_path, SHARED_DATA / "ct_abdomen/image.nii.gz", "--out", out)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert f"skipped: image {nan_path} holds 5 NaN or infinite voxels\n" in result.stderr  # prepare's sentence
+    assert sorted(p.name for p in out.iterdir()) == ["image_mask.nii.gz", "image_panel.png"]  # the good input still is
+
+
+def test_one_process_says_which_input_is_padded_and_writes_into_the_run_by_default(checkpoint):
+    image = SHARED_DATA / "ct_abdomen/image.nii.gz"  # 30x25x28 voxels at 12 mm, under the 32x32x32 patch
+    result = predict(checkpoint, image)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = checkpoint.parent.parent / "predictions"
+    assert result.stdout.splitlines() == [
+        f"{image}: prepared shape 30x25x28 is smaller than the patch 32x32x32 along x, y, z, so it is padded there",
+        f"wrote {out / 'image_mask.nii.gz'} and {out / 'image_panel.png'}",
+    ]

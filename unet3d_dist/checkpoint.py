@@ -27,6 +27,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded or does not fit the current run."""
 
 
+def run_dir_of(checkpoint: Path) -> Path:
+    """``runs/<name>`` for ``runs/<name>/checkpoints/<file>``; the file's own folder otherwise."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
 def rng_state() -> dict[str, Any]:
     """Every random generator of this process, in weights_only-loadable form."""
     np_state = np.random.get_state(legacy=False)

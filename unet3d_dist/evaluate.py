@@ -1,26 +1,33 @@
 """Evaluation entry point: ``python -m unet3d_dist.evaluate --checkpoint PATH [--data DATASET] [--split test]``.
 
 The same command runs under ``torchrun --nproc_per_node=N``: each rank predicts and scores its own volumes, and
-rank 0 writes everything into ``--out`` (default ``<run dir>/eval-<split>/``):
+writes into ``--out`` (default ``<run dir>/eval-<split>/``):
 
-- ``results.csv`` and ``results.json``: one record per (case, foreground class); the JSON adds the summary. The JSON
-  is written last, so a folder with it holds a finished evaluation, which a later run refuses to overwrite.
-- ``masks/<case>.nii.gz`` (or ``.h5``): predicted label maps with the scan's spacing, origin and direction.
+- ``results.csv`` and ``results.json``: one record per (case, foreground class); the JSON adds the summary.
+- ``masks/<case>.nii.gz`` (or ``.h5``): predicted label maps with the scan's spacing, origin and direction (each
+  rank writes its own cases').
 - ``panels/<case>.png``: sagittal, coronal and axial slices for every case, or the ``--panels`` worst by Dice.
+
+The folder says how far an evaluation got. Before any other output, rank 0 writes ``unfinished.txt`` there and
+clears the outputs above; ``results.json`` is written last and ``unfinished.txt`` is then removed. So a folder
+with ``results.json`` holds a finished evaluation, and one with ``unfinished.txt`` an interrupted one, which a rerun
+starts over (as cross-validation does for its folds, and Slurm for a requeued job). Any other non-empty folder, a
+finished evaluation included, is refused on every rank before the process group starts, unless ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, run_dir_of
 from .config import Config, ConfigError, config_from_dict
 from .data.shards import DatasetError, ShardedDataset, atomic_write
 from .data.splits import run_cases
-from .dist import distributed
+from .dist import barrier, distributed
 from .evaluator import EvalOptions, evaluate_cases
 from .logger import RunLogger, new_run_id
 from .masks import load_mask, mask_path
@@ -30,6 +37,9 @@ from .results import json_ready, metric_columns, summarize, write_csv, write_jso
 from .train import default_workers, open_dataset, resolve_amp
 
 RESULTS_JSON = "results.json"
+UNFINISHED = "unfinished.txt"
+OUTPUTS = (RESULTS_JSON, "results.csv", "masks/", "panels/")  # what a run clears first; results.json first of all
+REPLACED = f"{', '.join(OUTPUTS[:-1])} and {OUTPUTS[-1]}"
 CHECKPOINT_KEYS = ("model", "config", "dataset")
 
 
@@ -42,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", help="prepared dataset folder, or 'synthetic' (default: the checkpoint's data.dataset)")
     parser.add_argument("--split", default="test",
                         help="manifest split to evaluate (default: test); 'val' of a cross-validation checkpoint is its held-out fold")
-    parser.add_argument("--out", type=Path, help="output folder (default: <run dir>/eval-<split>)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <run dir>/eval-<split>); it must be new, empty or an unfinished evaluation, unless --overwrite")
     parser.add_argument("--patch", type=int, nargs=3, metavar=("X", "Y", "Z"), help="window size (default: the training crop)")
     parser.add_argument("--overlap", type=float, help="overlap of neighbouring windows, in [0, 1) (default: the checkpoint's inference.overlap)")
     parser.add_argument("--batch-size", type=int, help="windows per forward pass (default: the training batch size)")
@@ -57,14 +67,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=-1, help="metric processes per rank (default: from the CPU count)")
     parser.add_argument("--mask-format", choices=["nifti", "hdf5"], default="nifti", help="format of the predicted masks")
     parser.add_argument("--panels", type=int, default=20, help="slice pictures for every case, or for the K worst by Dice when there are more (default: 20)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"write into a non-empty --out anyway: its {REPLACED} are removed first and written anew; "
+                             "other files there (wandb/ among them) are kept")
     parser.add_argument("--wandb", choices=["offline", "online", "disabled"], help="wandb mode (default: the checkpoint's log.wandb; env WANDB_MODE wins)")
     return parser.parse_args(argv)
 
 
 def default_out(checkpoint: Path, split: str) -> Path:
     """``runs/<name>/eval-<split>`` for ``runs/<name>/checkpoints/<file>``; beside the file otherwise."""
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    return run_dir / f"eval-{split}"
+    return run_dir_of(checkpoint) / f"eval-{split}"
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], Config]:
@@ -83,8 +95,39 @@ def check_arguments(args: argparse.Namespace, out: Path) -> None:
         raise ConfigError(f"--patch must be multiples of {DIVISOR} (the UNet halves each side 3 times), not {args.patch}")
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise ConfigError(f"--overlap must be in [0, 1), not {args.overlap}")
+    check_out(out, args.overwrite)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a file, a finished evaluation or a folder of other files as ``--out``, unless
+    ``overwrite``; a folder this command left unfinished is taken up again."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out (nothing was changed)")
+    if overwrite or not out.exists():
+        return
     if (out / RESULTS_JSON).exists():
-        raise ConfigError(f"{out} already holds a finished evaluation ({RESULTS_JSON}); choose another --out or remove it")
+        raise ConfigError(f"{out} already holds a finished evaluation ({RESULTS_JSON}); pass --overwrite to replace it, or choose another --out")
+    entries = sorted(out.iterdir())
+    if entries and not (out / UNFINISHED).is_file():
+        more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
+        raise ConfigError(
+            f"--out {out} is not empty and is not an unfinished evaluation (it holds {entries[0].name}{more}); "
+            f"choose another --out, or pass --overwrite to replace {REPLACED} in it (nothing was changed)"
+        )
+
+
+def claim_out(out: Path, args: argparse.Namespace) -> None:
+    """Rank 0, before any other output: mark ``out`` as this command's unfinished output, then clear what an earlier
+    run left, so the folder never mixes two evaluations."""
+    out.mkdir(parents=True, exist_ok=True)
+    note = (f"unet3d-evaluate of {args.checkpoint} on split {args.split!r} is writing this folder; this file is removed "
+            f"once {RESULTS_JSON} is written. If that run stopped, rerun it to finish.\n")
+    atomic_write(out / UNFINISHED, lambda tmp: Path(tmp).write_text(note))
+    for path in (out / name for name in OUTPUTS):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def check_dataset(dataset: ShardedDataset, split: str, checkpoint: dict[str, Any], path: Path, cfg: Config) -> list[str]:
@@ -125,7 +168,7 @@ def draw_panels(records: list[dict[str, Any]], dataset: ShardedDataset, options:
 
 def write_outputs(records: list[dict[str, Any]], dataset: ShardedDataset, options: EvalOptions, args: argparse.Namespace,
                   cfg: Config, out: Path, logger: RunLogger) -> None:
-    """Rank 0: panels, CSV, summary table, wandb, and the JSON last."""
+    """Rank 0: panels, CSV, summary table, wandb, and the JSON last; only then is the folder no longer unfinished."""
     summary = summarize(records)
     if args.panels > 0:
         draw_panels(records, dataset, options, out / "panels", args.panels)
@@ -144,6 +187,7 @@ def write_outputs(records: list[dict[str, Any]], dataset: ShardedDataset, option
     logger.finish()
     write_json(out / RESULTS_JSON, {"checkpoint": str(args.checkpoint), "dataset": str(dataset.root), "split": args.split,
                                     "metrics": metric_columns(records), "summary": summary, "cases": records})
+    (out / UNFINISHED).unlink()
     logger.info(f"[bold green]done[/]: {len(records)} records in {out / 'results.csv'} and {out / RESULTS_JSON}; masks in {out / 'masks'}")
 
 
@@ -156,6 +200,9 @@ def evaluate(args: argparse.Namespace) -> None:
     with distributed(args.device) as env:
         dataset = open_dataset(cfg, env)
         case_ids = check_dataset(dataset, args.split, checkpoint, args.checkpoint, cfg)
+        if env.is_main:
+            claim_out(out, args)
+        barrier()  # no rank writes a mask before the folder is claimed and cleared
         model = build_model(cfg.model, 1, dataset.num_classes)
         model.load_state_dict(checkpoint["model"])
         options = EvalOptions(

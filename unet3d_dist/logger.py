@@ -26,7 +26,9 @@ def new_run_id() -> str:
 
 
 class RunLogger:
-    def __init__(self, enabled: bool, run_dir: Path, *, resumed_step: int = 0):
+    def __init__(self, enabled: bool, run_dir: Path, *, resumed_step: int | None = None):
+        """``resumed_step``: the training step resumed from, after which logged lines are forgotten; None (evaluation,
+        which may write into a folder holding a training's metrics.jsonl) leaves the file alone."""
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.console = Console(stderr=False, highlight=False)
@@ -35,7 +37,8 @@ class RunLogger:
         self._task: Any = None
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._truncate_metrics(resumed_step)
+            if resumed_step is not None:
+                self._truncate_metrics(resumed_step)
 
     def _truncate_metrics(self, step: int) -> None:
         """Forget lines logged after the checkpoint we resume from: that work is being redone."""

@@ -1,14 +1,17 @@
-"""Prediction on new scans: ``python -m unet3d_dist.predict --checkpoint CKPT INPUT... --out DIR``.
+"""Prediction on new scans: ``python -m unet3d_dist.predict --checkpoint CKPT INPUT... [--out DIR]``.
 
 Each input (a NIfTI/NRRD/MHA file or a DICOM series folder, no label) goes through the preprocessing its training
 data had (the manifest's ``preprocessing``, stored in the checkpoint): reorientation, resampling, normalisation. The
 gaussian sliding window runs with the training crop as its patch (overlap, flip averaging and largest-component
-post-processing as the checkpoint's ``inference`` section says), and the class map is moved back onto the input's
-own grid by nearest neighbour, so ``DIR/<name>_mask.nii.gz`` has the input's exact size, spacing, origin and
-direction. Voxel values are indices into the checkpoint's classes. ``DIR/<name>_panel.png`` shows three slices.
+post-processing as the checkpoint's ``inference`` section says; an input smaller than the patch is padded, and a line
+says so), and the class map is moved back onto the input's own grid by nearest neighbour, so
+``DIR/<name>_mask.nii.gz`` has the input's exact size, spacing, origin and direction. Voxel values are indices into
+the checkpoint's classes. ``DIR/<name>_panel.png`` shows three slices. ``DIR`` defaults to ``<run dir>/predictions``
+(``runs/<name>/predictions`` for ``runs/<name>/checkpoints/<file>``).
 
-Under torchrun every rank takes a disjoint, size-balanced share of the inputs. A bad input is reported with one
-sentence and skipped (exit status 3); it does not stop the others.
+Under torchrun every rank takes a disjoint, size-balanced share of the inputs. A bad input (unreadable, or with NaN
+or infinite voxels, refused as ``prepare`` refuses it) is reported with one sentence and skipped (exit status 3);
+nothing is written for it and it does not stop the others.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from typing import Any
 import SimpleITK as sitk
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, run_dir_of
 from .config import ConfigError, config_from_dict
-from .data.preprocess import CANONICAL_ORIENTATION, model_input, onto_grid, reorient
-from .data.readers import CaseError, array_xyz, image_xyz, read_image, strip_suffix
+from .data.preprocess import CANONICAL_ORIENTATION, axes_smaller, dims, model_input, onto_grid, reorient
+from .data.readers import CaseError, array_xyz, check_finite, image_xyz, read_image, strip_suffix
 from .data.shards import atomic_write
 from .dist import distributed, gather_to_main
 from .evaluator import balanced_shards
@@ -57,9 +60,12 @@ class Predictor:
         self.overlap = cfg.inference.overlap if overlap is None else overlap
         self.amp_dtype = resolve_amp("auto", device)
 
-    def mask(self, image: sitk.Image) -> sitk.Image:
-        """Class map on ``image``'s own grid (uint8)."""
-        prepared = model_input(image, self.preprocessing)
+    def prepare(self, image: sitk.Image) -> sitk.Image:
+        """``image`` on the grid and scale the network was trained on."""
+        return model_input(image, self.preprocessing)
+
+    def mask(self, image: sitk.Image, prepared: sitk.Image) -> sitk.Image:
+        """Class map on ``image``'s own grid (uint8), predicted on ``prepared`` (``self.prepare(image)``)."""
         voxels = torch.from_numpy(array_xyz(prepared))
         logits = sliding_window_logits(
             self.model, voxels[None], self.patch, len(self.classes), overlap=self.overlap, batch_size=self.batch_size,
@@ -89,10 +95,22 @@ def output_paths(inputs: list[Path], out: Path, overwrite: bool) -> dict[Path, t
     return paths
 
 
+def padding_line(path: Path, prepared: sitk.Image, patch: tuple[int, int, int]) -> str | None:
+    """The line that tells the user an input is smaller than the patch, so the sliding window pads it."""
+    axes = axes_smaller(prepared.GetSize(), patch)
+    if not axes:
+        return None
+    return f"{path}: prepared shape {dims(prepared.GetSize())} is smaller than the patch {dims(patch)} along {axes}, so it is padded there"
+
+
 def predict_file(predictor: Predictor, path: Path, mask_path: Path, panel_path: Path) -> None:
-    """Write the mask NIfTI and the slice panel of one input (each file atomically)."""
+    """Write the mask NIfTI and the slice panel of one input (each file atomically); say if the input is padded."""
     image = read_image(path)
-    mask = predictor.mask(image)
+    check_finite(image, path)
+    prepared = predictor.prepare(image)
+    if line := padding_line(path, prepared, predictor.patch):
+        print(line, flush=True)
+    mask = predictor.mask(image, prepared)
     atomic_write(mask_path, lambda tmp: sitk.WriteImage(mask, str(tmp), useCompression=True))
     # report.slice_panel draws LPS arrays the radiological way
     shown_image, shown_mask = reorient(image, CANONICAL_ORIENTATION), array_xyz(reorient(mask, CANONICAL_ORIENTATION))
@@ -118,7 +136,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by unet3d_dist.train")
     parser.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA files or DICOM series folders")
-    parser.add_argument("--out", type=Path, required=True, help="folder for <name>_mask.nii.gz and <name>_panel.png")
+    parser.add_argument("--out", type=Path, help="folder for <name>_mask.nii.gz and <name>_panel.png (default: <run dir>/predictions)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the local rank's GPU if there is one")
     parser.add_argument("--overlap", type=float, help="sliding-window overlap as a fraction of the patch (default: the checkpoint's inference.overlap)")
     parser.add_argument("--batch-size", type=int, default=2, help="windows per forward pass")
@@ -126,19 +144,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def default_out(checkpoint: Path) -> Path:
+    """``runs/<name>/predictions`` for ``runs/<name>/checkpoints/<file>``, beside evaluate's ``eval-<split>``."""
+    return run_dir_of(checkpoint) / "predictions"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    out = args.out or default_out(args.checkpoint)
     try:
         checkpoint = load_checkpoint(args.checkpoint)
-        paths = output_paths(args.inputs, args.out, args.overwrite)
-        args.out.mkdir(parents=True, exist_ok=True)
+        paths = output_paths(args.inputs, out, args.overwrite)
+        out.mkdir(parents=True, exist_ok=True)
         with distributed(args.device) as env:
             predictor = Predictor(checkpoint, env.device, args.overlap, args.batch_size)
+            rank_prefix = f"rank {env.rank} " if env.world_size > 1 else ""
             failures = []
             for name in balanced_shards({str(p): input_bytes(p) for p in args.inputs}, env.world_size)[env.rank]:
+                mask_file, panel_file = paths[Path(name)]
                 try:
-                    predict_file(predictor, Path(name), *paths[Path(name)])
-                    print(f"rank {env.rank} wrote {paths[Path(name)][0]}", flush=True)
+                    predict_file(predictor, Path(name), mask_file, panel_file)
+                    print(f"{rank_prefix}wrote {mask_file} and {panel_file}", flush=True)
                 except CaseError as err:
                     failures.append(str(err))
             gathered = gather_to_main(failures)

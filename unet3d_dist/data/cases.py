@@ -1,7 +1,8 @@
 """One source case in, one ``Case`` ready for the shard writer out: read, check, map labels, transform, crop.
 
-Bad input raises ``CaseError`` with one sentence naming the file; doubtful input (an empty label) comes back as a
-warning. Each call is independent, so ``prepare`` runs it in a separate process per case.
+Bad input raises ``CaseError`` with one sentence naming the file; doubtful input (an empty label) and a case that
+default-sized training crops will pad come back as warnings. Each call is independent, so ``prepare`` runs it in a
+separate process per case.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import math
 import numpy as np
 import SimpleITK as sitk
 
+from ..config import DataConfig
 from .layouts import Source
-from .preprocess import bounding_box, map_labels, model_input, onto_grid, reorient
-from .readers import CaseError, array_xyz, read_hdf5_pair, read_pair
+from .preprocess import axes_smaller, bounding_box, dims, map_labels, model_input, onto_grid, reorient
+from .readers import array_xyz, check_finite, read_hdf5_pair, read_pair
 from .recipe import Recipe
 from .shards import Case
 
@@ -37,15 +39,22 @@ def _crop_mask(recipe: Recipe, image: sitk.Image, label: sitk.Image, grid: sitk.
     return array_xyz(onto_grid(reorient(body, recipe.preprocessing.orientation), grid)) > 0
 
 
+def _smaller_than_default_crop(prepared: sitk.Image) -> list[str]:
+    """A calm warning for a case that default-sized training crops will pad (prepare cannot know the run's crop)."""
+    axes = axes_smaller(prepared.GetSize(), DataConfig.crop)
+    if not axes:
+        return []
+    return [f"prepared shape {dims(prepared.GetSize())} is smaller than the default training crop {dims(DataConfig.crop)} along {axes}; "
+            "crops of that size will be padded there (normal for a small or thin volume)"]
+
+
 def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list[str]]:
     """The prepared case and its warnings; raises CaseError for input that cannot be used."""
     if source.layout == "hdf5":
         image, label = read_hdf5_pair(source.image, tuple(recipe.input.spacing))
     else:
         image, label = read_pair(source.image, source.label)
-    voxels = sitk.GetArrayViewFromImage(image)
-    if voxels.dtype.kind == "f" and not np.isfinite(voxels).all():
-        raise CaseError(f"image {source.image} holds {np.count_nonzero(~np.isfinite(voxels))} NaN or infinite voxels")
+    check_finite(image, source.image)
     mapped = sitk.GetImageFromArray(map_labels(sitk.GetArrayViewFromImage(label), recipe.labels.classes, recipe.labels.unmapped, source.label))
     mapped.CopyInformation(label)
 
@@ -62,6 +71,7 @@ def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list
             warnings.append(f"{source.image}: nothing to crop to ({spec.crop.to}), the whole volume is kept")
         else:
             prepared, prepared_label = prepared[box], prepared_label[box]
+    warnings += _smaller_than_default_crop(prepared)
     case = Case(
         id=source.id,
         image=array_xyz(prepared),

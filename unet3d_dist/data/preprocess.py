@@ -7,7 +7,7 @@ time go through exactly what the training data went through: reorientation, resa
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -120,6 +120,17 @@ def map_labels(label: np.ndarray, classes: dict[str, list[int]], unmapped: str, 
         if values.min() <= value <= values.max():
             lookup[value - int(values.min())] = index
     return lookup[label.astype(np.int64) - int(values.min())]
+
+
+def dims(shape: Sequence[int]) -> str:
+    """``(31, 25, 28)`` -> ``31x25x28``, the way sizes are written on the command line."""
+    return "x".join(map(str, shape))
+
+
+def axes_smaller(shape: Sequence[int], size: Sequence[int]) -> str:
+    """The axes along which ``shape`` is smaller than ``size`` (``'y, z'``), or ``''``: crops and sliding windows of
+    ``size`` are padded along them."""
+    return ", ".join(axis for axis, have, need in zip("xyz", shape, size) if have < need)
 
 
 def bounding_box(mask: np.ndarray, margin: list[int]) -> tuple[slice, ...] | None:

@@ -146,6 +146,14 @@ def read_image(path: str | Path) -> sitk.Image:
     return image
 
 
+def check_finite(image: sitk.Image, path: object) -> None:
+    """Refuse NaN or infinite voxels, which resampling, z-scoring and the network would spread; prepare and predict
+    both call this, so they refuse with the same sentence."""
+    voxels = sitk.GetArrayViewFromImage(image)
+    if voxels.dtype.kind == "f" and not np.isfinite(voxels).all():
+        raise CaseError(f"image {path} holds {np.count_nonzero(~np.isfinite(voxels))} NaN or infinite voxels")
+
+
 def check_same_grid(image: sitk.Image, label: sitk.Image, image_path: object, label_path: object) -> None:
     """Refuse a label that does not lie voxel for voxel on the image's grid (to 1/100 of a voxel)."""
     spacing = np.array(image.GetSpacing())
