@@ -46,10 +46,12 @@ run_trainer() {
     echo "${words[*]}"
     exit 0
   fi
-  local run_dir status=0
+  local run_dir status=0 started
   run_dir=$("$PYTHON" -m unet3d_dist.train --print-run-dir "${trainer_args[@]}")
-  # A marker left by an earlier stop must not turn a later failure (before the resume) into a requeue loop.
-  rm -f "$run_dir/$STOP_MARKER"
+  # Only a marker written after this launcher started counts: one left by an earlier stop must not turn a later
+  # failure (before the resume) into a requeue loop. It is compared, not deleted: the run directory belongs to
+  # the job that holds it, which may be another one.
+  started=$(mktemp)
   # This script has to outlive the stop signals to report 75. Terminals signal the whole foreground process
   # group and Slurm every process of the job step, so torchrun (or the trainer) receives them directly.
   # SIGUSR1 is ignored rather than trapped because an ignored signal stays ignored in the children: torchrun
@@ -57,8 +59,9 @@ run_trainer() {
   trap '' USR1
   trap : INT TERM HUP
   "$@" || status=$?
-  if [ -e "$run_dir/$STOP_MARKER" ]; then
-    exit "$REQUEUE_EXIT_CODE"
+  if [ "$run_dir/$STOP_MARKER" -nt "$started" ]; then
+    status=$REQUEUE_EXIT_CODE
   fi
+  rm -f "$started"
   exit "$status"
 }

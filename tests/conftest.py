@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from pathlib import Path
 
 import h5py
@@ -66,3 +68,59 @@ def tiny_dataset(tmp_path_factory) -> Path:
 def unchecksummed_dataset(tmp_path_factory) -> Path:
     """The six tiny cases as a dataset prepared before chunks carried checksums."""
     return write_tiny(tmp_path_factory.mktemp("old") / "dataset", checksums=False)
+
+
+def process_tree() -> dict[int, list[int]]:
+    """Parent pid -> child pids, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    return children
+
+
+def direct_children(pid: int) -> list[int]:
+    return sorted(process_tree().get(pid, []))
+
+
+def job_processes(pid: int) -> list[int]:
+    """``pid`` and all its descendants, parents first: a launcher, its ranks (torchrun starts each in a session of
+    its own) and their loader workers, as Slurm's scancel signals them."""
+    children, found, todo = process_tree(), [], [pid]
+    while todo:
+        found.append(todo.pop(0))
+        todo.extend(sorted(children.get(found[-1], [])))
+    return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    """The ones among ``pids`` still running (zombies, dead but not yet reaped, do not count)."""
+    running = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X"):
+            running.append(pid)
+    return running
+
+
+def signal_job(pid: int, signum: int) -> list[int]:
+    """Send ``signum`` to every process of the job started as ``pid``; return their pids."""
+    pids = job_processes(pid)
+    for target in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signum)
+    return pids
+
+
+def wait_until_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while alive(pids):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes {alive(pids)} still run {timeout} s after their job was killed")
+        time.sleep(0.05)

@@ -8,6 +8,7 @@ temporary folder, and stops each of them by pid at the end.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ from typing import Callable
 import pytest
 
 from conftest import REPO
-from test_distributed import final_state, free_port, overrides
+from test_distributed import WORKERS, assert_bitwise_equal, final_state, free_port, overrides
 
 SLURM_CONF = """\
 ClusterName=unet3d-test
@@ -173,7 +174,7 @@ def attempts(log: str) -> list[str]:
 def preempted_run(slurm, tiny_dataset, tmp_path_factory) -> tuple[dict[str, str], Path, str]:
     """slurm/train.sbatch on one node, sent SIGUSR1 with `scancel --signal=USR1` after its second step."""
     tmp = tmp_path_factory.mktemp("train-sbatch")
-    args = overrides(tiny_dataset, tmp, "single", "train.epochs=2", "checkpoint.every_steps=2")
+    args = overrides(tiny_dataset, tmp, "single", "train.epochs=2", "checkpoint.every_steps=2", WORKERS)
     job_id = slurm.submit("train.sbatch", *args, logs=tmp)
     slurm.wait_for_file(tmp / "single" / "checkpoints" / "ckpt-00000002.pt", job_id)
     slurm.run("scancel", "--signal=USR1", job_id)  # reaches the step's processes, like --signal=USR1@N
@@ -212,7 +213,7 @@ def test_evaluate_sbatch_writes_per_volume_results(slurm, preempted_run, tiny_da
 
 def test_two_node_job_requeues_on_usr1_to_the_batch_shell_and_resumes(slurm, tiny_dataset, tmp_path):
     steps = 3 * 8 // (2 * 2)  # 3 epochs of 8 crops, batch 2 on each of 2 ranks
-    args = overrides(tiny_dataset, tmp_path, "nodes", "train.epochs=3", "checkpoint.every_steps=2")
+    args = overrides(tiny_dataset, tmp_path, "nodes", "train.epochs=3", "checkpoint.every_steps=2", WORKERS)
     job_id = slurm.submit("train_multinode.sbatch", *args, logs=tmp_path)
     slurm.wait_for_file(tmp_path / "nodes" / "checkpoints" / "ckpt-00000002.pt", job_id)
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)  # only the batch shell, like --signal=B:USR1@N
@@ -225,3 +226,26 @@ def test_two_node_job_requeues_on_usr1_to_the_batch_shell_and_resumes(slurm, tin
         assert f"srun: error: {task}: Exited with exit code 75" in log, log
     assert log.count("world=2") == 2 and "resumed at epoch" in log
     assert final_state(tmp_path / "nodes")["train_state"]["global_step"] == steps
+
+
+def test_scancel_checkpoints_within_killwait_and_a_requeue_ends_bitwise_equal_to_an_uninterrupted_run(slurm, tiny_dataset, tmp_path):
+    extra = ("train.epochs=4", "data.samples_per_epoch=24", "checkpoint.every_steps=2", "checkpoint.keep_last=10", WORKERS)
+    reference = slurm.submit("train.sbatch", *overrides(tiny_dataset, tmp_path, "reference", *extra), logs=tmp_path)
+    job_id = slurm.submit("train.sbatch", *overrides(tiny_dataset, tmp_path, "cancelled", *extra), logs=tmp_path)
+    run_dir = tmp_path / "cancelled"
+    slurm.wait_for_file(run_dir / "checkpoints" / "ckpt-00000002.pt", job_id)
+    slurm.run("scancel", job_id)  # SIGTERM to every process of the job, SIGKILL after KillWait (30 s)
+    job = slurm.wait_until_finished(job_id)
+    log = (tmp_path / f"unet3d-train-{job_id}.out").read_text()
+    assert job["JobState"] == "CANCELLED", log
+    marker = json.loads((run_dir / "stopped_by_signal.json").read_text())  # written before the SIGKILL
+    assert marker["signal"] == "SIGTERM" and (run_dir / "checkpoints" / f"ckpt-{marker['step']:08d}.pt").exists(), log
+    assert "no requeue from this job" in log and "requeueing job" not in log and "Traceback" not in log, log
+
+    slurm.run("scontrol", "requeue", job_id)  # what a preemption with PreemptMode=REQUEUE does by itself
+    job = wait_until(lambda: (j := slurm.job(job_id))["Restarts"] == "1" and j["JobState"] in FINISHED and j, f"job {job_id} to run again")
+    log = (tmp_path / f"unet3d-train-{job_id}.out").read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert attempts(log) == ["1", "2"] and f", step {marker['step']}\n" in log, log
+    assert slurm.wait_until_finished(reference)["JobState"] == "COMPLETED"
+    assert_bitwise_equal(final_state(tmp_path / "reference"), final_state(run_dir))

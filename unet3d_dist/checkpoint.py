@@ -73,6 +73,11 @@ class Checkpointer:
             old.unlink(missing_ok=True)
         return path, time.perf_counter() - start
 
+    def remove_unfinished(self) -> None:
+        """Delete the temporary files of writers that were killed mid-write (called by the run directory's holder)."""
+        for leftover in self.dir.glob(".tmp-*") if self.dir.is_dir() else []:
+            leftover.unlink(missing_ok=True)
+
     def complete(self) -> list[Path]:
         """Complete step checkpoints, oldest first (temporary files never match the pattern)."""
         if not self.dir.is_dir():

@@ -12,6 +12,8 @@ import contextlib
 import datetime
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -51,6 +53,32 @@ def _from_environment() -> tuple[int, int, int, int]:
         tasks_per_node = int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"]).split("(")[0])
         return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), tasks_per_node
     return 0, 0, 1, 1
+
+
+ORPHANED_EXIT_CODE = 1
+LAUNCHER_POLL_S = 0.5
+
+
+def exit_when_launcher_dies(rank: int) -> None:
+    """Under torchrun, end this rank within a second of its launcher's death, writing nothing more.
+
+    torchrun starts each rank in a session of its own, so a ``kill -9`` of the launcher (or of its process group)
+    reaches no rank: orphaned ranks would train on, write checkpoints, and race a restarted job for the run
+    directory. The launcher is the parent; once it is gone the rank is re-parented, which this thread notices.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher and launcher != 1:
+            time.sleep(LAUNCHER_POLL_S)
+        try:  # the launcher held the other end of stderr, which may now be closed or full
+            os.write(2, f"rank {rank}: its launcher (pid {launcher}) is gone; stopping without writing anything more\n".encode())
+        finally:
+            os._exit(ORPHANED_EXIT_CODE)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def torchrun_command(nproc: int) -> list[str]:
@@ -96,6 +124,7 @@ def distributed(device: str = "auto", timeout_s: int = 600, require_group: bool 
     """
     rank, local_rank, world_size, local_world_size = _from_environment()
     env = DistEnv(rank, local_rank, world_size, local_world_size, _pick_device(device, local_rank))
+    exit_when_launcher_dies(rank)
     if env.device.type == "cpu":
         keep_freed_memory()
     if (env.distributed or require_group) and not dist.is_initialized():

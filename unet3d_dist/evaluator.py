@@ -8,6 +8,7 @@ the end. Used by ``python -m unet3d_dist.evaluate`` and by the Trainer's validat
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .dist import DistEnv, gather_to_main
 from .inference import keep_largest_component, predict_labels, resample_to_shape, sliding_window_logits
 from .masks import mask_path, save_mask
 from .metrics import case_metrics
+from .stop import STOP_SIGNALS
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class EvalOptions:
     mask_format: str = "nifti"
     largest_component: bool = False  # keep each class's largest connected component only
     model_spacing: tuple[float, float, float] | None = None  # the training data's spacing, where it was resampled
+    stop_requested: Callable[[], bool] | None = None  # checked before each volume: a stopping run ends early
 
 
 def balanced_shards(sizes: dict[str, int], world_size: int) -> list[list[str]]:
@@ -69,10 +72,18 @@ class InlineExecutor(Executor):
 
 def metric_executor(workers: int) -> Executor:
     """Worker processes for scoring and mask writing, started by a forkserver: they never inherit torch's thread
-    pools, CUDA context or process group from the rank, which a plain fork after those exist would copy."""
+    pools, CUDA context or process group from the rank, which a plain fork after those exist would copy.
+
+    They ignore stop signals, which Slurm and torchrun send them along with their rank: stopping is the rank's job.
+    """
     if workers == 0:
         return InlineExecutor()
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"), initializer=ignore_stop_signals)
+
+
+def ignore_stop_signals() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def wait_for_room(jobs: list[Future], limit: int) -> None:
@@ -125,6 +136,8 @@ def evaluate_cases(
     try:
         with metric_executor(options.metric_workers) as pool:
             for case_id in mine:
+                if options.stop_requested is not None and options.stop_requested():
+                    break
                 start = time.perf_counter()
                 prediction = predict_case(model, dataset, case_id, options, env.device)
                 seconds = time.perf_counter() - start

@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +35,8 @@ from .logger import RunLogger, new_run_id
 from .loss import build_loss
 from .model import as_channels_last, build_model, count_parameters, forward_flops, to_channels_last
 from .results import mean_metrics
+from .run_lock import RunDirectoryBusy, hold_run_directory
+from .stop import StopRequest
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; run the same command again to resume
 STOP_MARKER = "stopped_by_signal.json"  # tells launch scripts, which only see torchrun's exit code, to requeue
@@ -55,26 +56,6 @@ class TrainState:
     global_step: int = 0
     best_dice: float = -1.0
     nonfinite_in_row: int = 0
-
-
-class StopRequest:
-    """Remembers SIGTERM / SIGUSR1 / SIGINT so that the ranks can agree to stop at the same step."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.signal_name == "SIGINT":
-            raise KeyboardInterrupt  # a second Ctrl-C does not wait for the checkpoint
-        self.signal_name = signal.Signals(signum).name
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
@@ -135,7 +116,9 @@ class Trainer:
 
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
+        self.stop = StopRequest()  # first, so that a signal during set-up is a stop too, and before workers fork
         self.run_dir = cfg.run_dir
+        self.hold_run_dir()
         self.dataset = open_dataset(cfg, env)
         self.train_ids = run_cases(self.dataset, cfg.data, "train")
         self.val_ids = run_cases(self.dataset, cfg.data, "val")
@@ -165,6 +148,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16)
         self.loss_fn = build_loss(cfg.loss, cfg.model.deep_supervision)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
+        if env.is_main:
+            self.checkpointer.remove_unfinished()
         self.state = TrainState()
         self.resume_changes: list[str] = []
         self.run_id = self.restore()  # before wrapping in DDP, so every rank starts from the same weights
@@ -197,10 +182,10 @@ class Trainer:
             pin_memory=env.device.type == "cuda",
             drop_last=True,
             persistent_workers=workers > 0,
+            worker_init_fn=self.stop.worker_init,
         )
         self.logger = RunLogger(env.is_main, self.run_dir, resumed_step=self.state.global_step)
         self.logger.start_wandb(cfg.log.wandb, cfg.log.wandb_project, cfg.log.run_name, self.run_id, cfg.to_dict())
-        self.stop = StopRequest()
 
     # ----------------------------------------------------------------- the loop
     def train(self) -> int:
@@ -211,13 +196,15 @@ class Trainer:
         for epoch in range(self.state.epoch, cfg.train.epochs):
             if not self.train_epoch(epoch):
                 return self.stop_for_requeue()
-            self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
             last = epoch + 1 == cfg.train.epochs
             is_best = False
             if cfg.train.val_every and ((epoch + 1) % cfg.train.val_every == 0 or last):
                 is_best = self.validate()
+                if is_best is None:  # stopped: the checkpoint holds the finished epoch, whose validation the resume runs
+                    return self.stop_for_requeue()
+            self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
             self.save_checkpoint(is_best)
-            if not last and any_rank(self.stop.requested):  # a signal that came during validation
+            if not last and any_rank(self.stop.requested):
                 return self.stop_for_requeue(checkpoint_saved=True)
         self.finish()
         return 0
@@ -322,8 +309,9 @@ class Trainer:
         )
         return f"loss {loss:.4f}  lr {lr:.2e}  {crops_per_s:.2f} crops/s"
 
-    def validate(self) -> bool:
-        """The evaluator on the validation split, distributed over ranks; True if its mean Dice is the best so far.
+    def validate(self) -> bool | None:
+        """The evaluator on the validation split, distributed over ranks; True if its mean Dice is the best so far,
+        None if a stop signal ended it early (each rank stops after its current volume).
 
         Dice (and Jaccard) only by default; train.val_distances adds the surface distances, scored in worker processes.
         """
@@ -340,8 +328,11 @@ class Trainer:
             channels_last=self.cfg.train.channels_last,
             distances=distances,
             metric_workers=default_workers(self.env) if distances else 0,
+            stop_requested=lambda: self.stop.requested,
         )
         records = evaluate_cases(self.model, self.dataset, self.val_ids, self.env, options)
+        if any_rank(self.stop.requested):
+            return None
         means = broadcast_from_main(mean_metrics(records) if records is not None else None)
         self.logger.log(self.state.global_step, {f"val/{name}": value for name, value in means.items()})
         mean_dice = means["dice"]
@@ -381,6 +372,18 @@ class Trainer:
         self.logger.finish()
 
     # ---------------------------------------------------------- checkpoints
+    def hold_run_dir(self) -> None:
+        """Rank 0 locks the run directory for the whole run (run_lock); every rank refuses if another job has it."""
+        refusal = None
+        if self.env.is_main:
+            try:
+                self.run_dir_lock = hold_run_directory(self.run_dir)
+            except RunDirectoryBusy as err:
+                refusal = str(err)
+        refusal = broadcast_from_main(refusal)
+        if refusal:
+            raise RunDirectoryBusy(refusal)
+
     def save_checkpoint(self, is_best: bool = False) -> None:
         """Gather every rank's RNG state, then rank 0 writes the file."""
         self.check_finite()
@@ -471,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         with distributed(cfg.train.device, cfg.train.init_timeout_s) as env:
             code = Trainer(cfg, env).train()
-    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as err:
+    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, RunDirectoryBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code)
