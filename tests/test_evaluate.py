@@ -222,6 +222,31 @@ def test_bad_input_stops_with_one_clear_line(tmp_path, checkpoint, capsys, argum
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+class WritesAFileWhenUnpickled:
+    """A checkpoint that runs code when loaded the unsafe way (torch.load without weights_only)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "code ran"))
+
+
+def test_truncated_and_hostile_checkpoints_are_refused_in_one_line_and_run_nothing(tmp_path, checkpoint, capsys, tiny_dataset):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"model": WritesAFileWhenUnpickled(tmp_path / "pwned")}, hostile)
+    for path in (truncated, hostile):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--checkpoint", str(path), "--out", str(tmp_path / "out")])
+        error = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and error.startswith(f"error: checkpoint {path} cannot be read") and "\n" not in error
+        resumed = train(tmp_path, tiny_dataset, f"train.resume={path}", "log.run_name=resume", check=False)
+        assert resumed.returncode == 2 and resumed.stderr.strip() == error, resumed.stderr
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
 def test_training_validation_can_score_surface_distances(tmp_path, tiny_dataset):
     train(tmp_path, tiny_dataset, "train.epochs=1", "train.val_distances=true", "log.run_name=distances")
     rows = [json.loads(line) for line in (tmp_path / "distances" / "metrics.jsonl").read_text().splitlines()]

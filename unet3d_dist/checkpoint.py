@@ -7,6 +7,7 @@ with ``weights_only=True``. Files are written under a temporary name in the same
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
 import shutil
@@ -95,8 +96,13 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False, which would run the file's code
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: it holds objects other than tensors and plain values, so unet3d-train "
+            "did not write it, and it is not unpickled since that could run code"
+        ) from None
     except Exception as err:  # torch raises several types for damaged files
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})") from None
 
 
 def config_differences(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]], sections: tuple[str, ...]) -> list[str]:
