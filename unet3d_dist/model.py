@@ -117,27 +117,27 @@ def as_channels_last(tensor: torch.Tensor) -> torch.Tensor:
 
 def to_channels_last(model: nn.Module) -> nn.Module:
     """channels_last_3d for every conv weight except 1x1x1 kernels (whose two layouts are the same memory), and
-    gradients that keep their parameter's strides (see ``grad_with_strides_of``)."""
+    gradients that keep their parameter's strides (see ``grad_with_strides``)."""
     for module in model.modules():
         if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)) and module.weight.shape[2:] != (1, 1, 1):
             module.weight.data = as_channels_last(module.weight.data)
     for param in model.parameters():
-        param.register_hook(functools.partial(grad_with_strides_of, param))
+        param.register_hook(functools.partial(grad_with_strides, param.stride()))  # strides, not the param: no cycle
     return model
 
 
-def grad_with_strides_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
-    """``grad`` viewed with ``param``'s strides where the two differ only in size-1 dims (the same memory).
+def grad_with_strides(strides: tuple[int, ...], grad: torch.Tensor) -> torch.Tensor | None:
+    """``grad`` viewed with its parameter's ``strides`` where the two differ only in size-1 dims (the same memory).
 
     Which strides a convolution gives a weight's gradient in such dims depends on the backend and the thread count
     (oneDNN channels-last with several threads, the native kernel with one). Autograd accepts either, but DDP's
     gradient buckets copy, and warn, whenever a gradient's strides differ from its parameter's.
     """
-    if grad.stride() == param.stride() or grad.shape != param.shape:
+    if grad.stride() == strides:
         return None
-    dense = param.is_contiguous() or (param.dim() == 5 and param.is_contiguous(memory_format=torch.channels_last_3d))
-    if dense and all(g == p for g, p, size in zip(grad.stride(), param.stride(), grad.shape) if size != 1):
-        return grad.as_strided(grad.shape, param.stride())  # addresses exactly what grad does: a dense param's layout
+    dense = grad.is_contiguous() or (grad.dim() == 5 and grad.is_contiguous(memory_format=torch.channels_last_3d))
+    if dense and all(g == p for g, p, size in zip(grad.stride(), strides, grad.shape) if size != 1):
+        return grad.as_strided(grad.shape, strides)  # addresses exactly what grad does: the same dense layout
     return None
 
 
