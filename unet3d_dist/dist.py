@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import sys
 import threading
@@ -142,6 +143,9 @@ def distributed(device: str = "auto", timeout_s: int = 600, require_group: bool 
     finally:
         global _control_group
         _control_group = None
+        # Objects that hold the group (DDP's reducer) and are left only in reference cycles would otherwise be freed
+        # during interpreter shutdown, with gloo's worker threads still running: an abort at exit under load.
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 
