@@ -21,7 +21,7 @@ from torch import nn
 
 from .data.shards import ShardedDataset
 from .dist import DistEnv, gather_to_main
-from .inference import keep_largest_component, predict_labels, resample_to_shape, sliding_window_logits
+from .inference import InferenceStopped, keep_largest_component, predict_labels, resample_to_shape, sliding_window_logits
 from .masks import mask_path, save_mask
 from .metrics import case_metrics
 from .stop import STOP_SIGNALS
@@ -44,7 +44,7 @@ class EvalOptions:
     mask_format: str = "nifti"
     largest_component: bool = False  # keep each class's largest connected component only
     model_spacing: tuple[float, float, float] | None = None  # the training data's spacing, where it was resampled
-    stop_requested: Callable[[], bool] | None = None  # checked before each volume: a stopping run ends early
+    stop_requested: Callable[[], bool] | None = None  # asked before each window batch: a stopping run ends early
 
 
 def balanced_shards(sizes: dict[str, int], world_size: int) -> list[list[str]]:
@@ -116,6 +116,7 @@ def predict_case(model: nn.Module, dataset: ShardedDataset, case_id: str, option
         device=device,
         stitch_device=options.stitch_device,
         channels_last=options.channels_last,
+        stop_requested=options.stop_requested,
     )
     if tuple(logits.shape[1:]) != shape:
         logits = resample_to_shape(logits, shape)
@@ -136,10 +137,11 @@ def evaluate_cases(
     try:
         with metric_executor(options.metric_workers) as pool:
             for case_id in mine:
-                if options.stop_requested is not None and options.stop_requested():
-                    break
                 start = time.perf_counter()
-                prediction = predict_case(model, dataset, case_id, options, env.device)
+                try:
+                    prediction = predict_case(model, dataset, case_id, options, env.device)
+                except InferenceStopped:
+                    break  # the records so far are gathered as usual; the caller knows it asked to stop
                 seconds = time.perf_counter() - start
                 record = dataset.records[case_id]
                 reference = dataset.label(case_id)

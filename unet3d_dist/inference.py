@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import math
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import torch
@@ -62,6 +63,10 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     return [round(i * (size - patch) / (count - 1)) for i in range(count)]
 
 
+class InferenceStopped(Exception):
+    """A stop was requested between two window batches (see ``sliding_window_logits``' ``stop_requested``)."""
+
+
 @torch.no_grad()
 def sliding_window_logits(
     model: nn.Module,
@@ -77,10 +82,13 @@ def sliding_window_logits(
     device: torch.device | str = "cpu",
     stitch_device: torch.device | str | None = None,
     channels_last: bool = False,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Logits (num_classes, X, Y, Z) for ``image`` (C, X, Y, Z), as float32 on ``stitch_device`` (default: ``device``).
 
-    Volumes smaller than the patch are padded with ``pad_value`` and the padding is cut off again.
+    Volumes smaller than the patch are padded with ``pad_value`` and the padding is cut off again. ``stop_requested``
+    is asked before every window batch, so that a stopping run does not wait for a whole large volume; when it says
+    yes, InferenceStopped is raised.
     """
     device = torch.device(device)
     stitch_device = torch.device(stitch_device) if stitch_device is not None else device
@@ -96,6 +104,8 @@ def sliding_window_logits(
     corners = list(itertools.product(*starts))
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for first in range(0, len(corners), batch_size):
+        if stop_requested is not None and stop_requested():
+            raise InferenceStopped
         batch_corners = corners[first : first + batch_size]
         windows = torch.stack(
             [image[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]] for x, y, z in batch_corners]

@@ -311,7 +311,7 @@ class Trainer:
 
     def validate(self) -> bool | None:
         """The evaluator on the validation split, distributed over ranks; True if its mean Dice is the best so far,
-        None if a stop signal ended it early (each rank stops after its current volume).
+        None if a stop signal ended it early (each rank stops after its current batch of windows).
 
         Dice (and Jaccard) only by default; train.val_distances adds the surface distances, scored in worker processes.
         """
@@ -340,7 +340,7 @@ class Trainer:
         if is_best:
             self.state.best_dice = mean_dice
         hd95 = f", HD95 {means['hd95_mm']:.2f} mm" if distances else ""
-        self.logger.info(f"epoch {self.state.epoch}: validation Dice {mean_dice:.4f}{hd95} (best {self.state.best_dice:.4f})")
+        self.logger.info(f"epoch {self.state.epoch + 1}: validation Dice {mean_dice:.4f}{hd95} (best {self.state.best_dice:.4f})")
         return is_best
 
     def stop_for_requeue(self, checkpoint_saved: bool = False) -> int:
