@@ -11,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import direct_children, job_processes, signal_job, wait_until_gone
+from conftest import box_case, direct_children, job_processes, signal_job, wait_until_gone
 from test_train import TINY
+from unet3d_dist.data.shards import write_dataset
 
 HELPERS = Path(__file__).parent / "helpers"
 
@@ -157,6 +159,27 @@ def test_a_stop_signal_checkpoints_leaves_the_marker_and_the_same_command_resume
     assert final_state(tmp_path / "term")["train_state"]["global_step"] == 12 * 8 // (2 * world)
 
 
+def test_a_stop_during_validation_checkpoints_the_epoch_and_the_resumed_run_validates_it(tmp_path):
+    dataset = tmp_path / "dataset"  # a validation volume of hundreds of windows, so the stop lands inside it
+    cases = [box_case("a", (40, 36, 28), np.s_[10:20, 8:18, 5:15], "train", 1), box_case("v", (64, 64, 48), np.s_[20:40, 20:40, 10:30], "val", 2)]
+    write_dataset(dataset, cases, ["background", "box"], name="val", modality="CT", preprocessing={})
+    command = trainer(1) + overrides(dataset, tmp_path, "val", "train.epochs=2", WORKERS)
+    process = start(command)
+    for line in process.stdout:  # the epoch's last step is logged just before its validation starts
+        if "step 4/8" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    output = line + process.communicate(timeout=600)[0]
+    assert process.returncode == 75 and "validation Dice" not in output, output
+    state = final_state(tmp_path / "val")["train_state"]
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 4, 4)  # the finished, unvalidated epoch
+    resumed = run(command)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "epoch 1: validation Dice" in resumed.stdout and "epoch 2: validation Dice" in resumed.stdout
+    rows = [json.loads(line) for line in (tmp_path / "val" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val/dice" in r] == [4, 8]
+
+
 def test_ranks_whose_launcher_is_killed_stop_at_once_and_write_nothing_more(tmp_path, tiny_dataset):
     command = trainer(2) + overrides(tiny_dataset, tmp_path, "orphans", "train.epochs=40", "checkpoint.every_steps=2", WORKERS)
     run_dir = tmp_path / "orphans"
@@ -207,7 +230,7 @@ def test_two_node_rendezvous_on_localhost(tmp_path, tiny_dataset):
         start(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
              f"--rdzv_endpoint={endpoint}", "--rdzv_id=two-node-test", str(HELPERS / "ddp_agreement.py"), str(report)]
-            + overrides(tiny_dataset, tmp_path, "nodes", "train.epochs=2")
+            + overrides(tiny_dataset, tmp_path, "nodes", "train.epochs=2", WORKERS)
         )
         for _ in range(2)
     ]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from conftest import REPO
-from test_distributed import final_state, overrides, start, wait_for
+from test_distributed import WORKERS, final_state, overrides, start, wait_for
 
 TORCHRUN = (
     f"env PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=100 "
@@ -49,7 +49,7 @@ def test_dry_run_prints_the_command_and_runs_nothing(tmp_path):
 def test_local_sh_exits_75_after_sigterm_and_the_same_command_resumes(tmp_path, tiny_dataset, monkeypatch):
     monkeypatch.setenv("PYTHON", sys.executable)
     monkeypatch.setenv("NPROC", "2")
-    args = overrides(tiny_dataset, tmp_path, "local", "train.epochs=6", "checkpoint.every_steps=3")
+    args = overrides(tiny_dataset, tmp_path, "local", "train.epochs=6", "checkpoint.every_steps=3", WORKERS)
     command = [str(REPO / "launch" / "local.sh"), *args]
     run_dir = tmp_path / "local"
 
@@ -58,7 +58,7 @@ def test_local_sh_exits_75_after_sigterm_and_the_same_command_resumes(tmp_path, 
     os.killpg(process.pid, signal.SIGTERM)  # what Ctrl-C or Slurm does: the whole process group
     output, _ = process.communicate(timeout=240)
     assert process.returncode == 75, output
-    assert "world=2" in output and "stopped by SIGTERM" in output
+    assert "world=2" in output and "stopped by SIGTERM" in output and "DataLoader worker" not in output
     marker = json.loads((run_dir / "stopped_by_signal.json").read_text())
     assert (run_dir / "checkpoints" / f"ckpt-{marker['step']:08d}.pt").exists()
 
