@@ -240,7 +240,8 @@ def test_scancel_checkpoints_within_killwait_and_a_requeue_ends_bitwise_equal_to
     assert job["JobState"] == "CANCELLED", log
     marker = json.loads((run_dir / "stopped_by_signal.json").read_text())  # written before the SIGKILL
     assert marker["signal"] == "SIGTERM" and (run_dir / "checkpoints" / f"ckpt-{marker['step']:08d}.pt").exists(), log
-    assert "no requeue from this job" in log and "requeueing job" not in log and "Traceback" not in log, log
+    assert "no requeue from this job" in log and "requeueing job" not in log, log
+    assert "DataLoader worker" not in log and "[rank" not in log, log  # torchrun, signalled too, has a traceback of its own
 
     slurm.run("scontrol", "requeue", job_id)  # what a preemption with PreemptMode=REQUEUE does by itself
     job = wait_until(lambda: (j := slurm.job(job_id))["Restarts"] == "1" and j["JobState"] in FINISHED and j, f"job {job_id} to run again")
