@@ -20,7 +20,7 @@ import yaml
 
 from conftest import REPO, SHARED_DATA
 from unet3d_dist.data.preprocess import ct_window, map_labels, resample, zscore
-from unet3d_dist.data.readers import CaseError, array_xyz, image_xyz
+from unet3d_dist.data.readers import CaseError, array_xyz, image_xyz, read_image
 from unet3d_dist.data.shards import ShardedDataset, verify_dataset
 from unet3d_dist.prepare import main
 
@@ -128,6 +128,29 @@ def test_jpeg2000_dicom_series_is_paired_with_its_flipped_label_volume(tmp_path,
     hu = data.image("ct_dicom") * 225 + 25  # undo the [-200, 250] window
     liver = data.label("ct_dicom") == 1
     assert 60 < hu[liver].mean() < 130  # soft tissue: the mask lies on the liver, not on its mirror image
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("missing", "slices are unevenly spaced"),  # ITK would stack the rest as if nothing were missing
+        ("truncated", "file(s) are not readable slices of its series"),  # ITK would drop it without a word
+        ("stray", "file(s) are not readable slices of its series"),
+    ],
+)
+def test_a_broken_dicom_series_is_refused_with_its_reason(tmp_path, damage, message):
+    series = tmp_path / "series"
+    shutil.copytree(SHARED_DATA / "ct_dicom/series", series)
+    middle = sorted(series.iterdir())[10]
+    if damage == "missing":
+        middle.unlink()
+    elif damage == "truncated":
+        middle.write_bytes(middle.read_bytes()[:2000])
+    else:
+        (series / "notes.txt").write_text("not a slice")
+    with pytest.raises(CaseError, match=message) as error:
+        read_image(series)
+    assert str(series) in str(error.value)
 
 
 def test_lung_ct_nrrd_is_resampled_and_the_small_tumour_survives(tmp_path, capsys):
