@@ -1,6 +1,6 @@
 """DDP cost: step time of 1 rank against 2 ranks at equal per-rank work, and the gradient all-reduce alone.
 
-``python -m unet3d_dist.bench ddp`` launches itself three times under torchrun, one thread per process: 1 rank;
+``python -m unet3d_dist.bench ddp`` launches itself three times under torchrun, ``--threads`` per process (1): 1 rank;
 2 ranks stepping independently (no DDP: the reference for what two processes on one machine cost each other in
 memory bandwidth and cache); 2 ranks under DDP. DDP's own cost is the third against the second. The all-reduce is
 timed on a flat tensor of the model's gradient size, which is what DDP's buckets carry per step.
@@ -56,7 +56,7 @@ def launch(nproc: int, args: argparse.Namespace, out: Path, independent: bool = 
         *torchrun_command(nproc), "-m", "unet3d_dist.bench", "ddp", "--worker", str(out), "--steps", str(args.steps),
         "--batch", str(args.batch), "--crop", *map(str, args.crop), *(["--independent"] if independent else []),
     ]
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     return json.loads(out.read_text())
 
 
@@ -65,6 +65,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--crop", type=int, nargs=3, default=[64, 64, 48])
     parser.add_argument("--batch", type=int, default=2, help="crops per rank")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="threads per process (oneDNN picks other kernels with more than one)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/ddp.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--independent", action="store_true", help=argparse.SUPPRESS)
@@ -90,7 +91,7 @@ def main(argv: list[str]) -> None:
         "allreduce_gb_per_s": two["allreduce_bytes"] / ar / 1e9,
     }
     title = (
-        f"DDP on {one['threads']} thread per rank, crop {'x'.join(map(str, args.crop))}, batch {args.batch}/rank, "
+        f"DDP on {one['threads']} thread(s) per rank, crop {'x'.join(map(str, args.crop))}, batch {args.batch}/rank, "
         f"gradients {record['allreduce_mb']:.2f} MB"
     )
     report(title, ["measurement", "ms", "ratio to 1-rank step", "ratio to independent"], rows, record, args.out)
