@@ -174,7 +174,7 @@ def attempts(log: str) -> list[str]:
 def preempted_run(slurm, tiny_dataset, tmp_path_factory) -> tuple[dict[str, str], Path, str]:
     """slurm/train.sbatch on one node, sent SIGUSR1 with `scancel --signal=USR1` after its second step."""
     tmp = tmp_path_factory.mktemp("train-sbatch")
-    args = overrides(tiny_dataset, tmp, "single", "train.epochs=2", "checkpoint.every_steps=2", WORKERS)
+    args = overrides(tiny_dataset, tmp, "single", "train.epochs=8", "checkpoint.every_steps=2", "checkpoint.keep_last=40", WORKERS)
     job_id = slurm.submit("train.sbatch", *args, logs=tmp)
     slurm.wait_for_file(tmp / "single" / "checkpoints" / "ckpt-00000002.pt", job_id)
     slurm.run("scancel", "--signal=USR1", job_id)  # reaches the step's processes, like --signal=USR1@N
@@ -191,8 +191,8 @@ def test_train_sbatch_checkpoints_on_usr1_requeues_itself_and_resumes_to_the_end
     assert "srun: error: n1: task 0: Exited with exit code 75" in log
     assert "requeueing job" in log
     assert "resumed at epoch" in log and f", step {stopped[1]}\n" in log
-    assert f"done: {2 * 8 // 2} steps" in log
-    assert final_state(run_dir)["train_state"]["global_step"] == 2 * 8 // 2
+    assert f"done: {8 * 8 // 2} steps" in log
+    assert final_state(run_dir)["train_state"]["global_step"] == 8 * 8 // 2
     assert not (run_dir / "stopped_by_signal.json").exists()
 
 
@@ -212,8 +212,8 @@ def test_evaluate_sbatch_writes_per_volume_results(slurm, preempted_run, tiny_da
 
 
 def test_two_node_job_requeues_on_usr1_to_the_batch_shell_and_resumes(slurm, tiny_dataset, tmp_path):
-    steps = 3 * 8 // (2 * 2)  # 3 epochs of 8 crops, batch 2 on each of 2 ranks
-    args = overrides(tiny_dataset, tmp_path, "nodes", "train.epochs=3", "checkpoint.every_steps=2", WORKERS)
+    steps = 8 * 8 // (2 * 2)  # 8 epochs of 8 crops, batch 2 on each of 2 ranks
+    args = overrides(tiny_dataset, tmp_path, "nodes", "train.epochs=8", "checkpoint.every_steps=2", "checkpoint.keep_last=40", WORKERS)
     job_id = slurm.submit("train_multinode.sbatch", *args, logs=tmp_path)
     slurm.wait_for_file(tmp_path / "nodes" / "checkpoints" / "ckpt-00000002.pt", job_id)
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)  # only the batch shell, like --signal=B:USR1@N
