@@ -49,7 +49,7 @@ def test_dry_run_prints_the_command_and_runs_nothing(tmp_path):
 def test_local_sh_exits_75_after_sigterm_and_the_same_command_resumes(tmp_path, tiny_dataset, monkeypatch):
     monkeypatch.setenv("PYTHON", sys.executable)
     monkeypatch.setenv("NPROC", "2")
-    args = overrides(tiny_dataset, tmp_path, "local", "train.epochs=6", "checkpoint.every_steps=3", WORKERS)
+    args = overrides(tiny_dataset, tmp_path, "local", "train.epochs=6", "checkpoint.every_steps=3", "train.val_every=3", WORKERS)
     command = [str(REPO / "launch" / "local.sh"), *args]
     run_dir = tmp_path / "local"
 

@@ -174,7 +174,7 @@ def attempts(log: str) -> list[str]:
 def preempted_run(slurm, tiny_dataset, tmp_path_factory) -> tuple[dict[str, str], Path, str]:
     """slurm/train.sbatch on one node, sent SIGUSR1 with `scancel --signal=USR1` after its second step."""
     tmp = tmp_path_factory.mktemp("train-sbatch")
-    args = overrides(tiny_dataset, tmp, "single", "train.epochs=8", "checkpoint.every_steps=2", "checkpoint.keep_last=40", WORKERS)
+    args = overrides(tiny_dataset, tmp, "single", "train.epochs=8", "checkpoint.every_steps=2", "checkpoint.keep_last=40", "train.val_every=4", WORKERS)
     job_id = slurm.submit("train.sbatch", *args, logs=tmp)
     slurm.wait_for_file(tmp / "single" / "checkpoints" / "ckpt-00000002.pt", job_id)
     slurm.run("scancel", "--signal=USR1", job_id)  # reaches the step's processes, like --signal=USR1@N
@@ -213,7 +213,7 @@ def test_evaluate_sbatch_writes_per_volume_results(slurm, preempted_run, tiny_da
 
 def test_two_node_job_requeues_on_usr1_to_the_batch_shell_and_resumes(slurm, tiny_dataset, tmp_path):
     steps = 8 * 8 // (2 * 2)  # 8 epochs of 8 crops, batch 2 on each of 2 ranks
-    args = overrides(tiny_dataset, tmp_path, "nodes", "train.epochs=8", "checkpoint.every_steps=2", "checkpoint.keep_last=40", WORKERS)
+    args = overrides(tiny_dataset, tmp_path, "nodes", "train.epochs=8", "checkpoint.every_steps=2", "checkpoint.keep_last=40", "train.val_every=4", WORKERS)
     job_id = slurm.submit("train_multinode.sbatch", *args, logs=tmp_path)
     slurm.wait_for_file(tmp_path / "nodes" / "checkpoints" / "ckpt-00000002.pt", job_id)
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)  # only the batch shell, like --signal=B:USR1@N
