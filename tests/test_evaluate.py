@@ -19,10 +19,11 @@ from medpy.metric import binary as medpy
 from conftest import box_case
 from test_distributed import torchrun
 from test_train import TINY, train
+from unet3d_dist.checkpoint import dataset_entry, inference_checkpoint, inference_model, read_checkpoint
 from unet3d_dist.config import load_config
 from unet3d_dist.data.shards import ShardedDataset, write_dataset
 from unet3d_dist.evaluate import UNFINISHED, main
-from unet3d_dist.evaluator import EvalOptions, predict_case
+from unet3d_dist.scoring import ScoringOptions, predict_case
 from unet3d_dist.masks import load_mask
 from unet3d_dist.model import build_model
 
@@ -54,7 +55,7 @@ def checkpoint(tmp_path_factory, five_cases) -> Path:
     model = build_model(cfg.model, 1, len(CLASSES))
     path = tmp_path_factory.mktemp("run") / "tiny" / "checkpoints" / "best.pt"
     path.parent.mkdir(parents=True)
-    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "dataset": {"classes": CLASSES}}, path)
+    torch.save(inference_checkpoint(model, cfg, dataset_entry(ShardedDataset(five_cases))), path)
     return path
 
 
@@ -102,12 +103,9 @@ def test_every_test_case_is_scored_once_and_matches_medpy_on_the_saved_masks(sin
 
 def test_masks_carry_the_scan_geometry_and_the_prediction(single_process, five_cases, checkpoint):
     dataset = ShardedDataset(five_cases)
-    saved = torch.load(checkpoint, weights_only=True)
-    cfg = load_config(None, [f"data.dataset={five_cases}", *TINY])
-    model = build_model(cfg.model, 1, len(CLASSES))
-    model.load_state_dict(saved["model"])
-    model = model.to(memory_format=torch.channels_last_3d).eval()  # as the command does (train.channels_last)
-    options = EvalOptions(patch=cfg.data.crop, channels_last=True)
+    saved, cfg = read_checkpoint(checkpoint)
+    model = inference_model(saved, cfg, torch.device("cpu"))  # as the command builds it
+    options = ScoringOptions(patch=cfg.data.crop, channels_last=True)
     for case_id in ("small", "border"):
         image = sitk.ReadImage(str(single_process / "masks" / f"{case_id}.nii.gz"))
         record = dataset.records[case_id]

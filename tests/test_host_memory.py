@@ -14,7 +14,7 @@ SIXTY_FOUR_MB = 64 * 2**20
 
 WHERE_A_64_MB_TENSOR_LIVES = """
 import contextlib, ctypes, sys, torch
-from unet3d_dist.dist import distributed
+from unet3d_dist.dist import runtime
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -22,7 +22,7 @@ class MallInfo2(ctypes.Structure):
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
-with distributed("cpu") if sys.argv[1] == "cpu job" else contextlib.nullcontext():
+with runtime("cpu") if sys.argv[1] == "cpu job" else contextlib.nullcontext():
     heap = libc.mallinfo2().arena  # bytes the heap holds
     tensor = torch.ones(16 * 2**20)  # 64 MB, above glibc's largest mmap threshold
     mapped = libc.mallinfo2().hblkhd  # bytes in blocks glibc mapped for themselves

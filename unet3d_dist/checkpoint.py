@@ -1,8 +1,15 @@
-"""Checkpoint files: atomic save, keep-last-k plus best, and loading only complete files.
+"""Checkpoints: the one place that knows what they hold, how they are written, read, checked and used.
 
 A checkpoint is a dict of plain state dicts (no ``module.`` or ``_orig_mod.`` prefixes) and Python scalars, loaded
-with ``weights_only=True``. Files are written under a temporary name in the same folder, fsynced and renamed, so
-``ckpt-<step>.pt`` either exists complete or not at all.
+with ``weights_only=True``:
+
+- for inference (evaluate, predict): ``model``, ``config`` (the resolved Config as a dict) and ``dataset`` (the
+  training data's classes, modality and preprocessing, which predict repeats on new scans);
+- to resume training exactly, also ``optimizer``, ``scheduler``, ``scaler``, ``train_state`` (epoch, step within the
+  epoch, global step, best Dice, non-finite steps in a row), ``rng`` (every rank's generators) and ``run_id``.
+
+Files are written under a temporary name in the same folder, fsynced and renamed, so ``ckpt-<step>.pt`` either
+exists complete or not at all.
 """
 
 from __future__ import annotations
@@ -17,15 +24,95 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from .data.shards import atomic_write
+from .config import Config, ConfigError, config_from_dict
+from .data.shards import ShardedDataset
+from .files import atomic_write, remove_unfinished
+from .model import build_model, to_channels_last
 
 PATTERN = re.compile(r"^ckpt-(\d{8})\.pt$")
 BEST = "best.pt"
 
 
+INFERENCE_KEYS = ("model", "config", "dataset")
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "train_state", "rng", "run_id")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded or does not fit the current run."""
+
+
+def dataset_entry(dataset: ShardedDataset) -> dict[str, Any]:
+    """What a checkpoint records of its training data: classes, modality and the preprocessing predict repeats."""
+    return {
+        "classes": dataset.classes,
+        "modality": dataset.manifest.get("modality", ""),
+        "preprocessing": dataset.manifest.get("preprocessing", {}),
+    }
+
+
+def inference_checkpoint(model: nn.Module, cfg: Config, dataset: dict[str, Any]) -> dict[str, Any]:
+    """What evaluate and predict need: the weights, the resolved config and the training data's ``dataset_entry``."""
+    return {"model": model.state_dict(), "config": cfg.to_dict(), "dataset": dataset}
+
+
+def training_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    train_state: dict[str, Any],
+    rngs: list[dict[str, Any]],
+    cfg: Config,
+    dataset: dict[str, Any],
+    run_id: str,
+) -> dict[str, Any]:
+    """Everything a resumed run needs to continue exactly where this one is."""
+    return {
+        **inference_checkpoint(model, cfg, dataset),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "train_state": train_state,
+        "rng": rngs,
+        "run_id": run_id,
+    }
+
+
+def restore_training(
+    checkpoint: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Load the weights and optimizer, schedule and scaler states; return the train state and every rank's RNGs."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint["train_state"], checkpoint["rng"]
+
+
+def read_checkpoint(path: Path, resume: bool = False) -> tuple[dict[str, Any], Config]:
+    """A checkpoint with every entry that inference (or, with ``resume``, training) needs, and its Config."""
+    checkpoint = load_checkpoint(path)
+    missing = [key for key in INFERENCE_KEYS + (RESUME_KEYS if resume else ()) if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} entry: it was not written by unet3d-train")
+    try:
+        return checkpoint, config_from_dict(checkpoint["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {path} holds a config this version cannot use: {err}") from None
+
+
+def inference_model(checkpoint: dict[str, Any], cfg: Config, device: torch.device) -> nn.Module:
+    """The checkpoint's model on ``device``, in eval mode and the memory format it was trained in."""
+    model = build_model(cfg.model, in_channels=1, num_classes=len(checkpoint["dataset"]["classes"]))
+    model.load_state_dict(checkpoint["model"])
+    model.to(device).eval()
+    return to_channels_last(model) if cfg.train.channels_last else model
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -75,9 +162,8 @@ class Checkpointer:
         return path, time.perf_counter() - start
 
     def remove_unfinished(self) -> None:
-        """Delete the temporary files of writers that were killed mid-write (called by the run directory's holder)."""
-        for leftover in self.dir.glob(".tmp-*") if self.dir.is_dir() else []:
-            leftover.unlink(missing_ok=True)
+        """Delete what writers killed mid-write left (called by the run directory's holder)."""
+        remove_unfinished(self.dir)
 
     def complete(self) -> list[Path]:
         """Complete step checkpoints, oldest first (temporary files never match the pattern)."""

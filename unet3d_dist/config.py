@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .files import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message names the key."""
@@ -151,9 +153,7 @@ class Config:
 
     def dump(self, path: Path) -> None:
         """Write the resolved configuration as YAML (atomically, since resumes read it back)."""
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:

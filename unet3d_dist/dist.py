@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
+import torch.distributed as c10d
 
 from .host_memory import keep_freed_memory
 
@@ -37,7 +37,7 @@ class DistEnv:
         return self.rank == 0
 
     @property
-    def distributed(self) -> bool:
+    def multi_rank(self) -> bool:
         return self.world_size > 1
 
 
@@ -108,16 +108,16 @@ def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta)
     env = os.environ
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
+    store = c10d.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
     attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return {"store": dist.PrefixStore(f"/unet3d_dist/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
+    return {"store": c10d.PrefixStore(f"/unet3d_dist/attempt_{attempt}", store), "rank": rank, "world_size": world_size}
 
 
 _control_group: Any = None
 
 
 @contextlib.contextmanager
-def distributed(device: str = "auto", timeout_s: int = 600, require_group: bool = False) -> Iterator[DistEnv]:
+def runtime(device: str = "auto", timeout_s: int = 600, require_group: bool = False) -> Iterator[DistEnv]:
     """Join the process group (nccl on CUDA, gloo otherwise) and always leave it, even on errors.
 
     A world of one gets no group unless ``require_group`` (the GPU check exercises NCCL on a single GPU).
@@ -128,11 +128,11 @@ def distributed(device: str = "auto", timeout_s: int = 600, require_group: bool 
     exit_when_launcher_dies(rank)
     if env.device.type == "cpu":
         keep_freed_memory()
-    if (env.distributed or require_group) and not dist.is_initialized():
+    if (env.multi_rank or require_group) and not c10d.is_initialized():
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world_size))
         timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(
+        c10d.init_process_group(
             backend="nccl" if env.device.type == "cuda" else "gloo",
             timeout=timeout,
             device_id=env.device if env.device.type == "cuda" else None,
@@ -146,53 +146,59 @@ def distributed(device: str = "auto", timeout_s: int = 600, require_group: bool 
         # Objects that hold the group (DDP's reducer) and are left only in reference cycles would otherwise be freed
         # during interpreter shutdown, with gloo's worker threads still running: an abort at exit under load.
         gc.collect()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if c10d.is_initialized():
+            c10d.destroy_process_group()
+
+
+def default_workers(env: DistEnv) -> int:
+    """One loader worker per spare core of this rank's share of the machine, at least 1, at most 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores // env.local_world_size - 1))
 
 
 def _cpu_group() -> Any:
     """A gloo group for small host-side agreements, so NCCL jobs need no GPU sync for them."""
     global _control_group
     if _control_group is None:
-        _control_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        _control_group = c10d.new_group(backend="gloo") if c10d.get_backend() != "gloo" else c10d.group.WORLD
     return _control_group
 
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank (one all-reduce)."""
-    if not dist.is_initialized():
+    if not c10d.is_initialized():
         return flag
     value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_cpu_group())
+    c10d.all_reduce(value, op=c10d.ReduceOp.MAX, group=_cpu_group())
     return bool(value.item())
 
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     """Average a tensor over ranks (in place semantics are avoided: returns a new tensor)."""
-    if not dist.is_initialized():
+    if not c10d.is_initialized():
         return values
     values = values.clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values / dist.get_world_size()
+    c10d.all_reduce(values, op=c10d.ReduceOp.SUM)
+    return values / c10d.get_world_size()
 
 
 def gather_to_main(obj: Any) -> list[Any] | None:
     """Collect one picklable object per rank on rank 0 (others get None)."""
-    if not dist.is_initialized():
+    if not c10d.is_initialized():
         return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0, group=_cpu_group())
+    out = [None] * c10d.get_world_size() if c10d.get_rank() == 0 else None
+    c10d.gather_object(obj, out, dst=0, group=_cpu_group())
     return out
 
 
 def broadcast_from_main(obj: Any) -> Any:
-    if not dist.is_initialized():
+    if not c10d.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, group=_cpu_group())
+    c10d.broadcast_object_list(box, src=0, group=_cpu_group())
     return box[0]
 
 
 def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier(group=_cpu_group())
+    if c10d.is_initialized():
+        c10d.barrier(group=_cpu_group())

@@ -20,27 +20,29 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, load_checkpoint, run_dir_of
-from .config import Config, ConfigError, config_from_dict
-from .data.shards import DatasetError, ShardedDataset, atomic_write
+from .checkpoint import CheckpointError, inference_model, read_checkpoint, run_dir_of
+from .config import Config, ConfigError
+from .data.shards import DatasetError, ShardedDataset
+from .data.source import open_dataset
 from .data.splits import run_cases
-from .dist import barrier, distributed
-from .evaluator import EvalOptions, evaluate_cases
+from .dist import barrier, default_workers, runtime
+from .files import atomic_write, atomic_write_text
 from .logger import RunLogger, new_run_id
 from .masks import load_mask, mask_path
-from .model import DIVISOR, build_model, to_channels_last
+from .model import DIVISOR
+from .precision import resolve_amp
 from .report import slice_panel
 from .results import json_ready, metric_columns, summarize, write_csv, write_json
-from .train import default_workers, open_dataset, resolve_amp
+from .scoring import ScoringOptions, score_cases
 
 RESULTS_JSON = "results.json"
 UNFINISHED = "unfinished.txt"
 OUTPUTS = (RESULTS_JSON, "results.csv", "masks/", "panels/")  # what a run clears first; results.json first of all
 REPLACED = f"{', '.join(OUTPUTS[:-1])} and {OUTPUTS[-1]}"
-CHECKPOINT_KEYS = ("model", "config", "dataset")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,17 +81,6 @@ def default_out(checkpoint: Path, split: str) -> Path:
     return run_dir_of(checkpoint) / f"eval-{split}"
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, Any], Config]:
-    checkpoint = load_checkpoint(path)
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} entry: it was not written by unet3d-train")
-    try:
-        return checkpoint, config_from_dict(checkpoint["config"])
-    except ConfigError as err:
-        raise CheckpointError(f"checkpoint {path} holds a config this version cannot use: {err}") from None
-
-
 def check_arguments(args: argparse.Namespace, out: Path) -> None:
     if args.patch and any(side < DIVISOR or side % DIVISOR for side in args.patch):
         raise ConfigError(f"--patch must be multiples of {DIVISOR} (the UNet halves each side 3 times), not {args.patch}")
@@ -122,7 +113,7 @@ def claim_out(out: Path, args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     note = (f"unet3d-evaluate of {args.checkpoint} on split {args.split!r} is writing this folder; this file is removed "
             f"once {RESULTS_JSON} is written. If that run stopped, rerun it to finish.\n")
-    atomic_write(out / UNFINISHED, lambda tmp: Path(tmp).write_text(note))
+    atomic_write_text(out / UNFINISHED, note)
     for path in (out / name for name in OUTPUTS):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -147,7 +138,7 @@ def check_dataset(dataset: ShardedDataset, split: str, checkpoint: dict[str, Any
     return case_ids
 
 
-def draw_panels(records: list[dict[str, Any]], dataset: ShardedDataset, options: EvalOptions, folder: Path, count: int) -> None:
+def draw_panels(records: list[dict[str, Any]], dataset: ShardedDataset, options: ScoringOptions, folder: Path, count: int) -> None:
     """Slice pictures of the ``count`` cases with the lowest mean Dice (all of them when there are no more)."""
     by_case: dict[str, list[dict[str, Any]]] = {}
     for record in records:
@@ -166,29 +157,41 @@ def draw_panels(records: list[dict[str, Any]], dataset: ShardedDataset, options:
         atomic_write(folder / f"{case_id}.png", draw)
 
 
-def write_outputs(records: list[dict[str, Any]], dataset: ShardedDataset, options: EvalOptions, args: argparse.Namespace,
-                  cfg: Config, out: Path, logger: RunLogger) -> None:
+@dataclass(frozen=True)
+class Request:
+    """What was evaluated and where it goes: recorded in results.json and in the wandb run's config."""
+
+    checkpoint: Path
+    dataset: Path
+    split: str
+    out: Path
+    panels: int
+
+
+def write_outputs(records: list[dict[str, Any]], dataset: ShardedDataset, options: ScoringOptions, request: Request,
+                  cfg: Config, wandb_mode: str, logger: RunLogger) -> None:
     """Rank 0: panels, CSV, summary table, wandb, and the JSON last; only then is the folder no longer unfinished."""
+    out, split = request.out, request.split
     summary = summarize(records)
-    if args.panels > 0:
-        draw_panels(records, dataset, options, out / "panels", args.panels)
+    if request.panels > 0:
+        draw_panels(records, dataset, options, out / "panels", request.panels)
     write_csv(out / "results.csv", records)
     logger.table(
-        f"{args.split}: {len({r['case'] for r in records})} cases ({dataset.root})",
+        f"{split}: {len({r['case'] for r in records})} cases",
         ["class", "metric", "mean ± std", "median", "n", "undefined"],
         [[row["class"], row["metric"], f"{row['mean']:.4g} ± {row['std']:.3g}", f"{row['median']:.4g}", row["n"], row["undefined"]]
          for row in summary],
     )
-    logger.start_wandb(args.wandb or cfg.log.wandb, cfg.log.wandb_project, f"{cfg.log.run_name}-eval-{args.split}", new_run_id(),
-                       {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+    record = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(request).items()}
+    logger.start_wandb(wandb_mode, cfg.log.wandb_project, f"{cfg.log.run_name}-eval-{split}", new_run_id(), record)
     columns = list(records[0])
-    logger.log_table(0, f"eval/{args.split}/cases", columns, [[json_ready(r.get(c)) for c in columns] for r in records])
-    logger.log_media(0, {f"eval/{args.split}/{row['class']}/{row['metric']}": row["mean"] for row in summary})
+    logger.log_table(0, f"eval/{split}/cases", columns, [[json_ready(r.get(c)) for c in columns] for r in records])
+    logger.log_media(0, {f"eval/{split}/{row['class']}/{row['metric']}": row["mean"] for row in summary})
     logger.finish()
-    write_json(out / RESULTS_JSON, {"checkpoint": str(args.checkpoint), "dataset": str(dataset.root), "split": args.split,
-                                    "metrics": metric_columns(records), "summary": summary, "cases": records})
+    write_json(out / RESULTS_JSON, {**record, "metrics": metric_columns(records), "summary": summary, "cases": records})
     (out / UNFINISHED).unlink()
-    logger.info(f"[bold green]done[/]: {len(records)} records in {out / 'results.csv'} and {out / RESULTS_JSON}; masks in {out / 'masks'}")
+    panels = f"; slice panels in {out / 'panels'}" if request.panels > 0 else ""
+    logger.info(f"[bold green]done[/]: {len(records)} records in {out / 'results.csv'} and {out / RESULTS_JSON}; masks in {out / 'masks'}{panels}")
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -197,15 +200,13 @@ def evaluate(args: argparse.Namespace) -> None:
         cfg.data.dataset = args.data
     out = args.out or default_out(args.checkpoint, args.split)
     check_arguments(args, out)
-    with distributed(args.device) as env:
-        dataset = open_dataset(cfg, env)
+    with runtime(args.device) as env:
+        dataset = open_dataset(cfg.data, env)
         case_ids = check_dataset(dataset, args.split, checkpoint, args.checkpoint, cfg)
         if env.is_main:
             claim_out(out, args)
         barrier()  # no rank writes a mask before the folder is claimed and cleared
-        model = build_model(cfg.model, 1, dataset.num_classes)
-        model.load_state_dict(checkpoint["model"])
-        options = EvalOptions(
+        options = ScoringOptions(
             patch=tuple(args.patch or cfg.data.crop),
             overlap=cfg.inference.overlap if args.overlap is None else args.overlap,
             batch_size=args.batch_size or cfg.train.batch_size,
@@ -226,12 +227,11 @@ def evaluate(args: argparse.Namespace) -> None:
             f"world={env.world_size}  device={env.device.type}  patch={'x'.join(map(str, options.patch))}  "
             f"overlap={options.overlap}  metric workers/rank={options.metric_workers}"
         )
-        model = model.to(env.device)
-        if options.channels_last:
-            to_channels_last(model)
-        records = evaluate_cases(model, dataset, case_ids, env, options)
+        model = inference_model(checkpoint, cfg, env.device)
+        records = score_cases(model, dataset, case_ids, env, options)
         if records is not None:
-            write_outputs(records, dataset, options, args, cfg, out, logger)
+            request = Request(args.checkpoint, dataset.root, args.split, out, args.panels)
+            write_outputs(records, dataset, options, request, cfg, args.wandb or cfg.log.wandb, logger)
 
 
 def main(argv: list[str] | None = None) -> None:

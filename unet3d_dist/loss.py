@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import LossConfig
+
 
 class DiceCELoss(nn.Module):
     def __init__(
@@ -74,6 +76,6 @@ class DeepSupervisionLoss(nn.Module):
         return loss
 
 
-def build_loss(cfg_loss, deep_supervision: bool) -> nn.Module:
-    loss = DiceCELoss(cfg_loss.dice_weight, cfg_loss.ce_weight, cfg_loss.include_background, cfg_loss.batch_dice, cfg_loss.smooth)
+def build_loss(cfg: LossConfig, deep_supervision: bool) -> nn.Module:
+    loss = DiceCELoss(cfg.dice_weight, cfg.ce_weight, cfg.include_background, cfg.batch_dice, cfg.smooth)
     return DeepSupervisionLoss(loss) if deep_supervision else loss

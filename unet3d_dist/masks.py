@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import SimpleITK as sitk
 
-from .data.shards import atomic_write
+from .files import atomic_write
 
 SUFFIXES = {"nifti": ".nii.gz", "hdf5": ".h5"}
 GEOMETRY = ("spacing", "origin", "direction")

@@ -7,6 +7,8 @@ import functools
 import torch
 from torch import nn
 
+from .config import ModelConfig
+
 LEVELS = 4
 DIVISOR = 2 ** (LEVELS - 1)
 
@@ -141,8 +143,8 @@ def grad_with_strides(strides: tuple[int, ...], grad: torch.Tensor) -> torch.Ten
     return None
 
 
-def build_model(cfg_model, in_channels: int, num_classes: int) -> ResUNet3D:
-    return ResUNet3D(in_channels, num_classes, cfg_model.widths, cfg_model.norm, cfg_model.deep_supervision)
+def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> ResUNet3D:
+    return ResUNet3D(in_channels, num_classes, cfg.widths, cfg.norm, cfg.deep_supervision)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -24,17 +24,16 @@ from typing import Any
 import SimpleITK as sitk
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, run_dir_of
-from .config import ConfigError, config_from_dict
+from .checkpoint import CheckpointError, inference_model, read_checkpoint, run_dir_of
+from .config import Config, ConfigError
 from .data.preprocess import CANONICAL_ORIENTATION, axes_smaller, dims, model_input, onto_grid, reorient
 from .data.readers import CaseError, array_xyz, check_finite, image_xyz, read_image, strip_suffix
-from .data.shards import atomic_write
-from .dist import distributed, gather_to_main
-from .evaluator import balanced_shards
+from .dist import gather_to_main, runtime
+from .files import atomic_write
 from .inference import keep_largest_component, predict_labels, sliding_window_logits
-from .model import build_model, to_channels_last
+from .precision import resolve_amp
 from .report import slice_panel
-from .train import resolve_amp
+from .scoring import balanced_shards
 
 EXIT_SKIPPED = 3
 
@@ -42,20 +41,15 @@ EXIT_SKIPPED = 3
 class Predictor:
     """A trained model with the preprocessing and patch its training used."""
 
-    def __init__(self, checkpoint: dict[str, Any], device: torch.device, overlap: float | None, batch_size: int):
-        cfg = config_from_dict(checkpoint["config"])
+    def __init__(self, checkpoint: dict[str, Any], cfg: Config, device: torch.device, overlap: float | None, batch_size: int):
         self.inference = cfg.inference
         self.classes: list[str] = checkpoint["dataset"]["classes"]
         self.preprocessing: dict[str, Any] = checkpoint["dataset"]["preprocessing"]
         if "normalization" not in self.preprocessing:
             raise CheckpointError("the checkpoint's dataset records no preprocessing.normalization, so new scans cannot be prepared like its training data")
         self.patch = tuple(cfg.data.crop)
-        self.model = build_model(cfg.model, in_channels=1, num_classes=len(self.classes))
-        self.model.load_state_dict(checkpoint["model"])
-        self.model.to(device).eval()
+        self.model = inference_model(checkpoint, cfg, device)
         self.channels_last = cfg.train.channels_last
-        if self.channels_last:
-            to_channels_last(self.model)
         self.device, self.batch_size = device, batch_size
         self.overlap = cfg.inference.overlap if overlap is None else overlap
         self.amp_dtype = resolve_amp("auto", device)
@@ -153,11 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = args.out or default_out(args.checkpoint)
     try:
-        checkpoint = load_checkpoint(args.checkpoint)
+        checkpoint, cfg = read_checkpoint(args.checkpoint)
         paths = output_paths(args.inputs, out, args.overwrite)
         out.mkdir(parents=True, exist_ok=True)
-        with distributed(args.device) as env:
-            predictor = Predictor(checkpoint, env.device, args.overlap, args.batch_size)
+        with runtime(args.device) as env:
+            predictor = Predictor(checkpoint, cfg, env.device, args.overlap, args.batch_size)
             rank_prefix = f"rank {env.rank} " if env.world_size > 1 else ""
             failures = []
             for name in balanced_shards({str(p): input_bytes(p) for p in args.inputs}, env.world_size)[env.rank]:

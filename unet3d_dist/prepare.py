@@ -38,8 +38,9 @@ from .data.cases import prepare_case
 from .data.layouts import Source, find_cases
 from .data.readers import CaseError
 from .data.recipe import Recipe, SplitSpec, load_recipe
+from .files import atomic_write_text, remove_unfinished
 from .data.shards import (
-    MANIFEST, DatasetError, atomic_write, new_manifest, read_shard_notes, shard_entry, verify_dataset, write_manifest, write_shard,
+    MANIFEST, DatasetError, new_manifest, read_shard_notes, shard_entry, verify_dataset, write_manifest, write_shard,
 )
 
 EXIT_SKIPPED = 3
@@ -96,8 +97,7 @@ def open_workspace(out: Path, plan: dict[str, Any], overwrite: bool) -> Path:
     partial = out.with_name(out.name + ".partial")
     if (partial / PLAN).is_file():
         if json.loads((partial / PLAN).read_text()) == plan:
-            for leftover in partial.glob(".tmp-*"):  # a shard the crash interrupted
-                leftover.unlink()
+            remove_unfinished(partial)  # a shard the crash interrupted
             return partial
         if not overwrite:
             raise DatasetError(
@@ -108,7 +108,7 @@ def open_workspace(out: Path, plan: dict[str, Any], overwrite: bool) -> Path:
     elif partial.is_dir() and any(partial.iterdir()):
         raise DatasetError(f"{partial} exists and was not made by prepare; move it away (nothing was changed)")
     partial.mkdir(parents=True, exist_ok=True)
-    atomic_write(partial / PLAN, lambda tmp: Path(tmp).write_text(json.dumps(plan, indent=1)))
+    atomic_write_text(partial / PLAN, json.dumps(plan, indent=1))
     return partial
 
 
@@ -210,7 +210,7 @@ def prepare(recipe: Recipe, inputs: list[Path], out: Path, *, jobs: int, overwri
             entries.append(shard_entry(path, [r["id"] for r in shard_records]))
         else:
             path.unlink()  # every case of this shard was skipped
-    summarize(console, records, skipped, warnings, entries, time.perf_counter() - start)
+    print_summary(console, records, skipped, warnings, entries, time.perf_counter() - start)
     if not records:
         shutil.rmtree(partial)
         raise DatasetError(f"no case of {', '.join(map(str, inputs))} could be prepared; nothing was written")
@@ -221,7 +221,7 @@ def prepare(recipe: Recipe, inputs: list[Path], out: Path, *, jobs: int, overwri
     return EXIT_SKIPPED if skipped else 0
 
 
-def summarize(console: Console, records: list[dict], skipped: list[dict], warnings: dict[str, list[str]], entries: list[dict], seconds: float) -> None:
+def print_summary(console: Console, records: list[dict], skipped: list[dict], warnings: dict[str, list[str]], entries: list[dict], seconds: float) -> None:
     """Counts per split, then every skipped case and every warning with its reason."""
     per_split = {name: sum(r["split"] == name for r in records) for name in sorted({r["split"] for r in records})}
     size = sum(e["bytes"] for e in entries) / 1e6

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .data.shards import atomic_write
+from .files import atomic_write, atomic_write_text
 from .metrics import DISTANCE_COLUMNS, SCORE_COLUMNS
 
 METRIC_COLUMNS = SCORE_COLUMNS + DISTANCE_COLUMNS
@@ -73,7 +73,7 @@ def json_ready(value: Any) -> Any:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     text = json.dumps(json_ready(payload), indent=1, allow_nan=False)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write_text(path, text + "\n")
 
 
 def write_csv(path: Path, records: list[dict[str, Any]]) -> None:

@@ -10,14 +10,14 @@ import torch
 import torch.distributed as dist
 
 from unet3d_dist.config import load_config
-from unet3d_dist.dist import distributed, gather_to_main
-from unet3d_dist.train import Trainer
+from unet3d_dist.dist import runtime, gather_to_main
+from unet3d_dist.trainer import Trainer
 
 
 def main() -> None:
     """A function, so that the trainer (and DDP, which holds the process group) is gone before the group is."""
     cfg = load_config(None, sys.argv[2:])
-    with distributed(cfg.train.device, 60) as env:
+    with runtime(cfg.train.device, 60) as env:
         trainer = Trainer(cfg, env)
         trainer.sampler.set_epoch(0)
         keys = list(trainer.sampler)

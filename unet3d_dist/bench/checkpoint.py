@@ -13,29 +13,23 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpointer, load_checkpoint, rng_state
+from ..checkpoint import Checkpointer, load_checkpoint, rng_state, training_checkpoint
 from ..config import Config
-from ..loss import DiceCELoss
 from ..model import build_model
+from ..step import TrainStep
 from .common import report, timeit
 
 
 def training_state() -> dict:
-    """A checkpoint as the trainer writes it, after one real step so the momentum buffers exist."""
+    """A checkpoint as the trainer writes it, after one real training step so the momentum buffers exist."""
     cfg = Config()
     model = build_model(cfg.model, 1, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True)
+    step = TrainStep(model, cfg, torch.device("cpu"), total_steps=100)
     image = torch.randn(1, 1, 32, 32, 32)
-    DiceCELoss()(model(image), (image[:, 0] > 1).long()).backward()
-    optimizer.step()
-    return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "train_state": {"epoch": 1, "step_in_epoch": 3, "global_step": 53},
-        "rng": [rng_state()],
-        "config": cfg.to_dict(),
-        "run_id": "bench",
-    }
+    step(image, (image[:, 0] > 1).long())
+    train_state = {"epoch": 1, "step_in_epoch": 3, "global_step": 53, "best_dice": 0.5, "nonfinite_in_row": 0}
+    dataset = {"classes": ["background", "foreground"], "modality": "CT", "preprocessing": {}}
+    return training_checkpoint(model, step.optimizer, step.scheduler, step.scaler, train_state, [rng_state()], cfg, dataset, "bench")
 
 
 def main(argv: list[str]) -> None:

@@ -16,36 +16,31 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+import torch.distributed as c10d
 
-from ..dist import distributed, torchrun_command
-from ..loss import DiceCELoss
-from ..model import ResUNet3D, as_channels_last, count_parameters, to_channels_last
+from ..dist import runtime, torchrun_command
+from ..config import Config
+from ..model import ResUNet3D, count_parameters, to_channels_last
+from ..step import TrainStep
 from .common import report, timeit
 
 
 def worker(args: argparse.Namespace) -> None:
     """Runs inside torchrun: time DDP steps and the all-reduce, rank 0 writes JSON."""
-    with distributed("auto", 120) as env:
+    with runtime("auto", 120) as env:
         torch.manual_seed(0)
         model = to_channels_last(ResUNet3D().to(env.device))
-        use_ddp = env.distributed and not args.independent
-        net = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True) if use_ddp else model
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True, foreach=True)
-        loss_fn = DiceCELoss()
-        image = as_channels_last(torch.randn(args.batch, 1, *args.crop, device=env.device))
+        use_ddp = env.multi_rank and not args.independent
+        step = TrainStep(model, Config(), env.device, total_steps=10**9)  # the training's own step
+        if use_ddp:
+            step.net = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+        image = torch.randn(args.batch, 1, *args.crop, device=env.device)
         label = (image[:, 0] > 1).long()
-
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(net(image), label).backward()
-            optimizer.step()
-
-        step_time = timeit(step, repeat=args.steps)
+        step_time = timeit(lambda: step(image, label), repeat=args.steps)
         result = {"world_size": env.world_size, "step": step_time, "threads": torch.get_num_threads()}
         if use_ddp:
             grads = torch.zeros(count_parameters(model), device=env.device)
-            result["allreduce"] = timeit(lambda: dist.all_reduce(grads), repeat=20, warmup=3)
+            result["allreduce"] = timeit(lambda: c10d.all_reduce(grads), repeat=20, warmup=3)
             result["allreduce_bytes"] = grads.numel() * grads.element_size()
         if env.is_main:
             Path(args.worker).write_text(json.dumps(result))

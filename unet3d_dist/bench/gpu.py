@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed as c10d
 
-from ..dist import distributed, torchrun_command
+from ..dist import runtime, torchrun_command
 from ..inference import predict_labels, sliding_window_logits
 from ..metrics import case_metrics
 from ..model import ResUNet3D, count_parameters, to_channels_last
@@ -33,15 +33,15 @@ def throughput(crop: tuple[int, int, int], batch: int, repeat: int, peak: float)
     device = torch.device("cuda")
     flops = step_flops(ResUNet3D().to(device), batch, crop, device)
     rows = []
-    for amp in (torch.bfloat16, torch.float16):
+    for amp in ("bf16", "fp16"):
         for compiled in (False, True):
             torch.manual_seed(0)
             model = to_channels_last(ResUNet3D().to(device))
             net = torch.compile(model) if compiled else model
             torch.cuda.reset_peak_memory_stats()
-            seconds = timeit(make_step(net, batch, crop, amp, True, device), repeat=repeat, warmup=3 if compiled else 2)["median_s"]
+            seconds = timeit(make_step(model, batch, crop, amp, True, device, net), repeat=repeat, warmup=3 if compiled else 2)["median_s"]
             rate = flops / seconds / 1e12
-            rows.append([f"train step {str(amp)[6:]}{' compiled' if compiled else ''}", seconds * 1e3,
+            rows.append([f"train step {amp}{' compiled' if compiled else ''}", seconds * 1e3,
                          batch * np.prod(crop) / seconds / 1e6, rate, rate * 1e3 / peak, torch.cuda.max_memory_allocated() / 2**30])
     return rows
 
@@ -64,10 +64,10 @@ def one_volume(crop: tuple[int, int, int]) -> list[list]:
 
 
 def nccl_worker(out: Path) -> None:
-    with distributed("cuda", 60, require_group=True) as env:
+    with runtime("cuda", 60, require_group=True) as env:
         grads = torch.ones(count_parameters(ResUNet3D()), device=env.device)
-        seconds = timeit(lambda: dist.all_reduce(grads), repeat=20, warmup=3)["median_s"]
-        out.write_text(json.dumps({"backend": dist.get_backend(), "world_size": env.world_size, "allreduce_s": seconds, "ok": bool(grads[0] == 1)}))
+        seconds = timeit(lambda: c10d.all_reduce(grads), repeat=20, warmup=3)["median_s"]
+        out.write_text(json.dumps({"backend": c10d.get_backend(), "world_size": env.world_size, "allreduce_s": seconds, "ok": bool(grads[0] == 1)}))
 
 
 def nccl_check() -> list[list]:

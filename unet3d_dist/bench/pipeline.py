@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ..config import load_config
-from ..dist import distributed
-from ..train import Trainer
+from ..dist import runtime
+from ..trainer import Trainer
 from .common import report, timeit
 
 
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as runs:
         cfg = load_config(args.config, [*args.overrides, f"log.runs_dir={runs}", "log.wandb=disabled", "train.val_every=0"])
-        with distributed(cfg.train.device, 120) as env:
+        with runtime(cfg.train.device, 120) as env:
             trainer = Trainer(cfg, env)
             warmup = 5  # also lets the CPU's kept heap settle (host_memory)
             steps = min(args.steps, trainer.steps_per_epoch - warmup - 1)
@@ -44,10 +44,10 @@ def main(argv: list[str]) -> None:
             image, label = next(batches)
 
             def pure_block() -> float:
-                return timeit(lambda: trainer.train_step(image, label), repeat=steps, warmup=0)["median_s"]
+                return timeit(lambda: trainer.step(image, label), repeat=steps, warmup=0)["median_s"]
 
             for _ in range(warmup):
-                trainer.train_step(*next(batches))
+                trainer.step(*next(batches))
             # Pure steps before and after the real ones, so a drift in the machine's speed does not pass for data waits.
             pure_before = pure_block()
             waits, totals = [], []
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
                 start = time.perf_counter()
                 batch = next(batches)
                 arrived = time.perf_counter()
-                trainer.train_step(*batch)
+                trainer.step(*batch)
                 synchronize(env.device)
                 waits.append(arrived - start)
                 totals.append(time.perf_counter() - start)

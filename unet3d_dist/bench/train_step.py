@@ -20,15 +20,15 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..loss import DiceCELoss
+from ..config import Config
 from ..host_memory import keep_freed_memory
-from ..model import ResUNet3D, as_channels_last, to_channels_last
-from ..train import build_optimizer
-from ..config import OptimConfig
+from ..loss import DiceCELoss
+from ..model import ResUNet3D, to_channels_last
+from ..precision import amp_name, resolve_amp
+from ..step import TrainStep
 from .common import compare, report, timeit
 
-
-AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP = ("off", "bf16", "fp16")
 
 
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
@@ -57,26 +57,17 @@ def conv3d_peak(device: torch.device, repeat: int, amp: torch.dtype | None = Non
     return rates[best], best
 
 
-def make_step(model: nn.Module, batch: int, crop: tuple[int, int, int], amp: torch.dtype | None, use_channels_last: bool, device: torch.device) -> Callable[[], None]:
-    """A closure running one real training step (our loss and optimizer) on fixed in-memory tensors."""
+def make_step(model: nn.Module, batch: int, crop: tuple[int, int, int], amp: str, use_channels_last: bool, device: torch.device,
+              net: nn.Module | None = None) -> Callable[[], None]:
+    """A closure running the training's own step (TrainStep: loss, scaler, clipping, optimizer, schedule) on fixed
+    in-memory tensors; ``net`` (default: the model) runs the forward pass, e.g. a compiled model."""
+    cfg = Config()
+    cfg.train.amp, cfg.train.channels_last = amp, use_channels_last
+    step = TrainStep(model, cfg, device, total_steps=10**9)
+    step.net = net or model
     image = torch.randn(batch, 1, *crop, device=device)
-    if use_channels_last:
-        image = as_channels_last(image)
     label = (image[:, 0] > 0.5).long()
-    optimizer = build_optimizer(list(model.parameters()), OptimConfig())
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    loss_fn = DiceCELoss()
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = model(image)
-        loss = loss_fn(out, label)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    return step
+    return lambda: step(image, label)
 
 
 def step_flops(model: nn.Module, batch: int, crop: tuple[int, int, int], device: torch.device) -> int:
@@ -104,7 +95,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--crop", type=int, nargs=3, default=[112, 112, 80], help="default: the product's crop")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--amp", nargs="+", choices=list(AMP), default=list(AMP), help="mixed-precision variants (default: all)")
+    parser.add_argument("--amp", nargs="+", choices=AMP, default=list(AMP), help="mixed-precision variants (default: all)")
     parser.add_argument("--channels-last", nargs="+", choices=["on", "off"], default=["on", "off"], help="memory-format variants")
     parser.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off", "on"], help="torch.compile variants")
     parser.add_argument("--heap", nargs="+", choices=["glibc", "kept"], default=["kept"],
@@ -114,23 +105,22 @@ def main(argv: list[str]) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     crop = tuple(args.crop)
     heaps = [heap for heap in ("glibc", "kept") if heap in args.heap] if device.type == "cpu" else ["n/a"]
-    default_amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device.type == "cuda" else None
-    variants = [(AMP[amp], cl == "on", compiled == "on") for amp in args.amp for cl in args.channels_last for compiled in args.compile]
+    variants = [(amp, cl == "on", compiled == "on") for amp in args.amp for cl in args.channels_last for compiled in args.compile]
     flops_ours = step_flops(ResUNet3D().to(device), args.batch, crop, device)
     _, peak_format = conv3d_peak(device, 1)
     peak_run, peak_flops = reference_conv(device, peak_format)
     measured: list[dict] = []
 
-    def measure(name: str, heap: str, model: nn.Module, flops: int, amp: torch.dtype | None, cl: bool, compiled: bool) -> None:
+    def measure(name: str, heap: str, model: nn.Module, flops: int, amp: str, cl: bool, compiled: bool) -> None:
         """Steps alternate with the reference conv, so a change in the machine's speed hits both alike."""
         model = model.to(device)
         if cl:
             to_channels_last(model)
         net = torch.compile(model) if compiled else model
-        row = {"model": name, "heap": heap, "amp": str(amp).replace("torch.", "") if amp else "off", "channels_last": cl, "compile": compiled}
+        row = {"model": name, "heap": heap, "amp": amp_name(resolve_amp(amp, device)), "channels_last": cl, "compile": compiled}
         try:
             # Warm-up also lets the kept heap settle: its free blocks coalesce over the first few steps.
-            times = compare({"step": make_step(net, args.batch, crop, amp, cl, device), "peak": peak_run}, args.repeat, warmup=4 if compiled else 3)
+            times = compare({"step": make_step(model, args.batch, crop, amp, cl, device, net), "peak": peak_run}, args.repeat, warmup=4 if compiled else 3)
         except Exception as err:  # e.g. torch.compile without a working compiler: report, don't hide
             measured.append({**row, "failed": type(err).__name__})
             return
@@ -147,7 +137,7 @@ def main(argv: list[str]) -> None:
             measure("ResUNet3D 16-128 (ours)", heap, ResUNet3D(), flops_ours, amp, cl, compiled)
     for name, factory in monai_models().items():
         torch.manual_seed(0)
-        measure(name, heaps[-1], factory(), step_flops(factory().to(device), args.batch, crop, device), default_amp, True, False)
+        measure(name, heaps[-1], factory(), step_flops(factory().to(device), args.batch, crop, device), "auto", True, False)
     # Under glibc's heap the reference conv faults its 48 MB output in on every call too; the machine's peak is the
     # one measured with the kept heap, so glibc rows are compared with that.
     kept_peaks = [r["peak_gflops"] for r in measured if "peak_gflops" in r and r["heap"] != "glibc"]

@@ -30,6 +30,8 @@ from typing import Any, Iterable
 import h5py
 import numpy as np
 
+from ..files import atomic_write, atomic_write_text
+
 FORMAT = "unet3d-dist-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -68,28 +70,6 @@ class Case:
     split: str = "train"
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)``, fsync the result and rename it onto ``path``; clean up on failure.
-
-    The temporary name ends like ``path`` (``.tmp-<pid>-<name>``), so writers that pick the format from the suffix,
-    like SimpleITK, can write to it.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the suffix, which some writers go by
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def sha256_of(path: Path) -> str:
@@ -191,7 +171,7 @@ def shard_entry(path: Path, case_ids: list[str]) -> dict[str, Any]:
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    atomic_write(Path(root) / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+    atomic_write_text(Path(root) / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def new_manifest(

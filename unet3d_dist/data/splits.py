@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import DataConfig
 from .shards import ShardedDataset
 
 FOLD_SEED = 12345
@@ -21,11 +22,11 @@ def fold_assignment(case_ids: list[str], folds: int) -> dict[str, int]:
     return {case_id: i % folds for i, case_id in enumerate(order)}
 
 
-def run_cases(dataset: ShardedDataset, cfg_data, role: str) -> list[str]:
+def run_cases(dataset: ShardedDataset, cfg: DataConfig, role: str) -> list[str]:
     """Case ids for ``role`` 'train' or 'val' under the data config (manifest splits or a CV fold)."""
-    if not cfg_data.folds:
-        return dataset.case_ids(cfg_data.train_split if role == "train" else cfg_data.val_split)
-    pool = dataset.case_ids(cfg_data.train_split)
-    assignment = fold_assignment(pool, cfg_data.folds)
+    if not cfg.folds:
+        return dataset.case_ids(cfg.train_split if role == "train" else cfg.val_split)
+    pool = dataset.case_ids(cfg.train_split)
+    assignment = fold_assignment(pool, cfg.folds)
     held_out = role == "val"
-    return [c for c in pool if (assignment[c] == cfg_data.fold) == held_out]
+    return [c for c in pool if (assignment[c] == cfg.fold) == held_out]

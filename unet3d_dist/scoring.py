@@ -28,7 +28,7 @@ from .stop import STOP_SIGNALS
 
 
 @dataclass(frozen=True)
-class EvalOptions:
+class ScoringOptions:
     """How volumes are predicted, scored and kept; the defaults are validation's: Dice only, scored in-process."""
 
     patch: tuple[int, int, int]
@@ -92,7 +92,7 @@ def wait_for_room(jobs: list[Future], limit: int) -> None:
         wait(running, return_when=FIRST_COMPLETED)
 
 
-def predict_case(model: nn.Module, dataset: ShardedDataset, case_id: str, options: EvalOptions, device: torch.device) -> np.ndarray:
+def predict_case(model: nn.Module, dataset: ShardedDataset, case_id: str, options: ScoringOptions, device: torch.device) -> np.ndarray:
     """Label map (x, y, z) of one whole volume, on the case's own grid, from the gaussian sliding window.
 
     A model trained at another spacing sees the volume resampled to that spacing; its logits are resampled back
@@ -124,8 +124,8 @@ def predict_case(model: nn.Module, dataset: ShardedDataset, case_id: str, option
     return keep_largest_component(labels) if options.largest_component else labels
 
 
-def evaluate_cases(
-    model: nn.Module, dataset: ShardedDataset, case_ids: list[str], env: DistEnv, options: EvalOptions
+def score_cases(
+    model: nn.Module, dataset: ShardedDataset, case_ids: list[str], env: DistEnv, options: ScoringOptions
 ) -> list[dict[str, Any]] | None:
     """Per-volume, per-class records of ``case_ids``, sorted by case, on rank 0 (None on other ranks)."""
     sizes = {c: int(np.prod(dataset.records[c]["shape"])) for c in case_ids}

@@ -1,0 +1,25 @@
+"""The dataset a run reads: a prepared folder, or the built-in synthetic phantom generated on first use."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from ..config import DataConfig
+from ..dist import DistEnv, barrier
+from .shards import ShardedDataset
+from .synthetic import ensure_synthetic
+
+
+def open_dataset(cfg: DataConfig, env: DistEnv) -> ShardedDataset:
+    """The configured dataset; the synthetic phantom is generated once by each node's first rank."""
+    if cfg.dataset != "synthetic":
+        dataset = ShardedDataset(cfg.dataset)
+        if env.is_main and dataset.checksum_note:  # prepared before chunk checksums (the phantom always has them)
+            print(f"note: {dataset.checksum_note}")
+        return dataset
+    if env.local_rank == 0:
+        console = Console(quiet=not env.is_main)
+        with console.status(f"preparing the synthetic CT phantom ({cfg.synthetic_cases} cases)"):
+            ensure_synthetic(cfg.synthetic_dir, cfg.synthetic_cases)
+    barrier()
+    return ShardedDataset(ensure_synthetic(cfg.synthetic_dir, cfg.synthetic_cases))  # cached by now

@@ -1,0 +1,60 @@
+"""The training step: one unit that the Trainer runs and the benchmarks time, so both measure the same work."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import Config
+from .loss import build_loss
+from .model import as_channels_last
+from .optim import build_optimizer, build_scheduler
+from .precision import resolve_amp
+
+
+class TrainStep:
+    """One optimizer step on one batch: forward under autocast, Dice + cross-entropy, backward through the
+    GradScaler, gradient clipping, a count of non-finite steps, the optimizer step and the LR schedule.
+
+    Nothing in it waits for the device. ``net`` is what runs the forward pass (the model, or DDP / torch.compile
+    around it, set by the caller); the optimizer and clipping work on ``model``'s parameters.
+    """
+
+    def __init__(self, model: nn.Module, cfg: Config, device: torch.device, total_steps: int):
+        self.model = self.net = model
+        self.device = device
+        self.channels_last = cfg.train.channels_last
+        self.amp_dtype = resolve_amp(cfg.train.amp, device)
+        self.loss_fn = build_loss(cfg.loss, cfg.model.deep_supervision)
+        self.optimizer = build_optimizer(list(model.parameters()), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.grad_clip = cfg.optim.grad_clip or math.inf
+        self.grad_norm = torch.zeros((), device=device)
+        self.nonfinite_run = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps in a row
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """The step on one batch; returns the (detached) loss without a host synchronisation.
+
+        In fp16 the GradScaler skips steps with non-finite gradients; ``nonfinite_run`` counts them on the device,
+        so the caller checks it only at logging intervals and before checkpoints.
+        """
+        image = image.to(self.device, non_blocking=True)
+        if self.channels_last:
+            image = as_channels_last(image)
+        label = label.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            outputs = self.net(image)
+        loss = self.loss_fn(outputs, label)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        # Gradients are all-reduced already, so every rank counts the same.
+        self.nonfinite_run = torch.where(torch.isfinite(self.grad_norm), 0, self.nonfinite_run + 1)
+        self.scaler.step(self.optimizer)  # fused SGD reads the scaler's found_inf on the device: no .item()
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach()

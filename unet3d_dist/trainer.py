@@ -1,0 +1,353 @@
+"""The Trainer: one run on one rank, read top to bottom as train -> train_epoch -> TrainStep, validation, checkpoints.
+
+Used by the command line (``train.py``) and the benchmarks; it takes a Config and the DistEnv it runs in.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from .checkpoint import (
+    Checkpointer, CheckpointError, config_differences, dataset_entry, read_checkpoint, restore_training, rng_state,
+    set_rng_state, training_checkpoint,
+)
+from .config import Config, ConfigError
+from .data.augment import Augmentation
+from .data.crops import CropDataset, EpochSampler
+from .data.shards import DatasetError
+from .data.source import open_dataset
+from .data.splits import run_cases
+from .dist import DistEnv, any_rank, barrier, broadcast_from_main, default_workers, gather_to_main, mean_over_ranks
+from .scoring import ScoringOptions, score_cases
+from .logger import RunLogger, new_run_id
+from .model import build_model, count_parameters, forward_flops, to_channels_last
+from .precision import amp_name
+from .results import mean_metrics
+from .run_lock import RunDirectoryBusy, hold_run_directory
+from .step import TrainStep
+from .stop import StopRequest
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; run the same command again to resume
+STOP_MARKER = "stopped_by_signal.json"  # tells launch scripts, which only see torchrun's exit code, to requeue
+INCOMPATIBLE_SECTIONS = ("model",)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced too many non-finite losses in a row."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_dice: float = -1.0
+    nonfinite_in_row: int = 0
+
+
+class Trainer:
+    """Owns the model, optimizer, data and checkpoints of one run on one rank."""
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.stop = StopRequest()  # first, so that a signal during set-up is a stop too, and before workers fork
+        self.run_dir = cfg.run_dir
+        self.hold_run_dir()
+        self.dataset = open_dataset(cfg.data, env)
+        self.train_ids = run_cases(self.dataset, cfg.data, "train")
+        self.val_ids = run_cases(self.dataset, cfg.data, "val")
+        if not self.train_ids:
+            raise DatasetError(
+                f"dataset {self.dataset.root} has no cases in split {cfg.data.train_split!r} (data.train_split); "
+                f"its splits are: {', '.join(self.dataset.splits())}"
+            )
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model, in_channels=1, num_classes=self.dataset.num_classes).to(env.device)
+        if cfg.model.norm == "batch" and env.multi_rank:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if cfg.train.channels_last:
+            to_channels_last(self.model)
+        self.sampler = EpochSampler(cfg.data.samples_per_epoch, env.world_size, env.rank, cfg.train.seed)
+        self.steps_per_epoch = len(self.sampler.inner) // cfg.train.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"data.samples_per_epoch={cfg.data.samples_per_epoch} gives no full batch of train.batch_size="
+                f"{cfg.train.batch_size} on each of {env.world_size} ranks; raise data.samples_per_epoch"
+            )
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.step = TrainStep(self.model, cfg, env.device, self.total_steps)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
+        if env.is_main:
+            self.checkpointer.remove_unfinished()
+        self.state = TrainState()
+        self.resume_changes: list[str] = []
+        self.run_id = self.restore()  # before wrapping in DDP, so every rank starts from the same weights
+        self.step.nonfinite_run.fill_(self.state.nonfinite_in_row)
+        if env.multi_rank:
+            self.step.net = DistributedDataParallel(
+                self.model,
+                device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                gradient_as_bucket_view=True,
+            )
+        if cfg.train.compile:
+            self.step.net = torch.compile(self.step.net)
+
+        workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_workers(env)
+        self.loader = DataLoader(
+            CropDataset(
+                self.dataset,
+                self.train_ids,
+                cfg.data.crop,
+                cfg.data.samples_per_epoch,
+                cfg.train.seed,
+                cfg.data.foreground_fraction,
+                cfg.data.flip,
+                Augmentation(cfg.data.rotate_deg, cfg.data.scale, cfg.data.spatial_prob, cfg.data.intensity_aug),
+            ),
+            batch_size=cfg.train.batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=env.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=workers > 0,
+            worker_init_fn=self.stop.worker_init,
+        )
+        self.logger = RunLogger(env.is_main, self.run_dir, resumed_step=self.state.global_step)
+        self.logger.start_wandb(cfg.log.wandb, cfg.log.wandb_project, cfg.log.run_name, self.run_id, cfg.to_dict())
+
+    # ----------------------------------------------------------------- the loop
+    def train(self) -> int:
+        """Run to the last epoch; return 0, or REQUEUE_EXIT_CODE after a signal-triggered checkpoint."""
+        cfg = self.cfg
+        self.announce()
+        self.logger.begin_progress(self.total_steps, self.state.global_step)
+        for epoch in range(self.state.epoch, cfg.train.epochs):
+            if not self.train_epoch(epoch):
+                return self.stop_for_requeue()
+            last = epoch + 1 == cfg.train.epochs
+            is_best = False
+            if cfg.train.val_every and ((epoch + 1) % cfg.train.val_every == 0 or last):
+                is_best = self.validate()
+                if is_best is None:  # stopped: the checkpoint holds the finished epoch, whose validation the resume runs
+                    return self.stop_for_requeue()
+            self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
+            self.save_checkpoint(is_best)
+            if not last and any_rank(self.stop.requested):
+                return self.stop_for_requeue(checkpoint_saved=True)
+        self.finish()
+        return 0
+
+    def train_epoch(self, epoch: int) -> bool:
+        """Train the rest of one epoch; False if a stop was requested (on any rank)."""
+        cfg = self.cfg
+        self.sampler.set_epoch(epoch, skip=self.state.step_in_epoch * cfg.train.batch_size)
+        loss_sum = torch.zeros((), device=self.env.device)
+        interval_start, interval_steps = time.perf_counter(), 0
+        for image, label in self.loader:
+            loss_sum += self.step(image, label)
+            self.state.step_in_epoch += 1
+            self.state.global_step += 1
+            interval_steps += 1
+            status = None
+            if self.state.global_step % cfg.log.every_steps == 0 or self.state.step_in_epoch == self.steps_per_epoch:
+                status = self.log_train(loss_sum / interval_steps, interval_steps, time.perf_counter() - interval_start)
+                loss_sum.zero_()
+                interval_start, interval_steps = time.perf_counter(), 0
+            self.logger.advance(f"epoch {epoch + 1}/{cfg.train.epochs}", status)
+            every = cfg.checkpoint.every_steps
+            if every and self.state.global_step % every == 0 and self.state.step_in_epoch < self.steps_per_epoch:
+                self.save_checkpoint()
+            if any_rank(self.stop.requested):
+                return False
+        return True
+
+    # ------------------------------------------------------------ reporting
+    def announce(self) -> None:
+        cfg, env = self.cfg, self.env
+        if not env.is_main:
+            return
+        flops = forward_flops(self.model, cfg.data.crop)
+        self.logger.info(
+            f"[bold]unet3d-dist[/] run [cyan]{self.run_dir}[/]  world={env.world_size}  device={env.device.type}  "
+            f"amp={amp_name(self.step.amp_dtype)}\n"
+            f"model: ResUNet3D widths={list(cfg.model.widths)} norm={cfg.model.norm}  "
+            f"{count_parameters(self.model) / 1e6:.2f} M parameters, {flops / 1e9:.3g} GFLOP forward per "
+            f"{'x'.join(map(str, cfg.data.crop))} crop\n"
+            f"data: {self.dataset.root} ({len(self.train_ids)} train / {len(self.val_ids)} val cases)  "
+            f"global batch {cfg.train.batch_size} x {env.world_size} ranks = {cfg.train.batch_size * env.world_size}, "
+            f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
+        )
+        if self.state.global_step:
+            self.logger.info(f"resumed at epoch {self.state.epoch + 1}, step {self.state.global_step}")
+        if self.resume_changes:
+            self.logger.info(
+                "[yellow]settings differ from the checkpoint's; the saved optimizer and LR-scheduler state are restored "
+                "as they were (so optim.* changes other than the schedule length do not apply):\n  "
+                + "\n  ".join(self.resume_changes)
+            )
+
+    def check_finite(self) -> None:
+        """Stop after train.max_nonfinite non-finite steps in a row, and never checkpoint non-finite weights.
+
+        bf16/fp32 steps are not skipped (only the fp16 GradScaler skips): there a non-finite value means divergence,
+        which this check reports within one logging interval, before any checkpoint could store it.
+        """
+        self.state.nonfinite_in_row = int(self.step.nonfinite_run)
+        weights_finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if self.state.nonfinite_in_row >= self.cfg.train.max_nonfinite or not weights_finite:
+            raise NonFiniteLossError(
+                f"{self.state.nonfinite_in_row} non-finite steps in a row by step {self.state.global_step}"
+                f"{'' if weights_finite else ' and the weights are no longer finite'}; the last good checkpoint in "
+                f"{self.checkpointer.dir} is intact (try a lower optim.lr or train.amp=off)"
+            )
+
+    def log_train(self, mean_loss: torch.Tensor, steps: int, seconds: float) -> str:
+        """Average the interval's loss over ranks (the host sync of the interval) and log it."""
+        self.check_finite()
+        loss = mean_over_ranks(mean_loss.detach()).item()
+        lr = self.step.optimizer.param_groups[0]["lr"]
+        crops_per_s = steps * self.cfg.train.batch_size * self.env.world_size / max(seconds, 1e-9)
+        self.logger.log(
+            self.state.global_step,
+            {"train/loss": loss, "train/lr": lr, "train/crops_per_s": crops_per_s, "train/grad_norm": float(self.step.grad_norm)},
+        )
+        return f"loss {loss:.4f}  lr {lr:.2e}  {crops_per_s:.2f} crops/s"
+
+    def validate(self) -> bool | None:
+        """The evaluator on the validation split, distributed over ranks; True if its mean Dice is the best so far,
+        None if a stop signal ended it early (each rank stops after its current batch of windows).
+
+        Dice (and Jaccard) only by default; train.val_distances adds the surface distances, scored in worker processes.
+        """
+        if not self.val_ids:
+            return False
+        distances = self.cfg.train.val_distances
+        options = ScoringOptions(
+            patch=self.cfg.data.crop,
+            overlap=self.cfg.inference.overlap,
+            tta_flips=self.cfg.inference.tta_flips,
+            largest_component=self.cfg.inference.largest_component,
+            batch_size=self.cfg.train.batch_size,
+            amp_dtype=self.step.amp_dtype,
+            channels_last=self.cfg.train.channels_last,
+            distances=distances,
+            metric_workers=default_workers(self.env) if distances else 0,
+            stop_requested=lambda: self.stop.requested,
+        )
+        records = score_cases(self.model, self.dataset, self.val_ids, self.env, options)
+        if any_rank(self.stop.requested):
+            return None
+        means = broadcast_from_main(mean_metrics(records) if records is not None else None)
+        self.logger.log(self.state.global_step, {f"val/{name}": value for name, value in means.items()})
+        mean_dice = means["dice"]
+        is_best = mean_dice > self.state.best_dice
+        if is_best:
+            self.state.best_dice = mean_dice
+        hd95 = f", HD95 {means['hd95_mm']:.2f} mm" if distances else ""
+        self.logger.info(f"epoch {self.state.epoch + 1}: validation Dice {mean_dice:.4f}{hd95} (best {self.state.best_dice:.4f})")
+        return is_best
+
+    def stop_for_requeue(self, checkpoint_saved: bool = False) -> int:
+        """Checkpoint, leave the marker for launch scripts, and return the requeue exit code."""
+        if not checkpoint_saved:
+            self.save_checkpoint()
+        self.logger.end_progress()
+        if self.env.is_main:
+            marker = {"signal": self.stop.signal_name, "step": self.state.global_step, "exit_code": REQUEUE_EXIT_CODE}
+            (self.run_dir / STOP_MARKER).write_text(json.dumps(marker) + "\n")
+        barrier()  # no rank exits before the marker exists, so the launcher on every node finds it
+        self.logger.info(
+            f"[yellow]stopped by {self.stop.signal_name or 'a signal on another rank'} at step "
+            f"{self.state.global_step}; checkpoint saved; exit code {REQUEUE_EXIT_CODE} (run the same command to resume)"
+        )
+        self.logger.finish()
+        return REQUEUE_EXIT_CODE
+
+    def finish(self) -> None:
+        self.logger.end_progress()
+        if self.env.is_main:
+            from .report import plot_loss_curve  # matplotlib costs ~1 s to import; only the end of a run needs it
+
+            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
+            self.logger.info(
+                f"[bold green]done[/]: {self.state.global_step} steps; best validation Dice {self.state.best_dice:.4f}; "
+                f"checkpoints in {self.checkpointer.dir}; loss curve {self.run_dir / 'loss_curve.png'}"
+            )
+        self.logger.finish()
+
+    # ---------------------------------------------------------- checkpoints
+    def hold_run_dir(self) -> None:
+        """Rank 0 locks the run directory for the whole run (run_lock); every rank refuses if another job has it."""
+        refusal = None
+        if self.env.is_main:
+            try:
+                self.run_dir_lock = hold_run_directory(self.run_dir)
+            except RunDirectoryBusy as err:
+                refusal = str(err)
+        refusal = broadcast_from_main(refusal)
+        if refusal:
+            raise RunDirectoryBusy(refusal)
+
+    def save_checkpoint(self, is_best: bool = False) -> None:
+        """Gather every rank's RNG state, then rank 0 writes the file."""
+        self.check_finite()
+        rngs = gather_to_main(rng_state())
+        if self.env.is_main:
+            step = self.step
+            state = training_checkpoint(
+                self.model, step.optimizer, step.scheduler, step.scaler, asdict(self.state), rngs, self.cfg,
+                dataset_entry(self.dataset), self.run_id,
+            )
+            self.checkpointer.save(state, self.state.global_step, is_best)
+        barrier()
+
+    def restore(self) -> str:
+        """Load the checkpoint named by train.resume (auto: the run's latest); return the logging run id."""
+        resume = self.cfg.train.resume
+        path = None if resume == "never" else self.checkpointer.latest() if resume == "auto" else Path(resume)
+        if path is None:
+            if resume == "never" and self.checkpointer.latest() is not None:
+                raise CheckpointError(
+                    f"train.resume=never but {self.checkpointer.dir} already holds checkpoints; choose another "
+                    "log.run_name or move that run away (nothing was overwritten)"
+                )
+            if self.env.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.cfg.dump(self.run_dir / "config.yaml")
+            return broadcast_from_main(new_run_id() if self.env.is_main else None)
+        if self.env.is_main:
+            (self.run_dir / STOP_MARKER).unlink(missing_ok=True)
+        ckpt, _ = read_checkpoint(path, resume=True)
+        differences = config_differences(ckpt["config"], self.cfg.to_dict(), INCOMPATIBLE_SECTIONS)
+        if ckpt["dataset"]["classes"] != self.dataset.classes:
+            differences.append(f"dataset classes: {ckpt['dataset']['classes']} -> {self.dataset.classes}")
+        if differences:
+            raise CheckpointError(
+                f"cannot resume from {path}: the configuration is incompatible:\n  " + "\n  ".join(differences)
+                + "\nuse the original settings, another log.run_name, or train.resume=never"
+            )
+        sections = tuple(name for name in ckpt["config"] if name not in INCOMPATIBLE_SECTIONS)
+        self.resume_changes = [
+            line for line in config_differences(ckpt["config"], self.cfg.to_dict(), sections) if not line.startswith("train.resume")
+        ]
+        step = self.step
+        train_state, rngs = restore_training(ckpt, self.model, step.optimizer, step.scheduler, step.scaler)
+        self.state = TrainState(**train_state)
+        if len(rngs) == self.env.world_size:
+            set_rng_state(rngs[self.env.rank])
+        if self.env.is_main:
+            self.cfg.dump(self.run_dir / "config.yaml")
+        return ckpt["run_id"]
+
+
