@@ -54,7 +54,16 @@ def tiny_cases() -> list[Case]:
 def write_tiny(root: Path, checksums: bool = True) -> Path:
     """The six tiny cases in two shards; ``checksums=False`` writes them as datasets prepared before checksums were."""
     preprocessing = {"normalization": {"kind": "none"}}
-    write_dataset(root, tiny_cases(), ["background", "box"], name="tiny", modality="CT", preprocessing=preprocessing, cases_per_shard=4, checksums=checksums)
+    write_dataset(
+        root,
+        tiny_cases(),
+        ["background", "box"],
+        name="tiny",
+        modality="CT",
+        preprocessing=preprocessing,
+        cases_per_shard=4,
+        checksums=checksums,
+    )
     return root
 
 

@@ -5,12 +5,15 @@ import statistics
 import subprocess
 import sys
 
-from unet3d_dist.model import ResUNet3D, count_parameters
 from test_train import TINY
+
+from unet3d_dist.model import ResUNet3D, count_parameters
 
 
 def bench(*args: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "unet3d_dist.bench", *args], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "unet3d_dist.bench", *args], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, f"bench {args[0]} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
 
 
@@ -29,26 +32,61 @@ def test_ddp_compares_ddp_with_independent_processes_and_times_the_gradient_all_
 
 
 def test_train_step_measures_each_requested_variant_against_the_conv3d_peak(tmp_path):
-    bench("train_step", "--crop", "32", "32", "32", "--batch", "1", "--repeat", "1", "--amp", "off", "--compile", "off",
-          "--heap", "kept", "glibc", "--out", str(tmp_path / "step.json"))
+    bench(
+        "train_step",
+        "--crop",
+        "32",
+        "32",
+        "32",
+        "--batch",
+        "1",
+        "--repeat",
+        "1",
+        "--amp",
+        "off",
+        "--compile",
+        "off",
+        "--heap",
+        "kept",
+        "glibc",
+        "--out",
+        str(tmp_path / "step.json"),
+    )
     record = json.loads((tmp_path / "step.json").read_text())
     ours = [r for r in record["results"] if r["model"].endswith("(ours)")]
     # glibc's default heap first: keeping freed memory is a setting for the rest of the process
     assert [(r["heap"], r["amp"], r["channels_last"], r["compile"]) for r in ours] == [
-        ("glibc", "off", True, False), ("glibc", "off", False, False), ("kept", "off", True, False), ("kept", "off", False, False)
+        ("glibc", "off", True, False),
+        ("glibc", "off", False, False),
+        ("kept", "off", True, False),
+        ("kept", "off", False, False),
     ]
     kept = [r for r in record["results"] if r["heap"] == "kept"]
-    assert all(r["peak_gflops"] > 0 for r in ours) and record["peak_gflops"] == statistics.median(r["peak_gflops"] for r in kept)
+    assert all(r["peak_gflops"] > 0 for r in ours) and record["peak_gflops"] == statistics.median(
+        r["peak_gflops"] for r in kept
+    )
     for r in ours:  # each against the conv timed beside it; glibc rows against the machine's peak (the kept heap's)
         peak = r["peak_gflops"] if r["heap"] == "kept" else record["peak_gflops"]
         assert r["gflop_per_step"] > 0 and abs(r["fraction_of_peak"] - r["gflops"] / peak) < 1e-9
 
 
 def test_pipeline_reports_the_data_wait_and_efficiency_of_the_real_loop(tmp_path, tiny_dataset):
-    bench("pipeline", "--steps", "2", "--out", str(tmp_path / "pipeline.json"), f"data.dataset={tiny_dataset}", *TINY, "data.samples_per_epoch=20")
+    bench(
+        "pipeline",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "pipeline.json"),
+        f"data.dataset={tiny_dataset}",
+        *TINY,
+        "data.samples_per_epoch=20",
+    )
     record = json.loads((tmp_path / "pipeline.json").read_text())
     assert record["steps"] == 2 and record["crop"] == [16, 16, 8]
-    assert 0 <= record["data_wait_fraction"] < 1 and abs(record["efficiency"] - record["pure_ms"] / record["real_ms"]) < 1e-9
+    assert (
+        0 <= record["data_wait_fraction"] < 1
+        and abs(record["efficiency"] - record["pure_ms"] / record["real_ms"]) < 1e-9
+    )
 
 
 def test_checkpoint_times_the_atomic_save_against_torch_save_in_memory(tmp_path):
@@ -66,5 +104,8 @@ def test_data_measures_every_layout_with_checksums_and_the_default_also_without(
     assert len(layouts) == 13 and layouts[1:3] == [((16, 16, 16), "lzf", True), ((16, 16, 16), "lzf", False)]
     assert sum(not checksums for *_, checksums in layouts) == 1
     on, off = record["variants"][1:3]
-    assert record["checksum_cost"]["crops_per_cpu_s"]["64x64x48"] == on["64x64x48"]["crops_per_cpu_s"] / off["64x64x48"]["crops_per_cpu_s"]
+    assert (
+        record["checksum_cost"]["crops_per_cpu_s"]["64x64x48"]
+        == on["64x64x48"]["crops_per_cpu_s"] / off["64x64x48"]["crops_per_cpu_s"]
+    )
     assert on["disk_mb"] > off["disk_mb"]  # 4 bytes of checksum per chunk

@@ -73,6 +73,8 @@ def test_every_field_is_documented():
     text = describe()
     assert "optim:" in text and "lr: 0.01  # initial learning rate" in text
     assert all("#" in line for line in text.splitlines())
+    for allowed in ("instance, group, batch", "poly, step, constant", "auto, cpu, cuda", "auto, bf16, fp16, off"):
+        assert f"(one of: {allowed})" in text  # choice fields list their values
 
 
 def test_shipped_recipes_load():
@@ -81,4 +83,6 @@ def test_shipped_recipes_load():
     from unet3d_dist.data.recipe import load_recipe
 
     for recipe in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
-        (load_recipe if recipe.name.startswith("prepare_") else load_config)(recipe)  # prepare recipes are not train configs
+        (load_recipe if recipe.name.startswith("prepare_") else load_config)(
+            recipe
+        )  # prepare recipes are not train configs

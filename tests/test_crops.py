@@ -52,7 +52,11 @@ def test_flips_are_whole_axis_flips_of_the_same_crop_and_each_axis_is_used(data)
     for index in range(60):
         base, _ = plain[(1, index)]
         got, _ = flipped[(1, index)]
-        matches = [axes for axes in [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)] if torch.equal(got[0], base[0].flip(axes) if axes else base[0])]
+        matches = [
+            axes
+            for axes in [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+            if torch.equal(got[0], base[0].flip(axes) if axes else base[0])
+        ]
         assert matches, "a flipped crop must be the plain crop flipped along whole axes"
         for axis in matches[0]:
             counts[axis] += 1
@@ -62,7 +66,14 @@ def test_flips_are_whole_axis_flips_of_the_same_crop_and_each_axis_is_used(data)
 def test_foreground_oversampling_share(tmp_path):
     label = np.zeros((64, 64, 64), np.uint8)
     label[31:33, 31:33, 31:33] = 1
-    write_dataset(tmp_path, [Case("big", np.zeros(label.shape, np.float32), label)], ["bg", "fg"], name="t", modality="CT", preprocessing={})
+    write_dataset(
+        tmp_path,
+        [Case("big", np.zeros(label.shape, np.float32), label)],
+        ["bg", "fg"],
+        name="t",
+        modality="CT",
+        preprocessing={},
+    )
     data = ShardedDataset(tmp_path)
 
     def share(fraction: float, draws: int = 900) -> float:

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import box_case, direct_children, job_processes, signal_job, wait_until_gone
 from test_train import TINY
+
 from unet3d_dist.data.shards import write_dataset
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -41,7 +41,9 @@ def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess
 
 
 def start(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 600) -> None:
@@ -78,7 +80,9 @@ def test_two_ranks_hold_identical_weights_and_disjoint_samples(tmp_path, tiny_da
     cmd = torchrun(2) + [str(HELPERS / "ddp_agreement.py"), str(report)]
     cmd += overrides(tiny_dataset, tmp_path, "ddp", "train.epochs=2", "data.samples_per_epoch=16", WORKERS)
     # Two threads per rank: oneDNN then gives 1x1x1 conv weights gradients with other strides than one thread does.
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"}
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Grad strides do not match" not in result.stderr
     data = json.loads(report.read_text())
@@ -96,8 +100,16 @@ def kill_whole_job(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_sigkill_of_the_whole_job_then_restart_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, tiny_dataset, world):
-    extra = ("train.epochs=4", "data.samples_per_epoch=24", "checkpoint.every_steps=5", "checkpoint.keep_last=10", WORKERS)
+def test_sigkill_of_the_whole_job_then_restart_ends_bitwise_equal_to_an_uninterrupted_run(
+    tmp_path, tiny_dataset, world
+):
+    extra = (
+        "train.epochs=4",
+        "data.samples_per_epoch=24",
+        "checkpoint.every_steps=5",
+        "checkpoint.keep_last=10",
+        WORKERS,
+    )
     steps = 4 * 24 // (2 * world)
     reference = run(trainer(world) + overrides(tiny_dataset, tmp_path, "reference", *extra))
     assert reference.returncode == 0, reference.stdout + reference.stderr
@@ -111,7 +123,7 @@ def test_sigkill_of_the_whole_job_then_restart_ends_bitwise_equal_to_an_uninterr
     assert killed_at < steps, "the run finished before it could be killed"
     resumed = run(command)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"resumed at epoch" in resumed.stdout and f"step {killed_at}" in resumed.stdout
+    assert "resumed at epoch" in resumed.stdout and f"step {killed_at}" in resumed.stdout
     assert_bitwise_equal(final_state(tmp_path / "reference"), final_state(tmp_path / "killed"))
 
 
@@ -121,7 +133,11 @@ def send(process: subprocess.Popen, world: int, signum: int, target: str) -> Non
         signal_job(process.pid, signum)
         return
     ranks = [process.pid] if world == 1 else direct_children(process.pid)
-    pids = {"launcher": [process.pid], "ranks": ranks, "loader workers": [w for r in ranks for w in direct_children(r)]}[target]
+    pids = {
+        "launcher": [process.pid],
+        "ranks": ranks,
+        "loader workers": [w for r in ranks for w in direct_children(r)],
+    }[target]
     assert pids, f"no {target} to signal"
     for pid in pids:
         os.kill(pid, signum)
@@ -137,9 +153,13 @@ STOPS = [  # (signal, world size, who gets it, resume): what scancel, Ctrl-C and
 
 
 @pytest.mark.parametrize("name, world, target, resume", STOPS)
-def test_a_stop_signal_checkpoints_leaves_the_marker_and_the_same_command_resumes(tmp_path, tiny_dataset, name, world, target, resume):
+def test_a_stop_signal_checkpoints_leaves_the_marker_and_the_same_command_resumes(
+    tmp_path, tiny_dataset, name, world, target, resume
+):
     signum = getattr(signal, name)
-    command = trainer(world) + overrides(tiny_dataset, tmp_path, "term", "train.epochs=12", "checkpoint.every_steps=3", "train.val_every=4", WORKERS)
+    command = trainer(world) + overrides(
+        tiny_dataset, tmp_path, "term", "train.epochs=12", "checkpoint.every_steps=3", "train.val_every=4", WORKERS
+    )
     process = start(command)
     wait_for(tmp_path / "term" / "checkpoints" / "ckpt-00000003.pt", process)
     send(process, world, signum, target)
@@ -156,14 +176,17 @@ def test_a_stop_signal_checkpoints_leaves_the_marker_and_the_same_command_resume
         return
     resumed = run(command)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"resumed at epoch" in resumed.stdout and f"step {marker['step']}" in resumed.stdout
+    assert "resumed at epoch" in resumed.stdout and f"step {marker['step']}" in resumed.stdout
     assert not (tmp_path / "term" / "stopped_by_signal.json").exists()
     assert final_state(tmp_path / "term")["train_state"]["global_step"] == 12 * 8 // (2 * world)
 
 
 def test_a_stop_during_validation_checkpoints_the_epoch_and_the_resumed_run_validates_it(tmp_path):
     dataset = tmp_path / "dataset"  # a validation volume of hundreds of windows, so the stop lands inside it
-    cases = [box_case("a", (40, 36, 28), np.s_[10:20, 8:18, 5:15], "train", 1), box_case("v", (64, 64, 48), np.s_[20:40, 20:40, 10:30], "val", 2)]
+    cases = [
+        box_case("a", (40, 36, 28), np.s_[10:20, 8:18, 5:15], "train", 1),
+        box_case("v", (64, 64, 48), np.s_[20:40, 20:40, 10:30], "val", 2),
+    ]
     write_dataset(dataset, cases, ["background", "box"], name="val", modality="CT", preprocessing={})
     command = trainer(1) + overrides(dataset, tmp_path, "val", "train.epochs=2", WORKERS)
     process = start(command)
@@ -174,7 +197,11 @@ def test_a_stop_during_validation_checkpoints_the_epoch_and_the_resumed_run_vali
     output = line + process.communicate(timeout=600)[0]
     assert process.returncode == 75 and "validation Dice" not in output, output
     state = final_state(tmp_path / "val")["train_state"]
-    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 4, 4)  # the finished, unvalidated epoch
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (
+        0,
+        4,
+        4,
+    )  # the finished, unvalidated epoch
     resumed = run(command)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "epoch 1: validation Dice" in resumed.stdout and "epoch 2: validation Dice" in resumed.stdout
@@ -183,7 +210,9 @@ def test_a_stop_during_validation_checkpoints_the_epoch_and_the_resumed_run_vali
 
 
 def test_ranks_whose_launcher_is_killed_stop_at_once_and_write_nothing_more(tmp_path, tiny_dataset):
-    command = trainer(2) + overrides(tiny_dataset, tmp_path, "orphans", "train.epochs=40", "checkpoint.every_steps=2", WORKERS)
+    command = trainer(2) + overrides(
+        tiny_dataset, tmp_path, "orphans", "train.epochs=40", "checkpoint.every_steps=2", WORKERS
+    )
     run_dir = tmp_path / "orphans"
     process = start(command)
     wait_for(run_dir / "checkpoints" / "ckpt-00000004.pt", process)
@@ -199,7 +228,9 @@ def test_ranks_whose_launcher_is_killed_stop_at_once_and_write_nothing_more(tmp_
 
 
 def test_a_second_job_on_a_held_run_directory_is_refused_and_a_dead_jobs_lock_is_taken_over(tmp_path, tiny_dataset):
-    command = trainer(1) + overrides(tiny_dataset, tmp_path, "held", "train.epochs=40", "checkpoint.every_steps=2", WORKERS)
+    command = trainer(1) + overrides(
+        tiny_dataset, tmp_path, "held", "train.epochs=40", "checkpoint.every_steps=2", WORKERS
+    )
     first = start(command)
     wait_for(tmp_path / "held" / "checkpoints" / "ckpt-00000002.pt", first)
     second = run(command)
@@ -213,7 +244,9 @@ def test_a_second_job_on_a_held_run_directory_is_refused_and_a_dead_jobs_lock_is
 
 def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_finishes(tmp_path, tiny_dataset):
     command = torchrun(2, "--max-restarts=1") + ["-m", "unet3d_dist.train"]
-    command += overrides(tiny_dataset, tmp_path, "restart", "train.epochs=10", "checkpoint.every_steps=3", "train.val_every=5", WORKERS)
+    command += overrides(
+        tiny_dataset, tmp_path, "restart", "train.epochs=10", "checkpoint.every_steps=3", "train.val_every=5", WORKERS
+    )
     process = start(command)
     wait_for(tmp_path / "restart" / "checkpoints" / "ckpt-00000003.pt", process)
     ranks = direct_children(process.pid)
@@ -230,8 +263,18 @@ def test_two_node_rendezvous_on_localhost(tmp_path, tiny_dataset):
     report = tmp_path / "report.json"
     nodes = [
         start(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-             f"--rdzv_endpoint={endpoint}", "--rdzv_id=two-node-test", str(HELPERS / "ddp_agreement.py"), str(report)]
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={endpoint}",
+                "--rdzv_id=two-node-test",
+                str(HELPERS / "ddp_agreement.py"),
+                str(report),
+            ]
             + overrides(tiny_dataset, tmp_path, "nodes", "train.epochs=2", WORKERS)
         )
         for _ in range(2)
@@ -246,7 +289,10 @@ def test_two_node_rendezvous_on_localhost(tmp_path, tiny_dataset):
 def test_resume_with_an_incompatible_model_is_refused_with_the_differences(tmp_path, tiny_dataset):
     first = run(trainer(1) + overrides(tiny_dataset, tmp_path, "shape", "train.epochs=1"))
     assert first.returncode == 0, first.stderr
-    second = run(trainer(1) + overrides(tiny_dataset, tmp_path, "shape", "train.epochs=2", "model.widths=[8,8,16,16]", "model.norm=batch"))
+    second = run(
+        trainer(1)
+        + overrides(tiny_dataset, tmp_path, "shape", "train.epochs=2", "model.widths=[8,8,16,16]", "model.norm=batch")
+    )
     assert second.returncode == 2
     assert "the configuration is incompatible" in second.stderr
     assert "model.widths: [4, 8, 8, 16] -> [8, 8, 16, 16]" in second.stderr

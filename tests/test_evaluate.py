@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from medpy.metric import binary as medpy
-
 from conftest import box_case
+from medpy.metric import binary as medpy
 from test_distributed import torchrun
 from test_train import TINY, train
+
 from unet3d_dist.checkpoint import dataset_entry, inference_checkpoint, inference_model, read_checkpoint
 from unet3d_dist.config import load_config
 from unet3d_dist.data.shards import ShardedDataset, write_dataset
 from unet3d_dist.evaluate import UNFINISHED, main
-from unet3d_dist.scoring import ScoringOptions, predict_case
 from unet3d_dist.masks import load_mask
 from unet3d_dist.model import build_model
+from unet3d_dist.scoring import ScoringOptions, predict_case
 
 CASES = ["big", "border", "empty", "small", "wide"]
 CLASSES = ["background", "box"]
@@ -49,7 +49,7 @@ def five_cases(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, five_cases) -> Path:
-    """A checkpoint as the Trainer writes it (the weights are a fresh tiny model: the tests check plumbing, not skill)."""
+    """An inference checkpoint as the Trainer writes it (of a fresh tiny model: the tests check plumbing, not skill)."""
     cfg = load_config(None, [f"data.dataset={five_cases}", *TINY])
     torch.manual_seed(3)
     model = build_model(cfg.model, 1, len(CLASSES))
@@ -78,7 +78,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def single_process(checkpoint) -> Path:
     """One single-process run, default output folder, NIfTI masks, 3 panels and an offline wandb run."""
-    run(evaluate_command("--checkpoint", str(checkpoint), "--panels", "3", "--wandb", "offline", "--stitch-device", "cpu"))
+    run(
+        evaluate_command(
+            "--checkpoint", str(checkpoint), "--panels", "3", "--wandb", "offline", "--stitch-device", "cpu"
+        )
+    )
     return checkpoint.parent.parent / "eval-test"
 
 
@@ -98,7 +102,9 @@ def test_every_test_case_is_scored_once_and_matches_medpy_on_the_saved_masks(sin
         else:
             assert math.isnan(float(row["hd95_mm"])) and math.isnan(float(row["asd_mm"]))
     empty = next(r for r in rows if r["case"] == "empty")
-    assert empty["empty"] in ("reference", "both") and float(empty["dice"]) == (1.0 if empty["empty"] == "both" else 0.0)
+    assert empty["empty"] in ("reference", "both") and float(empty["dice"]) == (
+        1.0 if empty["empty"] == "both" else 0.0
+    )
 
 
 def test_masks_carry_the_scan_geometry_and_the_prediction(single_process, five_cases, checkpoint):
@@ -110,7 +116,9 @@ def test_masks_carry_the_scan_geometry_and_the_prediction(single_process, five_c
         image = sitk.ReadImage(str(single_process / "masks" / f"{case_id}.nii.gz"))
         record = dataset.records[case_id]
         assert image.GetSize() == tuple(record["shape"])  # (x, y, z) as stored, not transposed
-        assert image.GetSpacing() == pytest.approx(record["spacing"]) and image.GetOrigin() == pytest.approx(record["origin"])
+        assert image.GetSpacing() == pytest.approx(record["spacing"]) and image.GetOrigin() == pytest.approx(
+            record["origin"]
+        )
         expected = predict_case(model, dataset, case_id, options, torch.device("cpu"))
         assert np.array_equal(sitk.GetArrayFromImage(image).transpose(2, 1, 0), expected)
 
@@ -131,8 +139,19 @@ def test_json_summary_panels_of_the_worst_cases_and_wandb(single_process):
 
 def test_two_ranks_evaluate_each_case_exactly_once_with_the_same_values(tmp_path, checkpoint, single_process):
     out = tmp_path / "eval"
-    command = evaluate_command("--checkpoint", str(checkpoint), "--out", str(out), "--workers", "1",
-                               "--mask-format", "hdf5", "--panels", "0", world=2)
+    command = evaluate_command(
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--mask-format",
+        "hdf5",
+        "--panels",
+        "0",
+        world=2,
+    )
     result = run(command, WANDB_MODE="disabled")
     assert "world=2" in result.stdout
     rows = read_csv(out / "results.csv")
@@ -168,7 +187,8 @@ def test_a_default_out_holding_the_users_file_is_refused_naming_it_and_left_byte
     result = subprocess.run(evaluate_command("--checkpoint", str(mine)), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr == (
-        f"error: --out {out} is not empty and is not an unfinished evaluation (it holds results.csv); choose another --out, "
+        f"error: --out {out} is not empty and is not an unfinished evaluation (it holds results.csv); choose "
+        "another --out, "
         "or pass --overwrite to replace results.json, results.csv, masks/ and panels/ in it (nothing was changed)\n"
     )
     assert files_under(tmp_path) == before and sorted(p.name for p in out.iterdir()) == ["results.csv"]
@@ -180,11 +200,31 @@ def test_overwrite_replaces_the_evaluations_own_files_and_keeps_the_others(tmp_p
     (out / "metrics.jsonl").write_text('{"step": 5, "train/loss": 0.4}\n')  # as in a training run's folder
     (out / "results.csv").write_text("an old table\n")
     (out / "panels" / "old.png").write_bytes(b"an old panel")
-    run(evaluate_command("--checkpoint", str(checkpoint), "--out", str(out), "--overwrite", "--panels", "1", "--workers", "0", "--wandb", "disabled"))
+    run(
+        evaluate_command(
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--panels",
+            "1",
+            "--workers",
+            "0",
+            "--wandb",
+            "disabled",
+        )
+    )
     assert (out / "metrics.jsonl").read_text() == '{"step": 5, "train/loss": 0.4}\n'
     assert [r["case"] for r in read_csv(out / "results.csv")] == CASES
     assert len(list((out / "panels").iterdir())) == 1 and not (out / "panels" / "old.png").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["masks", "metrics.jsonl", "panels", "results.csv", "results.json"]  # finished: no marker
+    assert sorted(p.name for p in out.iterdir()) == [
+        "masks",
+        "metrics.jsonl",
+        "panels",
+        "results.csv",
+        "results.json",
+    ]  # finished: no marker
 
 
 def test_a_rerun_over_its_own_interrupted_output_finishes_it_without_leftovers(tmp_path, checkpoint):
@@ -192,7 +232,11 @@ def test_a_rerun_over_its_own_interrupted_output_finishes_it_without_leftovers(t
     (out / "masks").mkdir(parents=True)
     (out / UNFINISHED).write_text("left by a run that was killed\n")
     (out / "masks" / "gone.nii.gz").write_bytes(b"half a mask of a case this run does not score")
-    run(evaluate_command("--checkpoint", str(checkpoint), "--out", str(out), "--panels", "0", "--workers", "0", "--wandb", "disabled"))
+    run(
+        evaluate_command(
+            "--checkpoint", str(checkpoint), "--out", str(out), "--panels", "0", "--workers", "0", "--wandb", "disabled"
+        )
+    )
     assert json.loads((out / "results.json").read_text())["split"] == "test" and not (out / UNFINISHED).exists()
     assert sorted(p.name for p in (out / "masks").iterdir()) == [f"{c}.nii.gz" for c in CASES]
 
@@ -201,15 +245,27 @@ def test_a_rerun_over_its_own_interrupted_output_finishes_it_without_leftovers(t
     ("arguments", "message"),
     [
         (["--checkpoint", "{missing}"], "checkpoint {missing} does not exist"),
-        (["--checkpoint", "{checkpoint}", "--split", "tset"], "has no cases in split 'tset'; its splits are: test, train"),
-        (["--checkpoint", "{checkpoint}", "--data", "{other}"], "has classes ['background', 'liver', 'spleen'] but checkpoint"),
+        (
+            ["--checkpoint", "{checkpoint}", "--split", "tset"],
+            "has no cases in split 'tset'; its splits are: test, train",
+        ),
+        (
+            ["--checkpoint", "{checkpoint}", "--data", "{other}"],
+            "has classes ['background', 'liver', 'spleen'] but checkpoint",
+        ),
         (["--checkpoint", "{checkpoint}", "--patch", "12", "16", "8"], "--patch must be multiples of 8"),
     ],
 )
 def test_bad_input_stops_with_one_clear_line(tmp_path, checkpoint, capsys, arguments, message):
     other = tmp_path / "other"
-    write_dataset(other, [box_case("x", (16, 16, 8), None, "test", 0)], ["background", "liver", "spleen"],
-                  name="other", modality="CT", preprocessing={})
+    write_dataset(
+        other,
+        [box_case("x", (16, 16, 8), None, "test", 0)],
+        ["background", "liver", "spleen"],
+        name="other",
+        modality="CT",
+        preprocessing={},
+    )
     names = {"missing": tmp_path / "nope.pt", "checkpoint": checkpoint, "other": other}
     out = ["--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as exit_info:
@@ -230,7 +286,9 @@ class WritesAFileWhenUnpickled:
         return (Path.write_text, (self.path, "code ran"))
 
 
-def test_truncated_and_hostile_checkpoints_are_refused_in_one_line_and_run_nothing(tmp_path, checkpoint, capsys, tiny_dataset):
+def test_truncated_and_hostile_checkpoints_are_refused_in_one_line_and_run_nothing(
+    tmp_path, checkpoint, capsys, tiny_dataset
+):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     hostile = tmp_path / "hostile.pt"
@@ -239,7 +297,11 @@ def test_truncated_and_hostile_checkpoints_are_refused_in_one_line_and_run_nothi
         with pytest.raises(SystemExit) as exit_info:
             main(["--checkpoint", str(path), "--out", str(tmp_path / "out")])
         error = capsys.readouterr().err.strip()
-        assert exit_info.value.code == 2 and error.startswith(f"error: checkpoint {path} cannot be read") and "\n" not in error
+        assert (
+            exit_info.value.code == 2
+            and error.startswith(f"error: checkpoint {path} cannot be read")
+            and "\n" not in error
+        )
         resumed = train(tmp_path, tiny_dataset, f"train.resume={path}", "log.run_name=resume", check=False)
         assert resumed.returncode == 2 and resumed.stderr.strip() == error, resumed.stderr
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
-"""On the CPU, freed host memory is kept for reuse instead of being mapped and returned afresh (unet3d_dist.host_memory).
+"""On the CPU, freed host memory is kept for reuse instead of being mapped and returned afresh
+(unet3d_dist.host_memory).
 
 glibc's own counters (mallinfo2) say where a large tensor's memory came from and whether the heap kept it after
 the free; unlike page-fault counts, they do not depend on what else the machine is doing.
@@ -17,8 +18,8 @@ import contextlib, ctypes, sys, torch
 from unet3d_dist.dist import runtime
 
 class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    names = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    _fields_ = [(name, ctypes.c_size_t) for name in names]
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
@@ -33,7 +34,9 @@ print(mapped, kept)
 
 
 def where_a_large_tensor_lives(setting: str) -> tuple[int, int]:
-    result = subprocess.run([sys.executable, "-c", WHERE_A_64_MB_TENSOR_LIVES, setting], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", WHERE_A_64_MB_TENSOR_LIVES, setting], capture_output=True, text=True, check=True
+    )
     mapped, kept = map(int, result.stdout.split())
     return mapped, kept
 

@@ -27,12 +27,13 @@ class Echo(nn.Module):
 )
 def test_stitching_reconstructs_the_echoed_volume(shape, patch, overlap, flips):
     image = torch.randn(1, *shape)
-    logits = sliding_window_logits(Echo(), image, patch, 2, overlap=overlap, batch_size=3, pad_value=-5.0, tta_flips=flips)
+    logits = sliding_window_logits(
+        Echo(), image, patch, 2, overlap=overlap, batch_size=3, pad_value=-5.0, tta_flips=flips
+    )
     assert logits.shape == (2, *shape)
     torch.testing.assert_close(logits, torch.cat([-image, image]), rtol=1e-5, atol=1e-5)
     labels = predict_labels(logits)
     assert labels.shape == shape and (labels == (image[0] > 0).numpy()).all()
-
 
 
 def test_largest_component_keeps_one_object_per_class():

@@ -15,14 +15,25 @@ TORCHRUN = (
     f"env PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=100 "
     f"{sys.executable} -m torch.distributed.run"
 )
-LAUNCH_ENV = ("NPROC", "NNODES", "MASTER_ADDR", "MASTER_PORT", "RDZV_ENDPOINT", "RDZV_ID", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+LAUNCH_ENV = (
+    "NPROC",
+    "NNODES",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RDZV_ENDPOINT",
+    "RDZV_ID",
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+)
 
 
 def launch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     return subprocess.run(
         [str(REPO / "launch" / script), *args],
-        capture_output=True, text=True, timeout=300, env={**base, "PYTHON": sys.executable, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**base, "PYTHON": sys.executable, **env},
     )
 
 
@@ -39,7 +50,9 @@ def test_dry_run_prints_the_command_and_runs_nothing(tmp_path):
         f"{TORCHRUN} --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=node1:1234 --rdzv_id=unet3d "
         f"-m unet3d_dist.train {quoted}\n"
     )
-    endpoint = launch("multinode.sh", "--dry-run", NNODES="2", NPROC="1", RDZV_ENDPOINT="10.0.0.7:29400", RDZV_ID="job7")
+    endpoint = launch(
+        "multinode.sh", "--dry-run", NNODES="2", NPROC="1", RDZV_ENDPOINT="10.0.0.7:29400", RDZV_ID="job7"
+    )
     assert "--rdzv_endpoint=10.0.0.7:29400 --rdzv_id=job7 -m unet3d_dist.train\n" in endpoint.stdout
     missing = launch("multinode.sh", "--dry-run", NPROC="1")
     assert missing.returncode == 2 and "set NNODES, and RDZV_ENDPOINT=host:port or MASTER_ADDR" in missing.stderr
@@ -49,7 +62,9 @@ def test_dry_run_prints_the_command_and_runs_nothing(tmp_path):
 def test_local_sh_exits_75_after_sigterm_and_the_same_command_resumes(tmp_path, tiny_dataset, monkeypatch):
     monkeypatch.setenv("PYTHON", sys.executable)
     monkeypatch.setenv("NPROC", "2")
-    args = overrides(tiny_dataset, tmp_path, "local", "train.epochs=6", "checkpoint.every_steps=3", "train.val_every=3", WORKERS)
+    args = overrides(
+        tiny_dataset, tmp_path, "local", "train.epochs=6", "checkpoint.every_steps=3", "train.val_every=3", WORKERS
+    )
     command = [str(REPO / "launch" / "local.sh"), *args]
     run_dir = tmp_path / "local"
 

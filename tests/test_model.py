@@ -64,8 +64,14 @@ def test_channels_last_reaches_the_first_level_from_a_one_channel_image():
     first = model.encoders[0]
     for tensor in (as_channels_last(image), first.conv1.weight):
         assert tensor.is_contiguous(memory_format=torch.channels_last_3d) and tensor.stride(1) == 1
-    assert torch.equal(as_channels_last(image), image) and as_channels_last(image).data_ptr() == image.data_ptr()  # a view
-    for out in (first.conv1(as_channels_last(image)), first.shortcut(as_channels_last(image)), first(as_channels_last(image))):
+    assert (
+        torch.equal(as_channels_last(image), image) and as_channels_last(image).data_ptr() == image.data_ptr()
+    )  # a view
+    for out in (
+        first.conv1(as_channels_last(image)),
+        first.shortcut(as_channels_last(image)),
+        first(as_channels_last(image)),
+    ):
         assert out.is_contiguous(memory_format=torch.channels_last_3d) and not out.is_contiguous()
 
 
@@ -80,5 +86,7 @@ def test_every_gradient_has_its_parameters_strides(threads):
         model(as_channels_last(torch.randn(2, 1, 16, 16, 8))).sum().backward()
     finally:
         torch.set_num_threads(before)
-    mismatched = {name: (p.stride(), p.grad.stride()) for name, p in model.named_parameters() if p.stride() != p.grad.stride()}
+    mismatched = {
+        name: (p.stride(), p.grad.stride()) for name, p in model.named_parameters() if p.stride() != p.grad.stride()
+    }
     assert not mismatched

@@ -9,29 +9,53 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import SHARED_DATA
-from test_distributed import free_port
 from rich.console import Console
-
+from test_distributed import free_port
 from test_prepare import recipe, small_cases
+from test_train import TINY
+
 from unet3d_dist.data.recipe import load_recipe
 from unet3d_dist.predict import main
 from unet3d_dist.prepare import prepare
-from test_train import TINY
 
-pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"the real scans are not at {SHARED_DATA} (set UNET3D_SHARED_DATA)")
+pytestmark = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"the real scans are not at {SHARED_DATA} (set UNET3D_SHARED_DATA)"
+)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """One step of a tiny model, validated, on a prepared dataset: the abdominal CT's liver at 12 mm, twice (train, val)."""
+    """One step of a tiny model, validated, on a prepared dataset: the abdominal CT's liver at 12 mm, twice (train,
+    val).
+    """
     tmp_path = tmp_path_factory.mktemp("predict")
-    config = recipe(tmp_path, preprocessing__spacing=[12, 12, 12], preprocessing__crop={"to": "none"}, splits={"train": 0.5, "val": 0.5})
+    config = recipe(
+        tmp_path,
+        preprocessing__spacing=[12, 12, 12],
+        preprocessing__crop={"to": "none"},
+        splits={"train": 0.5, "val": 0.5},
+    )
     dataset = tmp_path / "dataset"
-    prepare(load_recipe(config), [small_cases(tmp_path, 2)], dataset, jobs=1, overwrite=False, split_file=None, console=Console(quiet=True))
+    prepare(
+        load_recipe(config),
+        [small_cases(tmp_path, 2)],
+        dataset,
+        jobs=1,
+        overwrite=False,
+        split_file=None,
+        console=Console(quiet=True),
+    )
     overrides = [*TINY, "data.crop=[32,32,32]", "data.samples_per_epoch=2", "train.epochs=1"]  # later ones win
-    train = [sys.executable, "-m", "unet3d_dist.train", f"data.dataset={dataset}", f"log.runs_dir={tmp_path}", "log.run_name=liver", *overrides]
+    train = [
+        sys.executable,
+        "-m",
+        "unet3d_dist.train",
+        f"data.dataset={dataset}",
+        f"log.runs_dir={tmp_path}",
+        "log.run_name=liver",
+        *overrides,
+    ]
     result = subprocess.run(train, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(1 train / 1 val cases)" in result.stdout and "validation Dice" in result.stdout
@@ -43,11 +67,27 @@ def test_masks_come_out_on_each_inputs_own_grid_from_two_ranks(checkpoint, tmp_p
     out = tmp_path / "predictions"
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--master-port={free_port()}", "--nproc_per_node=2"]
     result = subprocess.run(
-        [*torchrun, "-m", "unet3d_dist.predict", "--checkpoint", str(checkpoint), *map(str, inputs), "--out", str(out), "--device", "cpu"],
-        capture_output=True, text=True, timeout=300,
+        [
+            *torchrun,
+            "-m",
+            "unet3d_dist.predict",
+            "--checkpoint",
+            str(checkpoint),
+            *map(str, inputs),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert sorted(line.split(" wrote ")[0] for line in result.stdout.splitlines() if " wrote " in line) == ["rank 0", "rank 1"]
+    assert sorted(line.split(" wrote ")[0] for line in result.stdout.splitlines() if " wrote " in line) == [
+        "rank 0",
+        "rank 1",
+    ]
 
     dicom = sitk.ImageSeriesReader()
     dicom.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(inputs[1])))
@@ -69,7 +109,16 @@ def test_masks_come_out_on_each_inputs_own_grid_from_two_ranks(checkpoint, tmp_p
 
 def predict(checkpoint: Path, *arguments: object) -> subprocess.CompletedProcess:
     """The real command line in its own process, on the CPU."""
-    command = [sys.executable, "-m", "unet3d_dist.predict", "--checkpoint", str(checkpoint), *map(str, arguments), "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "unet3d_dist.predict",
+        "--checkpoint",
+        str(checkpoint),
+        *map(str, arguments),
+        "--device",
+        "cpu",
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 

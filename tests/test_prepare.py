@@ -18,21 +18,27 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
-
 from conftest import REPO, SHARED_DATA
+
 from unet3d_dist.data.preprocess import ct_window, map_labels, resample, zscore
 from unet3d_dist.data.readers import CaseError, array_xyz, image_xyz, read_image
 from unet3d_dist.data.shards import ShardedDataset, verify_dataset
 from unet3d_dist.prepare import main
 
-pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"the real scans are not at {SHARED_DATA} (set UNET3D_SHARED_DATA)")
+pytestmark = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"the real scans are not at {SHARED_DATA} (set UNET3D_SHARED_DATA)"
+)
 
 CT_LIVER = {
     "name": "test-liver",
     "modality": "CT",
     "input": {"layout": "folders", "image": "image*", "label": "labels*"},
     "labels": {"classes": {"background": [0], "liver": [5]}, "unmapped": "background"},
-    "preprocessing": {"normalization": {"kind": "ct_window", "window": [-200, 250]}, "spacing": [3, 3, 3], "crop": {"to": "foreground", "margin_mm": 9}},
+    "preprocessing": {
+        "normalization": {"kind": "ct_window", "window": [-200, 250]},
+        "spacing": [3, 3, 3],
+        "crop": {"to": "foreground", "margin_mm": 9},
+    },
     "splits": {"train": 1.0, "val": 0.0, "test": 0.0},
 }
 
@@ -69,11 +75,23 @@ def as_image(array: np.ndarray, record: dict) -> sitk.Image:
 
 def test_la_mri_hdf5_cases_become_zscored_shards(tmp_path, capsys):
     out = tmp_path / "la_mri"
-    code, _ = prepare(capsys, "--config", REPO / "configs/prepare_la_mri.yaml", "--input", SHARED_DATA / "la_mri/train", "--out", out, "--jobs", 1)
+    code, _ = prepare(
+        capsys,
+        "--config",
+        REPO / "configs/prepare_la_mri.yaml",
+        "--input",
+        SHARED_DATA / "la_mri/train",
+        "--out",
+        out,
+        "--jobs",
+        1,
+    )
     assert code == 0
     data = ShardedDataset(out)
     assert len(data.manifest["shards"]) == 2 and data.classes == ["background", "left_atrium"]
-    assert {split: len(data.case_ids(split)) for split in data.splits()} == {"train": 14}  # cross-validated by the recipes
+    assert {split: len(data.case_ids(split)) for split in data.splits()} == {
+        "train": 14
+    }  # cross-validated by the recipes
     sources = sorted((SHARED_DATA / "la_mri/train").glob("*.h5"))
     assert sorted(data.records) == [p.stem for p in sources]
     for path in sources:
@@ -92,7 +110,17 @@ def test_la_mri_hdf5_cases_become_zscored_shards(tmp_path, capsys):
 
 def test_abdominal_ct_liver_at_3mm_with_hu_window_and_geometry_round_trip(tmp_path, capsys):
     out = tmp_path / "liver"
-    code, _ = prepare(capsys, "--config", REPO / "configs/prepare_totalseg_liver.yaml", "--input", SHARED_DATA / "ct_abdomen", "--out", out, "--jobs", 1)
+    code, _ = prepare(
+        capsys,
+        "--config",
+        REPO / "configs/prepare_totalseg_liver.yaml",
+        "--input",
+        SHARED_DATA / "ct_abdomen",
+        "--out",
+        out,
+        "--jobs",
+        1,
+    )
     assert code == 0
     data = ShardedDataset(out)
     record = data.records["ct_abdomen"]
@@ -101,15 +129,22 @@ def test_abdominal_ct_liver_at_3mm_with_hu_window_and_geometry_round_trip(tmp_pa
     assert record["class_voxels"][1] == 41_692 == int((array_xyz(source_labels) == 5).sum())
     assert record["spacing"] == [3.0] * 3 and record["direction"] == [1, 0, 0, 0, 1, 0, 0, 0, 1]
     assert record["source_geometry"] == {
-        "size": list(source.GetSize()), "spacing": list(source.GetSpacing()), "origin": list(source.GetOrigin()), "direction": list(source.GetDirection())
+        "size": list(source.GetSize()),
+        "spacing": list(source.GetSpacing()),
+        "origin": list(source.GetOrigin()),
+        "direction": list(source.GetDirection()),
     }
 
     # Back on the source grid, the prepared voxels are the windowed HU and the liver mask, voxel for voxel.
-    back = sitk.Resample(as_image(data.image("ct_abdomen"), record), source, sitk.Transform(), sitk.sitkNearestNeighbor, -5.0)
+    back = sitk.Resample(
+        as_image(data.image("ct_abdomen"), record), source, sitk.Transform(), sitk.sitkNearestNeighbor, -5.0
+    )
     inside = array_xyz(back) != -5.0
     np.testing.assert_allclose(array_xyz(back)[inside], ct_window(array_xyz(source), -200, 250)[inside], atol=1e-6)
     assert inside.sum() == np.prod(record["shape"])  # every prepared voxel sits on a source voxel
-    label_back = sitk.Resample(as_image(data.label("ct_abdomen"), record), source, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    label_back = sitk.Resample(
+        as_image(data.label("ct_abdomen"), record), source, sitk.Transform(), sitk.sitkNearestNeighbor, 0
+    )
     np.testing.assert_array_equal(array_xyz(label_back), (array_xyz(source_labels) == 5).astype(np.uint8))
 
 
@@ -120,7 +155,9 @@ def test_jpeg2000_dicom_series_is_paired_with_its_flipped_label_volume(tmp_path,
     assert code == 0
     data = ShardedDataset(out)
     record = data.records["ct_dicom"]
-    assert "warning ct_dicom: prepared shape" in printed and "64x64x48 along z;" in printed  # 20 slices: thin, in z only
+    assert (
+        "warning ct_dicom: prepared shape" in printed and "64x64x48 along z;" in printed
+    )  # 20 slices: thin, in z only
     labels = sitk.ReadImage(str(SHARED_DATA / "ct_dicom/labels.nii.gz"))
     assert labels.GetDirection()[4] == -1  # stored with y flipped against the series
     assert record["class_voxels"][1] == int((array_xyz(labels) == 5).sum()) == 366_708
@@ -170,7 +207,9 @@ def test_lung_ct_nrrd_is_resampled_and_the_small_tumour_survives(tmp_path, capsy
     source = sitk.ReadImage(str(SHARED_DATA / "ct_lung/label.nrrd"))
     source_mask = sitk.GetArrayFromImage(source) > 0
     assert source_mask.sum() == 837 and record["spacing"] == [1.0, 1.0, 2.0]
-    assert record["shape"][0] == 292 and 200 < record["shape"][1] < 240 and record["shape"][2] == 120  # air in front of the chest cut off
+    assert (
+        record["shape"][0] == 292 and 200 < record["shape"][1] < 240 and record["shape"][2] == 120
+    )  # air in front of the chest cut off
     volume_before = 837 * np.prod(source.GetSpacing())
     volume_after = record["class_voxels"][1] * 2.0
     assert abs(volume_after - volume_before) < 0.1 * volume_before
@@ -179,7 +218,9 @@ def test_lung_ct_nrrd_is_resampled_and_the_small_tumour_survives(tmp_path, capsy
         return np.array(image.TransformContinuousIndexToPhysicalPoint(np.argwhere(mask_xyz).mean(0).tolist()))
 
     prepared = as_image(data.label("ct_lung"), record)
-    assert np.linalg.norm(centroid(data.label("ct_lung") == 1, prepared) - centroid(array_xyz(source) > 0, source)) < 1.0
+    assert (
+        np.linalg.norm(centroid(data.label("ct_lung") == 1, prepared) - centroid(array_xyz(source) > 0, source)) < 1.0
+    )
     assert -1 <= data.image("ct_lung").min() and data.image("ct_lung").max() <= 1
 
 
@@ -188,17 +229,24 @@ def test_decathlon_layout_with_and_without_a_training_list_merges_tumour_into_li
     organs = array_xyz(sitk.ReadImage(str(SHARED_DATA / "ct_abdomen/labels.nii.gz")))
     lits = np.select([organs == 5, organs == 1], [1, 2], 0).astype(np.uint8)  # liver 1; the spleen plays the tumour (2)
     msd, nnunet = tmp_path / "Task03_Liver", tmp_path / "nnunet"
-    for root, image_name, label_name in ((msd, "liver_0.nii.gz", "liver_0.nii.gz"), (nnunet, "case_1_0000.nii.gz", "case_1.nii.gz")):
+    for root, image_name, label_name in (
+        (msd, "liver_0.nii.gz", "liver_0.nii.gz"),
+        (nnunet, "case_1_0000.nii.gz", "case_1.nii.gz"),
+    ):
         (root / "imagesTr").mkdir(parents=True)
         (root / "labelsTr").mkdir()
         os.symlink(SHARED_DATA / "ct_abdomen/image.nii.gz", root / "imagesTr" / image_name)
         write_like(lits, image, root / "labelsTr" / label_name)
         (root / "labelsTr" / f"._{label_name}").write_bytes(b"macOS resource fork")  # shipped in the MSD archives
-    (msd / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/liver_0.nii.gz", "label": "./labelsTr/liver_0.nii.gz"}]}))
+    (msd / "dataset.json").write_text(
+        json.dumps({"training": [{"image": "./imagesTr/liver_0.nii.gz", "label": "./labelsTr/liver_0.nii.gz"}]})
+    )
     (nnunet / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
 
     out = tmp_path / "ct_liver"
-    code, _ = prepare(capsys, "--config", REPO / "configs/prepare_ct_liver.yaml", "--input", msd, nnunet, "--out", out, "--jobs", 1)
+    code, _ = prepare(
+        capsys, "--config", REPO / "configs/prepare_ct_liver.yaml", "--input", msd, nnunet, "--out", out, "--jobs", 1
+    )
     assert code == 0
     data = ShardedDataset(out)
     assert sorted(data.records) == ["case_1", "liver_0"] and data.classes == ["background", "liver"]
@@ -222,7 +270,9 @@ def test_bad_cases_get_their_own_error_and_the_rest_of_the_dataset_is_intact(tmp
         write_like(liver, image, cases / name / "labels.nii.gz")
     data = (cases / "truncated/image.nii.gz").read_bytes()
     (cases / "truncated/image.nii.gz").write_bytes(data[: len(data) // 2])
-    sitk.WriteImage(sitk.ReadImage(str(cases / "mismatch/labels.nii.gz"))[:, :, :100], str(cases / "mismatch/labels.nii.gz"))
+    sitk.WriteImage(
+        sitk.ReadImage(str(cases / "mismatch/labels.nii.gz"))[:, :, :100], str(cases / "mismatch/labels.nii.gz")
+    )
     with_nan = array_xyz(image).astype(np.float32)
     with_nan[60, 50, 40:45] = np.nan
     (cases / "nan/image.nii.gz").unlink()
@@ -276,7 +326,19 @@ def small_cases(tmp_path: Path, count: int) -> Path:
 def test_rerun_after_a_crash_skips_finished_shards_and_nothing_is_overwritten_by_accident(tmp_path, capsys):
     cases, out = small_cases(tmp_path, 6), tmp_path / "dataset"
     config = recipe(tmp_path, preprocessing__spacing=[6, 6, 6], shards={"cases_per_shard": 1})
-    command = [sys.executable, "-m", "unet3d_dist.prepare", "--config", str(config), "--input", str(cases), "--out", str(out), "--jobs", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "unet3d_dist.prepare",
+        "--config",
+        str(config),
+        "--input",
+        str(cases),
+        "--out",
+        str(out),
+        "--jobs",
+        "1",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     first = tmp_path / "dataset.partial" / "shard-00000.h5"
     deadline = time.monotonic() + 120
@@ -301,7 +363,9 @@ def test_rerun_after_a_crash_skips_finished_shards_and_nothing_is_overwritten_by
 
     splits = tmp_path / "splits.yaml"
     splits.write_text(yaml.safe_dump({"train": [f"case{i}" for i in range(4)], "val": ["case4"], "test": ["case5"]}))
-    code, printed = prepare(capsys, "--config", config, "--input", cases, "--out", out, "--splits", splits, "--overwrite", "--jobs", 1)
+    code, printed = prepare(
+        capsys, "--config", config, "--input", cases, "--out", out, "--splits", splits, "--overwrite", "--jobs", 1
+    )
     assert code == 0
     assert {r["id"]: r["split"] for r in ShardedDataset(out).manifest["cases"]}["case4"] == "val"
 
@@ -317,8 +381,10 @@ def test_a_case_smaller_than_the_default_training_crop_is_kept_with_a_one_line_w
     config = recipe(tmp_path, preprocessing__spacing=[12, 12, 12], preprocessing__crop={"to": "none"})
     code, printed = prepare(capsys, "--config", config, "--input", small_cases(tmp_path, 1), "--out", out, "--jobs", 1)
     assert code == 0
-    warning = ("prepared shape 30x25x28 is smaller than the default training crop 64x64x48 along x, y, z; "
-               "crops of that size will be padded there (normal for a small or thin volume)")
+    warning = (
+        "prepared shape 30x25x28 is smaller than the default training crop 64x64x48 along x, y, z; "
+        "crops of that size will be padded there (normal for a small or thin volume)"
+    )
     assert f"warning case0: {warning}" in printed
     assert json.loads((out / "manifest.json").read_text())["warnings"] == {"case0": [warning]}
     assert ShardedDataset(out).records["case0"]["shape"] == [30, 25, 28]
@@ -326,13 +392,27 @@ def test_a_case_smaller_than_the_default_training_crop_is_kept_with_a_one_line_w
 
 def test_recipe_mistakes_stop_with_one_sentence(tmp_path, capsys):
     cases = small_cases(tmp_path, 1)
-    code, printed = prepare(capsys, "--config", recipe(tmp_path, preprocessing__spacng=[1, 1, 1]), "--input", cases, "--out", tmp_path / "x")
-    assert code == 2 and printed.startswith("error: unknown recipe key 'preprocessing.spacng'; keys in preprocessing are: normalization, spacing")
-    code, printed = prepare(capsys, "--config", recipe(tmp_path, preprocessing__orientation="LRS"), "--input", cases, "--out", tmp_path / "x")
+    code, printed = prepare(
+        capsys, "--config", recipe(tmp_path, preprocessing__spacng=[1, 1, 1]), "--input", cases, "--out", tmp_path / "x"
+    )
+    assert code == 2 and printed.startswith(
+        "error: unknown recipe key 'preprocessing.spacng'; keys in preprocessing are: normalization, spacing"
+    )
+    code, printed = prepare(
+        capsys,
+        "--config",
+        recipe(tmp_path, preprocessing__orientation="LRS"),
+        "--input",
+        cases,
+        "--out",
+        tmp_path / "x",
+    )
     assert code == 2 and "preprocessing.orientation must be three letters" in printed
     splits = tmp_path / "splits.yaml"
     splits.write_text(yaml.safe_dump({"train": ["case0", "case9"]}))
-    code, printed = prepare(capsys, "--config", recipe(tmp_path), "--input", cases, "--out", tmp_path / "x", "--splits", splits)
+    code, printed = prepare(
+        capsys, "--config", recipe(tmp_path), "--input", cases, "--out", tmp_path / "x", "--splits", splits
+    )
     assert code == 2 and "does not match the input: no such case case9" in printed
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 

@@ -2,14 +2,18 @@ import json
 
 import numpy as np
 import pytest
+from conftest import box_case, flip_byte_in_chunk
 
 from unet3d_dist.data.shards import DatasetError, ShardedDataset, load_manifest, verify_dataset, write_dataset
-from conftest import box_case, flip_byte_in_chunk
 
 
 def test_round_trip_keeps_arrays_geometry_and_manifest(tmp_path):
-    cases = [box_case(f"c{i}", (20 + i, 18, 12), np.s_[2:8, 3:9, 1:5], "train" if i < 3 else "val", i) for i in range(5)]
-    manifest = write_dataset(tmp_path, cases, ["background", "organ"], name="t", modality="CT", preprocessing={}, cases_per_shard=2)
+    cases = [
+        box_case(f"c{i}", (20 + i, 18, 12), np.s_[2:8, 3:9, 1:5], "train" if i < 3 else "val", i) for i in range(5)
+    ]
+    manifest = write_dataset(
+        tmp_path, cases, ["background", "organ"], name="t", modality="CT", preprocessing={}, cases_per_shard=2
+    )
     assert [s["cases"] for s in manifest["shards"]] == [["c0", "c1"], ["c2", "c3"], ["c4"]]
     data = ShardedDataset(tmp_path)
     assert data.case_ids("val") == ["c3", "c4"] and data.num_classes == 2
@@ -77,7 +81,9 @@ def test_a_corrupt_chunk_is_an_error_naming_shard_and_case_and_the_other_chunks_
     with pytest.raises(DatasetError) as caught:
         data.image("a")
     assert str(caught.value).startswith(f"cannot read the image of case 'a' from shard {shard}: a chunk is corrupt")
-    assert str(caught.value).endswith(f"run python -m unet3d_dist.prepare --verify {copy} and prepare the dataset again")
+    assert str(caught.value).endswith(
+        f"run python -m unet3d_dist.prepare --verify {copy} and prepare the dataset again"
+    )
     beyond_chunk = np.s_[16:, 16:, 16:]
     np.testing.assert_array_equal(data.image("a", beyond_chunk), intact.image("a", beyond_chunk))
     np.testing.assert_array_equal(data.label("a"), intact.label("a"))
@@ -98,7 +104,9 @@ def test_a_worker_s_error_reaches_the_main_process_as_the_worker_s_sentence(tiny
     data = ShardedDataset(copy)
     with pytest.raises(DatasetError) as direct:
         data.image("c")
-    loader = DataLoader(CropDataset(data, ["c"], (16, 16, 8), 2, seed=0), sampler=[(0, 0), (0, 1)], batch_size=2, num_workers=1)
+    loader = DataLoader(
+        CropDataset(data, ["c"], (16, 16, 8), 2, seed=0), sampler=[(0, 0), (0, 1)], batch_size=2, num_workers=1
+    )
     with pytest.raises(DatasetError) as relayed:
         next(iter(loader))
     assert relayed.value.args[0].startswith("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback")
@@ -115,7 +123,8 @@ def test_a_dataset_prepared_before_checksums_reads_and_says_so_in_one_line(unche
     note = data.checksum_note
     assert note == (
         f"dataset {unchecksummed_dataset} was prepared without chunk checksums, so a corrupt chunk would go unnoticed; "
-        f"python -m unet3d_dist.prepare --verify {unchecksummed_dataset} checks whole files, and preparing it again adds checksums"
+        f"python -m unet3d_dist.prepare --verify {unchecksummed_dataset} checks whole files, and preparing it "
+        "again adds checksums"
     )
     for case_id in data.case_ids():
         np.testing.assert_array_equal(data.image(case_id), checked.image(case_id))

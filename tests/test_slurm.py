@@ -16,11 +16,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
-
 from conftest import REPO
 from test_distributed import WORKERS, assert_bitwise_equal, final_state, free_port, overrides
 
@@ -83,7 +82,10 @@ def ensure_installed() -> None:
     for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"]):
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
         if result.returncode != 0:
-            pytest.skip(f"cannot install Slurm: `{' '.join(command)}` exited {result.returncode}: {result.stderr.strip()[-500:]}")
+            pytest.skip(
+                f"cannot install Slurm: `{' '.join(command)}` exited {result.returncode}: "
+                f"{result.stderr.strip()[-500:]}"
+            )
 
 
 class Cluster:
@@ -115,7 +117,9 @@ class Cluster:
         wait_until(ready, f"{path} from job {job_id}")
 
     def wait_until_finished(self, job_id: str, timeout: float = 300) -> dict[str, str]:
-        return wait_until(lambda: (j := self.job(job_id))["JobState"] in FINISHED and j, f"job {job_id} to end", timeout)
+        return wait_until(
+            lambda: (j := self.job(job_id))["JobState"] in FINISHED and j, f"job {job_id} to end", timeout
+        )
 
 
 def start_daemon(command: list[str], pid_file: Path, started: list[tuple[str, int]]) -> None:
@@ -130,7 +134,7 @@ def stop_daemons(started: list[tuple[str, int]]) -> None:
     for _, pid in reversed(started):
         os.kill(pid, signal.SIGTERM)
     for name, pid in started:
-        wait_until(lambda: not Path(f"/proc/{pid}").exists(), f"{name} (pid {pid}) to stop", timeout=60)
+        wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists(), f"{name} (pid {pid}) to stop", timeout=60)
 
 
 @pytest.fixture(scope="session")
@@ -150,14 +154,24 @@ def slurm(tmp_path_factory) -> Cluster:
     started: list[tuple[str, int]] = []
     try:
         start_daemon(
-            ["munged", "--force", f"--socket={root}/munge.socket", f"--key-file={key}", f"--pid-file={root}/munged.pid",
-             f"--log-file={root}/munged.log", f"--seed-file={root}/munged.seed"],
-            root / "munged.pid", started,
+            [
+                "munged",
+                "--force",
+                f"--socket={root}/munge.socket",
+                f"--key-file={key}",
+                f"--pid-file={root}/munged.pid",
+                f"--log-file={root}/munged.log",
+                f"--seed-file={root}/munged.seed",
+            ],
+            root / "munged.pid",
+            started,
         )
         start_daemon(["slurmctld", "-f", str(root / "slurm.conf")], root / "slurmctld.pid", started)
         for node in ("n1", "n2"):
             start_daemon(["slurmd", "-f", str(root / "slurm.conf"), "-N", node], root / f"slurmd-{node}.pid", started)
-        wait_until(lambda: cluster.run("sinfo", "--noheader", "--format=%T %D").split() == ["idle", "2"], "two idle nodes", 60)
+        wait_until(
+            lambda: cluster.run("sinfo", "--noheader", "--format=%T %D").split() == ["idle", "2"], "two idle nodes", 60
+        )
         yield cluster
     finally:
         if len(started) == 4:  # jobs still running would leave their slurmstepd behind
@@ -174,7 +188,16 @@ def attempts(log: str) -> list[str]:
 def preempted_run(slurm, tiny_dataset, tmp_path_factory) -> tuple[dict[str, str], Path, str]:
     """slurm/train.sbatch on one node, sent SIGUSR1 with `scancel --signal=USR1` after its second step."""
     tmp = tmp_path_factory.mktemp("train-sbatch")
-    args = overrides(tiny_dataset, tmp, "single", "train.epochs=8", "checkpoint.every_steps=2", "checkpoint.keep_last=40", "train.val_every=4", WORKERS)
+    args = overrides(
+        tiny_dataset,
+        tmp,
+        "single",
+        "train.epochs=8",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=40",
+        "train.val_every=4",
+        WORKERS,
+    )
     job_id = slurm.submit("train.sbatch", *args, logs=tmp)
     slurm.wait_for_file(tmp / "single" / "checkpoints" / "ckpt-00000002.pt", job_id)
     slurm.run("scancel", "--signal=USR1", job_id)  # reaches the step's processes, like --signal=USR1@N
@@ -200,26 +223,50 @@ def test_evaluate_sbatch_writes_per_volume_results(slurm, preempted_run, tiny_da
     _, run_dir, _ = preempted_run
     out = tmp_path / "eval"
     job_id = slurm.submit(
-        "evaluate.sbatch", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--data", str(tiny_dataset),
-        "--split", "test", "--out", str(out), logs=tmp_path,
+        "evaluate.sbatch",
+        "--checkpoint",
+        str(run_dir / "checkpoints" / "best.pt"),
+        "--data",
+        str(tiny_dataset),
+        "--split",
+        "test",
+        "--out",
+        str(out),
+        logs=tmp_path,
     )
     job = slurm.wait_until_finished(job_id)
     log = (tmp_path / f"unet3d-eval-{job_id}.out").read_text()
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log
     tables = list(out.glob("*.csv"))
     assert tables and list(out.glob("*.json")), sorted(out.rglob("*"))
-    assert any("f" in row.values() for table in tables for row in csv.DictReader(table.open())), "no row for test case f"
+    assert any("f" in row.values() for table in tables for row in csv.DictReader(table.open())), (
+        "no row for test case f"
+    )
 
 
 def test_two_node_job_requeues_on_usr1_to_the_batch_shell_and_resumes(slurm, tiny_dataset, tmp_path):
     steps = 8 * 8 // (2 * 2)  # 8 epochs of 8 crops, batch 2 on each of 2 ranks
-    args = overrides(tiny_dataset, tmp_path, "nodes", "train.epochs=8", "checkpoint.every_steps=2", "checkpoint.keep_last=40", "train.val_every=4", WORKERS)
+    args = overrides(
+        tiny_dataset,
+        tmp_path,
+        "nodes",
+        "train.epochs=8",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=40",
+        "train.val_every=4",
+        WORKERS,
+    )
     job_id = slurm.submit("train_multinode.sbatch", *args, logs=tmp_path)
     slurm.wait_for_file(tmp_path / "nodes" / "checkpoints" / "ckpt-00000002.pt", job_id)
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)  # only the batch shell, like --signal=B:USR1@N
     job = slurm.wait_until_finished(job_id)
     log = (tmp_path / f"unet3d-train-multinode-{job_id}.out").read_text()
-    assert (job["JobState"], job["ExitCode"], job["Restarts"], job["NodeList"]) == ("COMPLETED", "0:0", "1", "n[1-2]"), log
+    assert (job["JobState"], job["ExitCode"], job["Restarts"], job["NodeList"]) == (
+        "COMPLETED",
+        "0:0",
+        "1",
+        "n[1-2]",
+    ), log
     assert attempts(log) == ["1", "2"], log
     assert "SIGUSR1: the step checkpoints and stops" in log and "stopped by SIGUSR1" in log
     for task in ("n1: task 0", "n2: task 1"):  # each node's launcher saw the stop marker
@@ -228,8 +275,16 @@ def test_two_node_job_requeues_on_usr1_to_the_batch_shell_and_resumes(slurm, tin
     assert final_state(tmp_path / "nodes")["train_state"]["global_step"] == steps
 
 
-def test_scancel_checkpoints_within_killwait_and_a_requeue_ends_bitwise_equal_to_an_uninterrupted_run(slurm, tiny_dataset, tmp_path):
-    extra = ("train.epochs=4", "data.samples_per_epoch=24", "checkpoint.every_steps=2", "checkpoint.keep_last=10", WORKERS)
+def test_scancel_checkpoints_within_killwait_and_a_requeue_ends_bitwise_equal_to_an_uninterrupted_run(
+    slurm, tiny_dataset, tmp_path
+):
+    extra = (
+        "train.epochs=4",
+        "data.samples_per_epoch=24",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=10",
+        WORKERS,
+    )
     reference = slurm.submit("train.sbatch", *overrides(tiny_dataset, tmp_path, "reference", *extra), logs=tmp_path)
     job_id = slurm.submit("train.sbatch", *overrides(tiny_dataset, tmp_path, "cancelled", *extra), logs=tmp_path)
     run_dir = tmp_path / "cancelled"
@@ -241,10 +296,15 @@ def test_scancel_checkpoints_within_killwait_and_a_requeue_ends_bitwise_equal_to
     marker = json.loads((run_dir / "stopped_by_signal.json").read_text())  # written before the SIGKILL
     assert marker["signal"] == "SIGTERM" and (run_dir / "checkpoints" / f"ckpt-{marker['step']:08d}.pt").exists(), log
     assert "no requeue from this job" in log and "requeueing job" not in log, log
-    assert "DataLoader worker" not in log and "[rank" not in log, log  # torchrun, signalled too, has a traceback of its own
+    assert "DataLoader worker" not in log and "[rank" not in log, (
+        log
+    )  # torchrun, signalled too, has a traceback of its own
 
     slurm.run("scontrol", "requeue", job_id)  # what a preemption with PreemptMode=REQUEUE does by itself
-    job = wait_until(lambda: (j := slurm.job(job_id))["Restarts"] == "1" and j["JobState"] in FINISHED and j, f"job {job_id} to run again")
+    job = wait_until(
+        lambda: (j := slurm.job(job_id))["Restarts"] == "1" and j["JobState"] in FINISHED and j,
+        f"job {job_id} to run again",
+    )
     log = (tmp_path / f"unet3d-train-{job_id}.out").read_text()
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log
     assert attempts(log) == ["1", "2"] and f", step {marker['step']}\n" in log, log

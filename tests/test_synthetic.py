@@ -1,4 +1,6 @@
-"""The synthetic CT phantom: realistic HU per tissue, one exact liver label, seeded, cached once through the shard writer."""
+"""The synthetic CT phantom: realistic HU per tissue, one exact liver label, seeded, cached once through the shard
+writer.
+"""
 
 import numpy as np
 from scipy import ndimage
@@ -56,7 +58,11 @@ def test_generated_once_through_the_shard_writer_with_exact_labels(tmp_path):
     stamp = (root / MANIFEST).stat().st_mtime_ns
     dataset = ShardedDataset(root)
     assert dataset.classes == ["background", "liver"] and dataset.checksum_note is None  # its chunks carry checksums
-    assert {split: len(dataset.case_ids(split)) for split in ("train", "val", "test")} == {"train": 4, "val": 1, "test": 1}
+    assert {split: len(dataset.case_ids(split)) for split in ("train", "val", "test")} == {
+        "train": 4,
+        "val": 1,
+        "test": 1,
+    }
     case = dataset.manifest["cases"][0]
     rng = np.random.default_rng([20240601, 0])
     shape = (int(rng.integers(120, 137)), int(rng.integers(104, 121)), int(rng.integers(88, 105)))
@@ -64,5 +70,7 @@ def test_generated_once_through_the_shard_writer_with_exact_labels(tmp_path):
     assert case["shape"] == list(shape) and case["spacing"] == [3.0, 3.0, 3.0]
     assert np.array_equal(dataset.label(case["id"]), liver)
     assert np.allclose(dataset.image(case["id"]), ct_window(hu, *HU_WINDOW))
-    assert ensure_synthetic(tmp_path, 6) == root and (root / MANIFEST).stat().st_mtime_ns == stamp  # cached, not rebuilt
+    assert (
+        ensure_synthetic(tmp_path, 6) == root and (root / MANIFEST).stat().st_mtime_ns == stamp
+    )  # cached, not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [root.name]  # no temporary folder left behind

@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 
 TINY = [
@@ -20,7 +19,15 @@ TINY = [
 
 
 def train(tmp_path, dataset, *overrides, check=True):
-    args = [sys.executable, "-m", "unet3d_dist.train", f"data.dataset={dataset}", f"log.runs_dir={tmp_path}", *TINY, *overrides]
+    args = [
+        sys.executable,
+        "-m",
+        "unet3d_dist.train",
+        f"data.dataset={dataset}",
+        f"log.runs_dir={tmp_path}",
+        *TINY,
+        *overrides,
+    ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
@@ -29,8 +36,14 @@ def train(tmp_path, dataset, *overrides, check=True):
 
 def test_tiny_run_learns_and_leaves_checkpoints_and_a_loss_plot(tmp_path, tiny_dataset):
     result = train(
-        tmp_path, tiny_dataset, "train.epochs=10", "data.samples_per_epoch=16", "optim.lr=0.05", "optim.momentum=0.9",
-        "train.val_every=5", "log.run_name=tiny",
+        tmp_path,
+        tiny_dataset,
+        "train.epochs=10",
+        "data.samples_per_epoch=16",
+        "optim.lr=0.05",
+        "optim.momentum=0.9",
+        "train.val_every=5",
+        "log.run_name=tiny",
     )
     run = tmp_path / "tiny"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -62,8 +75,8 @@ def test_missing_dataset_is_named(tmp_path):
 
 def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dataset):
     import numpy as np
-
     from conftest import box_case
+
     from unet3d_dist.data.shards import write_dataset
 
     train(tmp_path, tiny_dataset, "train.epochs=1", "log.run_name=div")
@@ -82,22 +95,32 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
 
 def test_a_corrupt_chunk_in_a_loader_worker_stops_the_run_with_one_line_and_no_checkpoint(tmp_path):
     import numpy as np
-
     from conftest import box_case, flip_byte_in_chunk
+
     from unet3d_dist.data.shards import write_dataset
 
     # The only training case is one chunk, so every crop reads the corrupt bytes.
-    cases = [box_case("one", (16, 16, 12), np.s_[4:12, 4:12, 3:9], "train", 0), box_case("v", (16, 16, 12), np.s_[2:9, 2:9, 2:9], "val", 1)]
+    cases = [
+        box_case("one", (16, 16, 12), np.s_[4:12, 4:12, 3:9], "train", 0),
+        box_case("v", (16, 16, 12), np.s_[2:9, 2:9, 2:9], "val", 1),
+    ]
     root = tmp_path / "data"
     write_dataset(root, cases, ["background", "box"], name="corrupt", modality="CT", preprocessing={})
     flip_byte_in_chunk(root / "shard-00000.h5", "one", "image")
     result = train(tmp_path, root, "train.epochs=1", "data.num_workers=2", "log.run_name=corrupt", check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.endswith("\n") and len(result.stderr.splitlines()) == 1, result.stderr
-    assert result.stderr.startswith(f"error: cannot read the image of case 'one' from shard {root / 'shard-00000.h5'}: a chunk is corrupt")
-    assert f"run python -m unet3d_dist.prepare --verify {root} and prepare" in result.stderr and "note:" not in result.stdout
+    assert result.stderr.startswith(
+        f"error: cannot read the image of case 'one' from shard {root / 'shard-00000.h5'}: a chunk is corrupt"
+    )
+    assert (
+        f"run python -m unet3d_dist.prepare --verify {root} and prepare" in result.stderr
+        and "note:" not in result.stdout
+    )
     run = tmp_path / "corrupt"
-    assert (run / "config.yaml").is_file() and not list(run.rglob("*.pt"))  # the run started; nothing of the broken step was saved
+    assert (run / "config.yaml").is_file() and not list(
+        run.rglob("*.pt")
+    )  # the run started; nothing of the broken step was saved
 
 
 def test_a_dataset_prepared_before_checksums_trains_with_a_one_line_note(tmp_path, unchecksummed_dataset):
@@ -105,5 +128,8 @@ def test_a_dataset_prepared_before_checksums_trains_with_a_one_line_note(tmp_pat
 
     result = train(tmp_path, unchecksummed_dataset, "train.epochs=1", "log.run_name=old")
     notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
-    assert notes == [f"note: {ShardedDataset(unchecksummed_dataset).checksum_note}"] and "without chunk checksums" in notes[0]
+    assert (
+        notes == [f"note: {ShardedDataset(unchecksummed_dataset).checksum_note}"]
+        and "without chunk checksums" in notes[0]
+    )
     assert "done" in result.stdout

@@ -7,7 +7,6 @@ import signal
 import subprocess
 
 import pytest
-
 from test_distributed import final_state, overrides, start, trainer, wait_for
 
 
@@ -20,7 +19,9 @@ def wandb_home(tmp_path, monkeypatch):
 
 
 def offline_run(dataset, tmp_path, name: str) -> list[str]:
-    return trainer(1) + overrides(dataset, tmp_path, name, "train.epochs=2", "checkpoint.every_steps=2", "log.wandb=offline")
+    return trainer(1) + overrides(
+        dataset, tmp_path, name, "train.epochs=2", "checkpoint.every_steps=2", "log.wandb=offline"
+    )
 
 
 def test_offline_run_is_written_under_the_run_dir_and_a_resume_keeps_its_id(tmp_path, tiny_dataset):
@@ -38,7 +39,14 @@ def test_offline_run_is_written_under_the_run_dir_and_a_resume_keeps_its_id(tmp_
     folders = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and all(f.name.endswith(f"-{run_id}") for f in folders), folders
     records = (folders[-1] / f"run-{run_id}.wandb").read_bytes()
-    for key in (b"train/loss", b"train/lr", b"train/crops_per_s", b"train/grad_norm", b"val/dice", b"samples_per_epoch"):
+    for key in (
+        b"train/loss",
+        b"train/lr",
+        b"train/crops_per_s",
+        b"train/grad_norm",
+        b"val/dice",
+        b"samples_per_epoch",
+    ):
         assert key in records, key
     assert f"wandb sync {folders[-1]}\n" in resumed.stdout
 
@@ -46,7 +54,9 @@ def test_offline_run_is_written_under_the_run_dir_and_a_resume_keeps_its_id(tmp_
 def test_training_goes_on_when_the_wandb_service_dies(tmp_path, tiny_dataset):
     process = start(offline_run(tiny_dataset, tmp_path, "lost"))
     wait_for(tmp_path / "lost" / "checkpoints" / "ckpt-00000002.pt", process)
-    service = subprocess.run(["pgrep", "-P", str(process.pid), "wandb-core"], capture_output=True, text=True).stdout.split()
+    service = subprocess.run(
+        ["pgrep", "-P", str(process.pid), "wandb-core"], capture_output=True, text=True
+    ).stdout.split()
     assert len(service) == 1
     os.kill(int(service[0]), signal.SIGTERM)  # Slurm signals every process of a job step, wandb's service too
     output, _ = process.communicate(timeout=240)

@@ -100,7 +100,9 @@ def read_checkpoint(path: Path, resume: bool = False) -> tuple[dict[str, Any], C
     checkpoint = load_checkpoint(path)
     missing = [key for key in INFERENCE_KEYS + (RESUME_KEYS if resume else ()) if key not in checkpoint]
     if missing:
-        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} entry: it was not written by unet3d-train")
+        raise CheckpointError(
+            f"checkpoint {path} has no {', '.join(missing)} entry: it was not written by unet3d-train"
+        )
     try:
         return checkpoint, config_from_dict(checkpoint["config"])
     except ConfigError as err:
@@ -188,10 +190,14 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
             "did not write it, and it is not unpickled since that could run code"
         ) from None
     except Exception as err:  # torch raises several types for damaged files
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
 
 
-def config_differences(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]], sections: tuple[str, ...]) -> list[str]:
+def config_differences(
+    saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]], sections: tuple[str, ...]
+) -> list[str]:
     """Lines ``section.key: saved -> current`` for every differing key of the given sections."""
     lines = []
     for section in sections:

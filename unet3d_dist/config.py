@@ -35,18 +35,29 @@ class DataConfig:
     dataset: str = setting("synthetic", "'synthetic' for the built-in CT phantom, or the folder of a prepared dataset")
     synthetic_dir: str = setting("~/.cache/unet3d_dist/synthetic", "where the synthetic phantom is generated once")
     synthetic_cases: int = setting(24, "number of phantom volumes (2/3 train, 1/6 val, 1/6 test)", min=3)
-    crop: tuple[int, int, int] = setting((64, 64, 48), "training crop (x, y, z) in voxels; configs/default.yaml has the full-size 112x112x80")
+    crop: tuple[int, int, int] = setting(
+        (64, 64, 48), "training crop (x, y, z) in voxels; configs/default.yaml has the full-size 112x112x80"
+    )
     foreground_fraction: float = setting(1 / 3, "share of crops centred on a foreground voxel", min=0.0, max=1.0)
     flip: bool = setting(True, "random flips along all three axes")
-    rotate_deg: float = setting(0.0, "largest random rotation about each axis, in degrees (voxel space: for isotropic data); 0 disables", min=0.0, max=180.0)
+    rotate_deg: float = setting(
+        0.0,
+        "largest random rotation about each axis, in degrees (voxel space: for isotropic data); 0 disables",
+        min=0.0,
+        max=180.0,
+    )
     scale: float = setting(0.0, "largest random zoom, e.g. 0.15 for [0.85, 1.15]; 0 disables", min=0.0, max=0.5)
-    spatial_prob: float = setting(0.3, "share of crops rotated/scaled when rotate_deg or scale is set", min=0.0, max=1.0)
+    spatial_prob: float = setting(
+        0.3, "share of crops rotated/scaled when rotate_deg or scale is set", min=0.0, max=1.0
+    )
     intensity_aug: bool = setting(False, "nnU-Net-style brightness, contrast, gamma and noise changes")
     samples_per_epoch: int = setting(100, "crops per epoch, summed over all ranks", min=1)
     num_workers: int = setting(-1, "DataLoader workers per rank; -1 picks from the CPU count", min=-1)
     train_split: str = setting("train", "manifest split used for training")
     val_split: str = setting("val", "manifest split used for validation (ignored when data.folds > 0)")
-    folds: int = setting(0, "cross-validation: deal the train_split cases into this many folds; 0 uses the manifest splits", min=0)
+    folds: int = setting(
+        0, "cross-validation: deal the train_split cases into this many folds; 0 uses the manifest splits", min=0
+    )
     fold: int = setting(0, "the fold held out for validation when data.folds > 0", min=0)
 
 
@@ -55,7 +66,9 @@ class ModelConfig:
     """Shape of the residual 3D UNet."""
 
     widths: tuple[int, int, int, int] = setting((16, 32, 64, 128), "channels at each of the 4 resolution levels")
-    norm: Literal["instance", "group", "batch"] = setting("group", "normalisation layer (batch becomes SyncBatchNorm under DDP)")
+    norm: Literal["instance", "group", "batch"] = setting(
+        "group", "normalisation layer (batch becomes SyncBatchNorm under DDP)"
+    )
     deep_supervision: bool = setting(False, "add auxiliary heads at 1/2 and 1/4 resolution to the loss")
 
 
@@ -92,24 +105,36 @@ class TrainConfig:
     epochs: int = setting(6, "number of epochs", min=1)
     batch_size: int = setting(2, "crops per step on each rank; the global batch is this times the world size", min=1)
     seed: int = setting(0, "seed for weights and crops; crops depend on (seed, epoch, sample index) only")
-    device: Literal["auto", "cpu", "cuda"] = setting("auto", "where to train; auto takes the GPU of the local rank if present")
-    amp: Literal["auto", "bf16", "fp16", "off"] = setting("auto", "mixed precision; auto is bf16 on capable GPUs, fp16 on others, off on CPU")
+    device: Literal["auto", "cpu", "cuda"] = setting(
+        "auto", "where to train; auto takes the GPU of the local rank if present"
+    )
+    amp: Literal["auto", "bf16", "fp16", "off"] = setting(
+        "auto", "mixed precision; auto is bf16 on capable GPUs, fp16 on others, off on CPU"
+    )
     channels_last: bool = setting(True, "channels_last_3d memory format (faster convolutions)")
     compile: bool = setting(False, "wrap the model in torch.compile")
-    resume: str = setting("auto", "'auto' continues from the run's latest checkpoint, 'never' starts fresh, or a checkpoint path")
+    resume: str = setting(
+        "auto", "'auto' continues from the run's latest checkpoint, 'never' starts fresh, or a checkpoint path"
+    )
     val_every: int = setting(3, "validate every N epochs (and after the last); 0 disables", min=0)
-    val_distances: bool = setting(False, "also score ASD, ASSD, HD95 and HD at validation (slower; Dice is always scored)")
+    val_distances: bool = setting(
+        False, "also score ASD, ASSD, HD95 and HD at validation (slower; Dice is always scored)"
+    )
     max_nonfinite: int = setting(10, "stop after this many skipped non-finite steps in a row", min=1)
     init_timeout_s: int = setting(600, "timeout of the process-group rendezvous and collectives", min=1)
 
 
 @dataclass
 class InferenceConfig:
-    """Whole-volume prediction, shared by validation, unet3d-evaluate and unet3d-predict (which read it from the checkpoint)."""
+    """Whole-volume prediction for validation, evaluate and predict (which read it from the checkpoint)."""
 
-    overlap: float = setting(0.5, "overlap of neighbouring sliding windows, as a fraction of the patch", min=0.0, max=0.9)
+    overlap: float = setting(
+        0.5, "overlap of neighbouring sliding windows, as a fraction of the patch", min=0.0, max=0.9
+    )
     tta_flips: bool = setting(False, "average the logits over the 8 axis-flip combinations (8x slower)")
-    largest_component: bool = setting(False, "keep only the largest connected component of each class (single-structure targets)")
+    largest_component: bool = setting(
+        False, "keep only the largest connected component of each class (single-structure targets)"
+    )
 
 
 @dataclass
@@ -165,7 +190,9 @@ def _sections() -> dict[str, type]:
 
 
 def read_yaml(path: str | Path, what: str) -> Any:
-    """The contents of a YAML (or JSON) file; a missing or unparsable file is one ConfigError naming ``what`` and the path."""
+    """The contents of a YAML (or JSON) file; a missing or unparsable file is one ConfigError naming ``what`` and the
+    path.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
@@ -210,7 +237,10 @@ def _assign(cfg: Config, dotted: str, value: Any) -> None:
     section_name, _, key = dotted.partition(".")
     sections = _sections()
     if section_name not in sections:
-        raise ConfigError(f"unknown config section '{section_name}'{_suggest(section_name, sections)}; sections are: {', '.join(sections)}")
+        raise ConfigError(
+            f"unknown config section '{section_name}'{_suggest(section_name, sections)}; sections are: "
+            f"{', '.join(sections)}"
+        )
     section = getattr(cfg, section_name)
     fields = {f.name: f for f in dataclasses.fields(section)}
     if key not in fields:
@@ -271,7 +301,11 @@ def _number_from_text(value: Any, kind: type) -> Any:
 def _bounded(key: str, value: float, meta: Any) -> Any:
     low, high = meta.get("min"), meta.get("max")
     if (low is not None and value < low) or (high is not None and value > high):
-        span = f"between {low} and {high}" if low is not None and high is not None else (f">= {low}" if low is not None else f"<= {high}")
+        span = (
+            f"between {low} and {high}"
+            if low is not None and high is not None
+            else (f">= {low}" if low is not None else f"<= {high}")
+        )
         raise ConfigError(f"{key} must be {span}, not {value}")
     return value
 
@@ -280,7 +314,9 @@ def _check_consistency(cfg: Config) -> None:
     """Rules that involve more than one field."""
     for axis, size in zip("xyz", cfg.data.crop):
         if size < 8 or size % 8:
-            raise ConfigError(f"data.crop must be multiples of 8 (the UNet halves each side 3 times), but its {axis} side is {size}")
+            raise ConfigError(
+                f"data.crop must be multiples of 8 (the UNet halves each side 3 times), but its {axis} side is {size}"
+            )
     if cfg.data.folds and cfg.data.fold >= cfg.data.folds:
         raise ConfigError(f"data.fold must be below data.folds={cfg.data.folds}, not {cfg.data.fold}")
     if cfg.data.folds == 1:
@@ -292,11 +328,14 @@ def _check_consistency(cfg: Config) -> None:
 
 
 def describe() -> str:
-    """Every key with its default and doc, for ``--help-config``."""
+    """Every key with its default, its doc and, for choice fields, the allowed values, for ``--help-config``."""
     lines = []
     for name, section_type in _sections().items():
         lines.append(f"{name}:  # {section_type.__doc__}")
+        hints = typing.get_type_hints(section_type)
         for f in dataclasses.fields(section_type):
             default = list(f.default) if isinstance(f.default, tuple) else f.default
-            lines.append(f"  {f.name}: {default!r}  # {f.metadata['doc']}")
+            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+            allowed = f" (one of: {', '.join(choices)})" if choices else ""
+            lines.append(f"  {f.name}: {default!r}  # {f.metadata['doc']}{allowed}")
     return "\n".join(lines)

@@ -28,9 +28,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="unet3d-crossval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="training recipe, e.g. configs/la_mri.yaml")
     parser.add_argument("--folds", type=int, default=5, help="number of folds (default: 5)")
-    parser.add_argument("--only", type=int, nargs="+", metavar="K", help="run these folds only (the summary pools what exists)")
-    parser.add_argument("--nproc", type=int, default=max(1, torch.cuda.device_count()), help="processes per fold (default: the visible GPUs, or 1)")
-    parser.add_argument("--eval-data", help="evaluate on this prepared dataset instead (same case ids, e.g. the native-resolution scans)")
+    parser.add_argument(
+        "--only", type=int, nargs="+", metavar="K", help="run these folds only (the summary pools what exists)"
+    )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=max(1, torch.cuda.device_count()),
+        help="processes per fold (default: the visible GPUs, or 1)",
+    )
+    parser.add_argument(
+        "--eval-data",
+        help="evaluate on this prepared dataset instead (same case ids, e.g. the native-resolution scans)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser.parse_args(argv)
 
@@ -46,13 +56,37 @@ def launcher(nproc: int) -> list[str]:
 
 
 def train_fold(args: argparse.Namespace, fold: int, run_name: str) -> None:
-    run([*launcher(args.nproc), "-m", "unet3d_dist.train", "--config", str(args.config), *args.overrides,
-         f"data.folds={args.folds}", f"data.fold={fold}", f"log.run_name={run_name}"])
+    run(
+        [
+            *launcher(args.nproc),
+            "-m",
+            "unet3d_dist.train",
+            "--config",
+            str(args.config),
+            *args.overrides,
+            f"data.folds={args.folds}",
+            f"data.fold={fold}",
+            f"log.run_name={run_name}",
+        ]
+    )
 
 
 def evaluate_fold(args: argparse.Namespace, checkpoint: Path, out: Path) -> None:
     data = ["--data", args.eval_data] if args.eval_data else []
-    run([*launcher(args.nproc), "-m", "unet3d_dist.evaluate", "--checkpoint", str(checkpoint), "--split", "val", "--out", str(out), *data])
+    run(
+        [
+            *launcher(args.nproc),
+            "-m",
+            "unet3d_dist.evaluate",
+            "--checkpoint",
+            str(checkpoint),
+            "--split",
+            "val",
+            "--out",
+            str(out),
+            *data,
+        ]
+    )
 
 
 def summary_table(per_fold: dict[int, list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], str]:
@@ -95,7 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     for results in sorted(cv_dir.glob("fold*/results.json")):
         per_fold[int(results.parent.name[4:])] = json.loads(results.read_text())["cases"]
     rows, markdown = summary_table(per_fold)
-    (cv_dir / "summary.json").write_text(json.dumps({"config": str(args.config), "folds": args.folds, "rows": rows}, indent=1))
+    (cv_dir / "summary.json").write_text(
+        json.dumps({"config": str(args.config), "folds": args.folds, "rows": rows}, indent=1)
+    )
     (cv_dir / "summary.md").write_text(markdown)
     print(markdown)
     print(f"wrote {cv_dir / 'summary.md'} and {cv_dir / 'summary.json'}")

@@ -15,8 +15,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as c10d
@@ -49,7 +50,9 @@ def _from_environment() -> tuple[int, int, int, int]:
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         # srun started one task per GPU without torchrun; the rendezvous address comes from the batch script.
         if "MASTER_ADDR" not in env:
-            raise RuntimeError("launched by srun with several tasks but MASTER_ADDR is not set (see slurm/train.sbatch)")
+            raise RuntimeError(
+                "launched by srun with several tasks but MASTER_ADDR is not set (see slurm/train.sbatch)"
+            )
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
         tasks_per_node = int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"]).split("(")[0])
         return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), tasks_per_node
@@ -75,7 +78,11 @@ def exit_when_launcher_dies(rank: int) -> None:
         while os.getppid() == launcher and launcher != 1:
             time.sleep(LAUNCHER_POLL_S)
         try:  # the launcher held the other end of stderr, which may now be closed or full
-            os.write(2, f"rank {rank}: its launcher (pid {launcher}) is gone; stopping without writing anything more\n".encode())
+            os.write(
+                2,
+                f"rank {rank}: its launcher (pid {launcher}) is gone; stopping without writing anything "
+                "more\n".encode(),
+            )
         finally:
             os._exit(ORPHANED_EXIT_CODE)
 

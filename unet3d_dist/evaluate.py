@@ -18,6 +18,7 @@ finished evaluation included, is refused on every rank before the process group 
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -51,28 +52,74 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Evaluate a checkpoint on whole volumes (single process, torchrun or srun).",
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by unet3d-train")
-    parser.add_argument("--data", help="prepared dataset folder, or 'synthetic' (default: the checkpoint's data.dataset)")
-    parser.add_argument("--split", default="test",
-                        help="manifest split to evaluate (default: test); 'val' of a cross-validation checkpoint is its held-out fold")
-    parser.add_argument("--out", type=Path, help="output folder (default: <run dir>/eval-<split>); it must be new, empty or an unfinished evaluation, unless --overwrite")
-    parser.add_argument("--patch", type=int, nargs=3, metavar=("X", "Y", "Z"), help="window size (default: the training crop)")
-    parser.add_argument("--overlap", type=float, help="overlap of neighbouring windows, in [0, 1) (default: the checkpoint's inference.overlap)")
+    parser.add_argument(
+        "--data", help="prepared dataset folder, or 'synthetic' (default: the checkpoint's data.dataset)"
+    )
+    parser.add_argument(
+        "--split",
+        default="test",
+        help="manifest split to evaluate (default: test); 'val' of a cross-validation checkpoint is its held-out fold",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=(
+            "output folder (default: <run dir>/eval-<split>); it must be new, empty or an unfinished evaluation, "
+            "unless --overwrite"
+        ),
+    )
+    parser.add_argument(
+        "--patch", type=int, nargs=3, metavar=("X", "Y", "Z"), help="window size (default: the training crop)"
+    )
+    parser.add_argument(
+        "--overlap",
+        type=float,
+        help="overlap of neighbouring windows, in [0, 1) (default: the checkpoint's inference.overlap)",
+    )
     parser.add_argument("--batch-size", type=int, help="windows per forward pass (default: the training batch size)")
-    parser.add_argument("--tta", action=argparse.BooleanOptionalAction,
-                        help="average the logits over the 8 axis-flip combinations (default: the checkpoint's inference.tta_flips)")
-    parser.add_argument("--largest-component", action=argparse.BooleanOptionalAction,
-                        help="keep each class's largest connected component (default: the checkpoint's inference.largest_component)")
-    parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="mixed precision (auto: as in training)")
+    parser.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="average the logits over the 8 axis-flip combinations (default: the checkpoint's inference.tta_flips)",
+    )
+    parser.add_argument(
+        "--largest-component",
+        action=argparse.BooleanOptionalAction,
+        help="keep each class's largest connected component (default: the checkpoint's inference.largest_component)",
+    )
+    parser.add_argument(
+        "--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="mixed precision (auto: as in training)"
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--stitch-device", choices=["device", "cpu"], default="device",
-                        help="where window logits are summed; cpu keeps only one batch of windows on the GPU (large CT)")
-    parser.add_argument("--workers", type=int, default=-1, help="metric processes per rank (default: from the CPU count)")
-    parser.add_argument("--mask-format", choices=["nifti", "hdf5"], default="nifti", help="format of the predicted masks")
-    parser.add_argument("--panels", type=int, default=20, help="slice pictures for every case, or for the K worst by Dice when there are more (default: 20)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help=f"write into a non-empty --out anyway: its {REPLACED} are removed first and written anew; "
-                             "other files there (wandb/ among them) are kept")
-    parser.add_argument("--wandb", choices=["offline", "online", "disabled"], help="wandb mode (default: the checkpoint's log.wandb; env WANDB_MODE wins)")
+    parser.add_argument(
+        "--stitch-device",
+        choices=["device", "cpu"],
+        default="device",
+        help="where window logits are summed; cpu keeps only one batch of windows on the GPU (large CT)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=-1, help="metric processes per rank (default: from the CPU count)"
+    )
+    parser.add_argument(
+        "--mask-format", choices=["nifti", "hdf5"], default="nifti", help="format of the predicted masks"
+    )
+    parser.add_argument(
+        "--panels",
+        type=int,
+        default=20,
+        help="slice pictures for every case, or for the K worst by Dice when there are more (default: 20)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"write into a non-empty --out anyway: its {REPLACED} are removed first and written anew; "
+        "other files there (wandb/ among them) are kept",
+    )
+    parser.add_argument(
+        "--wandb",
+        choices=["offline", "online", "disabled"],
+        help="wandb mode (default: the checkpoint's log.wandb; env WANDB_MODE wins)",
+    )
     return parser.parse_args(argv)
 
 
@@ -83,7 +130,9 @@ def default_out(checkpoint: Path, split: str) -> Path:
 
 def check_arguments(args: argparse.Namespace, out: Path) -> None:
     if args.patch and any(side < DIVISOR or side % DIVISOR for side in args.patch):
-        raise ConfigError(f"--patch must be multiples of {DIVISOR} (the UNet halves each side 3 times), not {args.patch}")
+        raise ConfigError(
+            f"--patch must be multiples of {DIVISOR} (the UNet halves each side 3 times), not {args.patch}"
+        )
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise ConfigError(f"--overlap must be in [0, 1), not {args.overlap}")
     check_out(out, args.overwrite)
@@ -97,7 +146,10 @@ def check_out(out: Path, overwrite: bool) -> None:
     if overwrite or not out.exists():
         return
     if (out / RESULTS_JSON).exists():
-        raise ConfigError(f"{out} already holds a finished evaluation ({RESULTS_JSON}); pass --overwrite to replace it, or choose another --out")
+        raise ConfigError(
+            f"{out} already holds a finished evaluation ({RESULTS_JSON}); pass --overwrite to replace it, or "
+            "choose another --out"
+        )
     entries = sorted(out.iterdir())
     if entries and not (out / UNFINISHED).is_file():
         more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
@@ -111,8 +163,10 @@ def claim_out(out: Path, args: argparse.Namespace) -> None:
     """Rank 0, before any other output: mark ``out`` as this command's unfinished output, then clear what an earlier
     run left, so the folder never mixes two evaluations."""
     out.mkdir(parents=True, exist_ok=True)
-    note = (f"unet3d-evaluate of {args.checkpoint} on split {args.split!r} is writing this folder; this file is removed "
-            f"once {RESULTS_JSON} is written. If that run stopped, rerun it to finish.\n")
+    note = (
+        f"unet3d-evaluate of {args.checkpoint} on split {args.split!r} is writing this folder; this file is removed "
+        f"once {RESULTS_JSON} is written. If that run stopped, rerun it to finish.\n"
+    )
     atomic_write_text(out / UNFINISHED, note)
     for path in (out / name for name in OUTPUTS):
         if path.is_dir() and not path.is_symlink():
@@ -121,7 +175,9 @@ def claim_out(out: Path, args: argparse.Namespace) -> None:
             path.unlink(missing_ok=True)
 
 
-def check_dataset(dataset: ShardedDataset, split: str, checkpoint: dict[str, Any], path: Path, cfg: Config) -> list[str]:
+def check_dataset(
+    dataset: ShardedDataset, split: str, checkpoint: dict[str, Any], path: Path, cfg: Config
+) -> list[str]:
     """The split's case ids, once the dataset is known to have the checkpoint's classes.
 
     For a checkpoint trained on one fold of a cross-validation (data.folds > 0), 'val' is that fold's held-out cases.
@@ -134,11 +190,15 @@ def check_dataset(dataset: ShardedDataset, split: str, checkpoint: dict[str, Any
         )
     case_ids = run_cases(dataset, cfg.data, "val") if split == "val" and cfg.data.folds else dataset.case_ids(split)
     if not case_ids:
-        raise DatasetError(f"dataset {dataset.root} has no cases in split {split!r}; its splits are: {', '.join(dataset.splits())}")
+        raise DatasetError(
+            f"dataset {dataset.root} has no cases in split {split!r}; its splits are: {', '.join(dataset.splits())}"
+        )
     return case_ids
 
 
-def draw_panels(records: list[dict[str, Any]], dataset: ShardedDataset, options: ScoringOptions, folder: Path, count: int) -> None:
+def draw_panels(
+    records: list[dict[str, Any]], dataset: ShardedDataset, options: ScoringOptions, folder: Path, count: int
+) -> None:
     """Slice pictures of the ``count`` cases with the lowest mean Dice (all of them when there are no more)."""
     by_case: dict[str, list[dict[str, Any]]] = {}
     for record in records:
@@ -146,14 +206,17 @@ def draw_panels(records: list[dict[str, Any]], dataset: ShardedDataset, options:
     worst = sorted(by_case, key=lambda c: (sum(r["dice"] for r in by_case[c]) / len(by_case[c]), c))[:count]
     folder.mkdir(parents=True, exist_ok=True)
     for case_id in worst:
-        scores = [f"{r['class']}: Dice {r['dice']:.3f}" + (f", HD95 {r['hd95_mm']:.1f} mm" if r["empty"] == "none" else f", {r['empty']} empty")
-                  for r in by_case[case_id]]
+        scores = [
+            f"{r['class']}: Dice {r['dice']:.3f}"
+            + (f", HD95 {r['hd95_mm']:.1f} mm" if r["empty"] == "none" else f", {r['empty']} empty")
+            for r in by_case[case_id]
+        ]
         prediction = load_mask(mask_path(options.masks_dir, case_id, options.mask_format))
         spacing = tuple(dataset.records[case_id]["spacing"])
-
-        def draw(tmp: Path) -> None:
-            slice_panel(dataset.image(case_id), dataset.label(case_id), prediction, spacing, tmp, f"{case_id}  " + "; ".join(scores))
-
+        title = f"{case_id}  " + "; ".join(scores)
+        draw = functools.partial(
+            slice_panel, dataset.image(case_id), dataset.label(case_id), prediction, spacing, title=title
+        )
         atomic_write(folder / f"{case_id}.png", draw)
 
 
@@ -168,8 +231,15 @@ class Request:
     panels: int
 
 
-def write_outputs(records: list[dict[str, Any]], dataset: ShardedDataset, options: ScoringOptions, request: Request,
-                  cfg: Config, wandb_mode: str, logger: RunLogger) -> None:
+def write_outputs(
+    records: list[dict[str, Any]],
+    dataset: ShardedDataset,
+    options: ScoringOptions,
+    request: Request,
+    cfg: Config,
+    wandb_mode: str,
+    logger: RunLogger,
+) -> None:
     """Rank 0: panels, CSV, summary table, wandb, and the JSON last; only then is the folder no longer unfinished."""
     out, split = request.out, request.split
     summary = summarize(records)
@@ -179,8 +249,17 @@ def write_outputs(records: list[dict[str, Any]], dataset: ShardedDataset, option
     logger.table(
         f"{split}: {len({r['case'] for r in records})} cases",
         ["class", "metric", "mean ± std", "median", "n", "undefined"],
-        [[row["class"], row["metric"], f"{row['mean']:.4g} ± {row['std']:.3g}", f"{row['median']:.4g}", row["n"], row["undefined"]]
-         for row in summary],
+        [
+            [
+                row["class"],
+                row["metric"],
+                f"{row['mean']:.4g} ± {row['std']:.3g}",
+                f"{row['median']:.4g}",
+                row["n"],
+                row["undefined"],
+            ]
+            for row in summary
+        ],
     )
     record = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(request).items()}
     logger.start_wandb(wandb_mode, cfg.log.wandb_project, f"{cfg.log.run_name}-eval-{split}", new_run_id(), record)
@@ -191,7 +270,10 @@ def write_outputs(records: list[dict[str, Any]], dataset: ShardedDataset, option
     write_json(out / RESULTS_JSON, {**record, "metrics": metric_columns(records), "summary": summary, "cases": records})
     (out / UNFINISHED).unlink()
     panels = f"; slice panels in {out / 'panels'}" if request.panels > 0 else ""
-    logger.info(f"[bold green]done[/]: {len(records)} records in {out / 'results.csv'} and {out / RESULTS_JSON}; masks in {out / 'masks'}{panels}")
+    logger.info(
+        f"[bold green]done[/]: {len(records)} records in {out / 'results.csv'} and {out / RESULTS_JSON}; masks in "
+        f"{out / 'masks'}{panels}"
+    )
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -211,7 +293,9 @@ def evaluate(args: argparse.Namespace) -> None:
             overlap=cfg.inference.overlap if args.overlap is None else args.overlap,
             batch_size=args.batch_size or cfg.train.batch_size,
             tta_flips=cfg.inference.tta_flips if args.tta is None else args.tta,
-            largest_component=cfg.inference.largest_component if args.largest_component is None else args.largest_component,
+            largest_component=cfg.inference.largest_component
+            if args.largest_component is None
+            else args.largest_component,
             model_spacing=checkpoint["dataset"].get("preprocessing", {}).get("spacing"),
             amp_dtype=resolve_amp(args.amp, env.device),
             channels_last=cfg.train.channels_last,

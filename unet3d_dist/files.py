@@ -7,8 +7,8 @@ reader (or a resumed run) never sees half a checkpoint, shard, manifest, mask or
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 TEMPORARY_PREFIX = ".tmp-"
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 import torch
@@ -134,7 +134,9 @@ def predict_labels(logits: torch.Tensor) -> np.ndarray:
 
 def resample_to_shape(volume: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """A (C, X, Y, Z) volume trilinearly resampled to ``shape`` over the same physical extent."""
-    return torch.nn.functional.interpolate(volume[None].float(), size=tuple(shape), mode="trilinear", align_corners=False)[0]
+    return torch.nn.functional.interpolate(
+        volume[None].float(), size=tuple(shape), mode="trilinear", align_corners=False
+    )[0]
 
 
 def keep_largest_component(labels: np.ndarray) -> np.ndarray:

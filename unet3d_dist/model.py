@@ -85,7 +85,8 @@ class ResUNet3D(nn.Module):
         bad = [s for s in x.shape[2:] if s % DIVISOR]
         if x.dim() != 5 or bad:
             raise ValueError(
-                f"ResUNet3D needs input of shape (N, C, X, Y, Z) with X, Y, Z divisible by {DIVISOR}; got {tuple(x.shape)}"
+                f"ResUNet3D needs input of shape (N, C, X, Y, Z) with X, Y, Z divisible by {DIVISOR}; got "
+                f"{tuple(x.shape)}"
             )
         skips = []
         for encoder, down in zip(self.encoders, self.downs):

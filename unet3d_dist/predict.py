@@ -41,12 +41,17 @@ EXIT_SKIPPED = 3
 class Predictor:
     """A trained model with the preprocessing and patch its training used."""
 
-    def __init__(self, checkpoint: dict[str, Any], cfg: Config, device: torch.device, overlap: float | None, batch_size: int):
+    def __init__(
+        self, checkpoint: dict[str, Any], cfg: Config, device: torch.device, overlap: float | None, batch_size: int
+    ):
         self.inference = cfg.inference
         self.classes: list[str] = checkpoint["dataset"]["classes"]
         self.preprocessing: dict[str, Any] = checkpoint["dataset"]["preprocessing"]
         if "normalization" not in self.preprocessing:
-            raise CheckpointError("the checkpoint's dataset records no preprocessing.normalization, so new scans cannot be prepared like its training data")
+            raise CheckpointError(
+                "the checkpoint's dataset records no preprocessing.normalization, so new scans cannot be prepared "
+                "like its training data"
+            )
         self.patch = tuple(cfg.data.crop)
         self.model = inference_model(checkpoint, cfg, device)
         self.channels_last = cfg.train.channels_last
@@ -62,8 +67,16 @@ class Predictor:
         """Class map on ``image``'s own grid (uint8), predicted on ``prepared`` (``self.prepare(image)``)."""
         voxels = torch.from_numpy(array_xyz(prepared))
         logits = sliding_window_logits(
-            self.model, voxels[None], self.patch, len(self.classes), overlap=self.overlap, batch_size=self.batch_size,
-            pad_value=float(voxels.min()), amp_dtype=self.amp_dtype, device=self.device, tta_flips=self.inference.tta_flips,
+            self.model,
+            voxels[None],
+            self.patch,
+            len(self.classes),
+            overlap=self.overlap,
+            batch_size=self.batch_size,
+            pad_value=float(voxels.min()),
+            amp_dtype=self.amp_dtype,
+            device=self.device,
+            tta_flips=self.inference.tta_flips,
             channels_last=self.channels_last,
         )
         labels = predict_labels(logits)
@@ -79,7 +92,10 @@ def output_paths(inputs: list[Path], out: Path, overwrite: bool) -> dict[Path, t
     for path in inputs:
         name = strip_suffix(path)
         if name in by_name:
-            raise CaseError(f"inputs {by_name[name]} and {path} would both write {name}_mask.nii.gz; predict them into different --out folders")
+            raise CaseError(
+                f"inputs {by_name[name]} and {path} would both write {name}_mask.nii.gz; predict them into "
+                "different --out folders"
+            )
         by_name[name] = path
         paths[path] = (out / f"{name}_mask.nii.gz", out / f"{name}_panel.png")
     existing = [str(p) for pair in paths.values() for p in pair if p.exists()]
@@ -94,7 +110,10 @@ def padding_line(path: Path, prepared: sitk.Image, patch: tuple[int, int, int]) 
     axes = axes_smaller(prepared.GetSize(), patch)
     if not axes:
         return None
-    return f"{path}: prepared shape {dims(prepared.GetSize())} is smaller than the patch {dims(patch)} along {axes}, so it is padded there"
+    return (
+        f"{path}: prepared shape {dims(prepared.GetSize())} is smaller than the patch {dims(patch)} along {axes}, so "
+        "it is padded there"
+    )
 
 
 def predict_file(predictor: Predictor, path: Path, mask_path: Path, panel_path: Path) -> None:
@@ -111,7 +130,9 @@ def predict_file(predictor: Predictor, path: Path, mask_path: Path, panel_path: 
     found = ", ".join(f"{name} {int((shown_mask == i).sum())} voxels" for i, name in enumerate(predictor.classes) if i)
     atomic_write(
         panel_path,
-        lambda tmp: slice_panel(array_xyz(shown_image), None, shown_mask, shown_image.GetSpacing(), tmp, f"{path.name}: {found}"),
+        lambda tmp: slice_panel(
+            array_xyz(shown_image), None, shown_mask, shown_image.GetSpacing(), tmp, f"{path.name}: {found}"
+        ),
     )
 
 
@@ -126,13 +147,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="unet3d-predict",
         description="Segment scans with a trained checkpoint; masks come out on each input's own grid.",
-        epilog="example: torchrun --nproc_per_node=4 -m unet3d_dist.predict --checkpoint runs/ct_liver/checkpoints/best.pt scans/*.nii.gz --out predictions",
+        epilog=(
+            "example: torchrun --nproc_per_node=4 -m unet3d_dist.predict --checkpoint "
+            "runs/ct_liver/checkpoints/best.pt scans/*.nii.gz --out predictions"
+        ),
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by unet3d_dist.train")
-    parser.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA files or DICOM series folders")
-    parser.add_argument("--out", type=Path, help="folder for <name>_mask.nii.gz and <name>_panel.png (default: <run dir>/predictions)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the local rank's GPU if there is one")
-    parser.add_argument("--overlap", type=float, help="sliding-window overlap as a fraction of the patch (default: the checkpoint's inference.overlap)")
+    parser.add_argument(
+        "inputs", type=Path, nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA files or DICOM series folders"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="folder for <name>_mask.nii.gz and <name>_panel.png (default: <run dir>/predictions)"
+    )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the local rank's GPU if there is one"
+    )
+    parser.add_argument(
+        "--overlap",
+        type=float,
+        help="sliding-window overlap as a fraction of the patch (default: the checkpoint's inference.overlap)",
+    )
     parser.add_argument("--batch-size", type=int, default=2, help="windows per forward pass")
     parser.add_argument("--overwrite", action="store_true", help="replace existing masks and panels")
     return parser.parse_args(argv)

@@ -23,9 +23,10 @@ import shutil
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -38,10 +39,17 @@ from .data.cases import prepare_case
 from .data.layouts import Source, find_cases
 from .data.readers import CaseError
 from .data.recipe import Recipe, SplitSpec, load_recipe
-from .files import atomic_write_text, remove_unfinished
 from .data.shards import (
-    MANIFEST, DatasetError, new_manifest, read_shard_notes, shard_entry, verify_dataset, write_manifest, write_shard,
+    MANIFEST,
+    DatasetError,
+    new_manifest,
+    read_shard_notes,
+    shard_entry,
+    verify_dataset,
+    write_manifest,
+    write_shard,
 )
+from .files import atomic_write_text, remove_unfinished
 
 EXIT_SKIPPED = 3
 SPLIT_ORDER = ("train", "val", "test")
@@ -64,10 +72,14 @@ def assign_splits(ids: list[str], spec: SplitSpec, split_file: Path | None) -> d
     for split, members in listed.items():
         for case_id in map(str, members):
             if case_id in splits:
-                raise ConfigError(f"split file {split_file} lists case {case_id!r} in both {splits[case_id]!r} and {split!r}")
+                raise ConfigError(
+                    f"split file {split_file} lists case {case_id!r} in both {splits[case_id]!r} and {split!r}"
+                )
             splits[case_id] = split
     unknown, missing = sorted(set(splits) - set(ids)), sorted(set(ids) - set(splits))
-    problems = ([f"no such case {', '.join(unknown[:5])}"] if unknown else []) + ([f"no split for {', '.join(missing[:5])}"] if missing else [])
+    problems = ([f"no such case {', '.join(unknown[:5])}"] if unknown else []) + (
+        [f"no split for {', '.join(missing[:5])}"] if missing else []
+    )
     if problems:
         raise ConfigError(f"split file {split_file} does not match the input: {'; '.join(problems)}")
     return splits
@@ -91,9 +103,15 @@ def open_workspace(out: Path, plan: dict[str, Any], overwrite: bool) -> Path:
         raise DatasetError(f"--out {out} exists and is not a folder; choose another --out (nothing was changed)")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MANIFEST).is_file():
-            raise DatasetError(f"--out {out} is a non-empty folder that is not a prepared dataset; choose another --out (nothing was changed)")
+            raise DatasetError(
+                f"--out {out} is a non-empty folder that is not a prepared dataset; choose another --out (nothing "
+                "was changed)"
+            )
         if not overwrite:
-            raise DatasetError(f"--out {out} already holds a prepared dataset; pass --overwrite to replace it (the old one stays until the new one is complete)")
+            raise DatasetError(
+                f"--out {out} already holds a prepared dataset; pass --overwrite to replace it (the old one stays "
+                "until the new one is complete)"
+            )
     partial = out.with_name(out.name + ".partial")
     if (partial / PLAN).is_file():
         if json.loads((partial / PLAN).read_text()) == plan:
@@ -149,7 +167,9 @@ def ordered_map(fn: Callable[[Any], Any], jobs: Iterable[Any], processes: int) -
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     context = multiprocessing.get_context("spawn")  # ITK's thread pool does not survive fork
-    with ProcessPoolExecutor(processes, context, initializer=_set_itk_threads, initargs=(max(1, cores // processes),)) as pool:
+    with ProcessPoolExecutor(
+        processes, context, initializer=_set_itk_threads, initargs=(max(1, cores // processes),)
+    ) as pool:
         window: deque = deque()
         for job in jobs:
             window.append(pool.submit(fn, job))
@@ -161,12 +181,26 @@ def ordered_map(fn: Callable[[Any], Any], jobs: Iterable[Any], processes: int) -
 
 def progress_bar(console: Console) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[now]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[now]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
     )
 
 
-def prepare(recipe: Recipe, inputs: list[Path], out: Path, *, jobs: int, overwrite: bool, split_file: Path | None, console: Console) -> int:
+def prepare(
+    recipe: Recipe,
+    inputs: list[Path],
+    out: Path,
+    *,
+    jobs: int,
+    overwrite: bool,
+    split_file: Path | None,
+    console: Console,
+) -> int:
     """Build the dataset; returns the exit status (0, or EXIT_SKIPPED when some cases were skipped)."""
     start = time.perf_counter()
     spec = recipe.input
@@ -175,7 +209,13 @@ def prepare(recipe: Recipe, inputs: list[Path], out: Path, *, jobs: int, overwri
     shards = plan_shards(sources, splits, recipe.shards.cases_per_shard)
     plan = {
         "recipe": recipe.to_dict(),
-        "shards": [[{"id": s.id, "split": splits[s.id], "image": str(s.image.resolve()), "label": str(s.label.resolve())} for s in shard] for shard in shards],
+        "shards": [
+            [
+                {"id": s.id, "split": splits[s.id], "image": str(s.image.resolve()), "label": str(s.label.resolve())}
+                for s in shard
+            ]
+            for shard in shards
+        ],
     }
     partial = open_workspace(out, plan, overwrite)
     todo = [i for i in range(len(shards)) if not (partial / shard_name(i)).is_file()]
@@ -197,7 +237,14 @@ def prepare(recipe: Recipe, inputs: list[Path], out: Path, *, jobs: int, overwri
                 else:
                     skipped.append({k: result[k] for k in ("id", "source", "reason")})
                     progress.console.print(f"[red]skipped[/] {result['id']}: {result['reason']}")
-            write_shard(partial / shard_name(index), done, len(classes), recipe.shards.compression, tuple(recipe.shards.chunks), {"skipped": skipped, "warnings": warnings})
+            write_shard(
+                partial / shard_name(index),
+                done,
+                len(classes),
+                recipe.shards.compression,
+                tuple(recipe.shards.chunks),
+                {"skipped": skipped, "warnings": warnings},
+            )
 
     entries, records, skipped, warnings = [], [], [], {}
     for index in range(len(shards)):
@@ -221,7 +268,14 @@ def prepare(recipe: Recipe, inputs: list[Path], out: Path, *, jobs: int, overwri
     return EXIT_SKIPPED if skipped else 0
 
 
-def print_summary(console: Console, records: list[dict], skipped: list[dict], warnings: dict[str, list[str]], entries: list[dict], seconds: float) -> None:
+def print_summary(
+    console: Console,
+    records: list[dict],
+    skipped: list[dict],
+    warnings: dict[str, list[str]],
+    entries: list[dict],
+    seconds: float,
+) -> None:
     """Counts per split, then every skipped case and every warning with its reason."""
     per_split = {name: sum(r["split"] == name for r in records) for name in sorted({r["split"] for r in records})}
     size = sum(e["bytes"] for e in entries) / 1e6
@@ -248,7 +302,9 @@ def verify(root: Path, console: Console) -> int:
     if problems:
         return 1
     manifest = json.loads((root / MANIFEST).read_text())
-    console.print(f"[green]ok[/]: {len(manifest['shards'])} shards of {root} match the manifest ({len(manifest['cases'])} cases)")
+    console.print(
+        f"[green]ok[/]: {len(manifest['shards'])} shards of {root} match the manifest ({len(manifest['cases'])} cases)"
+    )
     return 0
 
 
@@ -256,15 +312,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="unet3d-prepare",
         description="Prepare scans into a sharded HDF5 dataset, or --verify one.",
-        epilog="example: python -m unet3d_dist.prepare --config configs/prepare_la_mri.yaml --input ../shared/data/la_mri/train --out data/la_mri",
+        epilog=(
+            "example: python -m unet3d_dist.prepare --config configs/prepare_la_mri.yaml --input "
+            "../shared/data/la_mri/train --out data/la_mri"
+        ),
     )
     parser.add_argument("--config", type=Path, help="prepare recipe (YAML), e.g. configs/prepare_ct_liver.yaml")
-    parser.add_argument("--input", type=Path, nargs="+", help="input folder(s): case folders, a Decathlon task, or HDF5 files")
+    parser.add_argument(
+        "--input", type=Path, nargs="+", help="input folder(s): case folders, a Decathlon task, or HDF5 files"
+    )
     parser.add_argument("--out", type=Path, help="dataset folder to create")
-    parser.add_argument("--splits", type=Path, help="YAML/JSON split file {train: [ids], val: [ids], test: [ids]}; replaces the recipe's fractions")
-    parser.add_argument("--jobs", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="cases prepared at once, one per process (default: CPU count, at most 8)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset (or discard an unfinished one) at --out")
-    parser.add_argument("--verify", type=Path, metavar="DATASET", help="check every shard of DATASET against its manifest and exit")
+    parser.add_argument(
+        "--splits",
+        type=Path,
+        help="YAML/JSON split file {train: [ids], val: [ids], test: [ids]}; replaces the recipe's fractions",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=max(1, min(8, os.cpu_count() or 1)),
+        help="cases prepared at once, one per process (default: CPU count, at most 8)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing dataset (or discard an unfinished one) at --out"
+    )
+    parser.add_argument(
+        "--verify", type=Path, metavar="DATASET", help="check every shard of DATASET against its manifest and exit"
+    )
     args = parser.parse_args(argv)
     if args.verify is None and not (args.config and args.input and args.out):
         parser.error("--config, --input and --out are required (or --verify DATASET)")
@@ -280,12 +354,22 @@ def main(argv: list[str] | None = None) -> None:
         if args.verify is not None:
             sys.exit(verify(args.verify, console))
         recipe = load_recipe(args.config)
-        code = prepare(recipe, args.input, args.out, jobs=args.jobs, overwrite=args.overwrite, split_file=args.splits, console=console)
+        code = prepare(
+            recipe,
+            args.input,
+            args.out,
+            jobs=args.jobs,
+            overwrite=args.overwrite,
+            split_file=args.splits,
+            console=console,
+        )
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"interrupted: finished shards stay in {args.out}.partial; run the same command to resume", file=sys.stderr)
+        print(
+            f"interrupted: finished shards stay in {args.out}.partial; run the same command to resume", file=sys.stderr
+        )
         sys.exit(130)
     sys.exit(code)
 

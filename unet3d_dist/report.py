@@ -61,9 +61,9 @@ def slice_panel(
     centre = [int(round(c)) for c in np.argwhere(focus).mean(0)] if focus is not None else [s // 2 for s in image.shape]
     # Radiological display for LPS arrays: superior up in sagittal/coronal views, anterior up in the axial view.
     views = [
-        ("sagittal (x = %d)" % centre[0], lambda a: a[centre[0], :, :].T, (spacing[1], spacing[2]), "lower"),
-        ("coronal (y = %d)" % centre[1], lambda a: a[:, centre[1], :].T, (spacing[0], spacing[2]), "lower"),
-        ("axial (z = %d)" % centre[2], lambda a: a[:, :, centre[2]].T, (spacing[0], spacing[1]), "upper"),
+        (f"sagittal (x = {centre[0]})", lambda a: a[centre[0], :, :].T, (spacing[1], spacing[2]), "lower"),
+        (f"coronal (y = {centre[1]})", lambda a: a[:, centre[1], :].T, (spacing[0], spacing[2]), "lower"),
+        (f"axial (z = {centre[2]})", lambda a: a[:, :, centre[2]].T, (spacing[0], spacing[1]), "upper"),
     ]
     low, high = np.percentile(image, [0.5, 99.5])
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.4))

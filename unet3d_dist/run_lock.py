@@ -40,7 +40,11 @@ def hold_run_directory(run_dir: Path) -> int:
             f"run directory {run_dir} is in use by another job ({describe_holder(path)}); wait for it to end or stop "
             "it, or choose another log.run_name"
         ) from None
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    holder = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
     os.fsync(fd)

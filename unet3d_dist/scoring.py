@@ -10,10 +10,11 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,13 @@ from torch import nn
 
 from .data.shards import ShardedDataset
 from .dist import DistEnv, gather_to_main
-from .inference import InferenceStopped, keep_largest_component, predict_labels, resample_to_shape, sliding_window_logits
+from .inference import (
+    InferenceStopped,
+    keep_largest_component,
+    predict_labels,
+    resample_to_shape,
+    sliding_window_logits,
+)
 from .masks import mask_path, save_mask
 from .metrics import case_metrics
 from .stop import STOP_SIGNALS
@@ -78,7 +85,9 @@ def metric_executor(workers: int) -> Executor:
     """
     if workers == 0:
         return InlineExecutor()
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"), initializer=ignore_stop_signals)
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("forkserver"), initializer=ignore_stop_signals
+    )
 
 
 def ignore_stop_signals() -> None:
@@ -92,7 +101,9 @@ def wait_for_room(jobs: list[Future], limit: int) -> None:
         wait(running, return_when=FIRST_COMPLETED)
 
 
-def predict_case(model: nn.Module, dataset: ShardedDataset, case_id: str, options: ScoringOptions, device: torch.device) -> np.ndarray:
+def predict_case(
+    model: nn.Module, dataset: ShardedDataset, case_id: str, options: ScoringOptions, device: torch.device
+) -> np.ndarray:
     """Label map (x, y, z) of one whole volume, on the case's own grid, from the gaussian sliding window.
 
     A model trained at another spacing sees the volume resampled to that spacing; its logits are resampled back
@@ -102,7 +113,9 @@ def predict_case(model: nn.Module, dataset: ShardedDataset, case_id: str, option
     image = torch.from_numpy(dataset.image(case_id))[None]
     shape = tuple(image.shape[1:])
     if options.model_spacing and any(abs(a - b) > 1e-6 for a, b in zip(record["spacing"], options.model_spacing)):
-        image = resample_to_shape(image, [max(1, round(n * s / m)) for n, s, m in zip(shape, record["spacing"], options.model_spacing)])
+        image = resample_to_shape(
+            image, [max(1, round(n * s / m)) for n, s, m in zip(shape, record["spacing"], options.model_spacing)]
+        )
     logits = sliding_window_logits(
         model,
         image,
@@ -145,10 +158,18 @@ def score_cases(
                 seconds = time.perf_counter() - start
                 record = dataset.records[case_id]
                 reference = dataset.label(case_id)
-                jobs.append(pool.submit(case_metrics, prediction, reference, record["spacing"], dataset.classes, options.distances))
+                jobs.append(
+                    pool.submit(
+                        case_metrics, prediction, reference, record["spacing"], dataset.classes, options.distances
+                    )
+                )
                 scored.append((case_id, seconds, jobs[-1]))
                 if options.masks_dir is not None:
-                    jobs.append(pool.submit(save_mask, mask_path(options.masks_dir, case_id, options.mask_format), prediction, record))
+                    jobs.append(
+                        pool.submit(
+                            save_mask, mask_path(options.masks_dir, case_id, options.mask_format), prediction, record
+                        )
+                    )
                 wait_for_room(jobs, 2 * max(options.metric_workers, 1))
             for job in jobs:
                 job.result()  # raises a worker's error here, on the rank that hit it

@@ -18,7 +18,8 @@ import multiprocessing
 import os
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 SIGNAL_FROM_WORKERS, RANK_EXITING = 0, 1  # the words shared with the workers
@@ -40,7 +41,11 @@ class StopRequest:
         atexit.register(self._shared.__setitem__, RANK_EXITING, 1)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self._own == signal.SIGINT and time.monotonic() - self._own_at >= SECOND_CTRL_C_AFTER_S:
+        if (
+            signum == signal.SIGINT
+            and self._own == signal.SIGINT
+            and time.monotonic() - self._own_at >= SECOND_CTRL_C_AFTER_S
+        ):
             raise KeyboardInterrupt
         if not self._own:
             self._own, self._own_at = signum, time.monotonic()

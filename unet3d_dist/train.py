@@ -22,7 +22,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", type=Path, help="YAML recipe, e.g. configs/debug.yaml")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default and doc")
-    parser.add_argument("--print-run-dir", action="store_true", help="print the run directory these arguments select and exit (for launch scripts)")
+    parser.add_argument(
+        "--print-run-dir",
+        action="store_true",
+        help="print the run directory these arguments select and exit (for launch scripts)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser.parse_args(argv)
 

@@ -16,8 +16,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .checkpoint import (
-    Checkpointer, CheckpointError, config_differences, dataset_entry, read_checkpoint, restore_training, rng_state,
-    set_rng_state, training_checkpoint,
+    Checkpointer,
+    CheckpointError,
+    config_differences,
+    dataset_entry,
+    read_checkpoint,
+    restore_training,
+    rng_state,
+    set_rng_state,
+    training_checkpoint,
 )
 from .config import Config, ConfigError
 from .data.augment import Augmentation
@@ -26,12 +33,12 @@ from .data.shards import DatasetError
 from .data.source import open_dataset
 from .data.splits import run_cases
 from .dist import DistEnv, any_rank, barrier, broadcast_from_main, default_workers, gather_to_main, mean_over_ranks
-from .scoring import ScoringOptions, score_cases
 from .logger import RunLogger, new_run_id
 from .model import build_model, count_parameters, forward_flops, to_channels_last
 from .precision import amp_name
 from .results import mean_metrics
 from .run_lock import RunDirectoryBusy, hold_run_directory
+from .scoring import ScoringOptions, score_cases
 from .step import TrainStep
 from .stop import StopRequest
 
@@ -139,7 +146,9 @@ class Trainer:
             is_best = False
             if cfg.train.val_every and ((epoch + 1) % cfg.train.val_every == 0 or last):
                 is_best = self.validate()
-                if is_best is None:  # stopped: the checkpoint holds the finished epoch, whose validation the resume runs
+                if (
+                    is_best is None
+                ):  # stopped: the checkpoint holds the finished epoch, whose validation the resume runs
                     return self.stop_for_requeue()
             self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
             self.save_checkpoint(is_best)
@@ -192,7 +201,8 @@ class Trainer:
             self.logger.info(f"resumed at epoch {self.state.epoch + 1}, step {self.state.global_step}")
         if self.resume_changes:
             self.logger.info(
-                "[yellow]settings differ from the checkpoint's; the saved optimizer and LR-scheduler state are restored "
+                "[yellow]settings differ from the checkpoint's; the saved optimizer and LR-scheduler state are "
+                "restored "
                 "as they were (so optim.* changes other than the schedule length do not apply):\n  "
                 + "\n  ".join(self.resume_changes)
             )
@@ -220,7 +230,12 @@ class Trainer:
         crops_per_s = steps * self.cfg.train.batch_size * self.env.world_size / max(seconds, 1e-9)
         self.logger.log(
             self.state.global_step,
-            {"train/loss": loss, "train/lr": lr, "train/crops_per_s": crops_per_s, "train/grad_norm": float(self.step.grad_norm)},
+            {
+                "train/loss": loss,
+                "train/lr": lr,
+                "train/crops_per_s": crops_per_s,
+                "train/grad_norm": float(self.step.grad_norm),
+            },
         )
         return f"loss {loss:.4f}  lr {lr:.2e}  {crops_per_s:.2f} crops/s"
 
@@ -255,7 +270,9 @@ class Trainer:
         if is_best:
             self.state.best_dice = mean_dice
         hd95 = f", HD95 {means['hd95_mm']:.2f} mm" if distances else ""
-        self.logger.info(f"epoch {self.state.epoch + 1}: validation Dice {mean_dice:.4f}{hd95} (best {self.state.best_dice:.4f})")
+        self.logger.info(
+            f"epoch {self.state.epoch + 1}: validation Dice {mean_dice:.4f}{hd95} (best {self.state.best_dice:.4f})"
+        )
         return is_best
 
     def stop_for_requeue(self, checkpoint_saved: bool = False) -> int:
@@ -269,7 +286,8 @@ class Trainer:
         barrier()  # no rank exits before the marker exists, so the launcher on every node finds it
         self.logger.info(
             f"[yellow]stopped by {self.stop.signal_name or 'a signal on another rank'} at step "
-            f"{self.state.global_step}; checkpoint saved; exit code {REQUEUE_EXIT_CODE} (run the same command to resume)"
+            f"{self.state.global_step}; checkpoint saved; exit code {REQUEUE_EXIT_CODE} (run the same command to "
+            "resume)"
         )
         self.logger.finish()
         return REQUEUE_EXIT_CODE
@@ -281,7 +299,8 @@ class Trainer:
 
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
             self.logger.info(
-                f"[bold green]done[/]: {self.state.global_step} steps; best validation Dice {self.state.best_dice:.4f}; "
+                f"[bold green]done[/]: {self.state.global_step} steps; best validation Dice "
+                f"{self.state.best_dice:.4f}; "
                 f"checkpoints in {self.checkpointer.dir}; loss curve {self.run_dir / 'loss_curve.png'}"
             )
         self.logger.finish()
@@ -306,8 +325,15 @@ class Trainer:
         if self.env.is_main:
             step = self.step
             state = training_checkpoint(
-                self.model, step.optimizer, step.scheduler, step.scaler, asdict(self.state), rngs, self.cfg,
-                dataset_entry(self.dataset), self.run_id,
+                self.model,
+                step.optimizer,
+                step.scheduler,
+                step.scaler,
+                asdict(self.state),
+                rngs,
+                self.cfg,
+                dataset_entry(self.dataset),
+                self.run_id,
             )
             self.checkpointer.save(state, self.state.global_step, is_best)
         barrier()
@@ -334,12 +360,15 @@ class Trainer:
             differences.append(f"dataset classes: {ckpt['dataset']['classes']} -> {self.dataset.classes}")
         if differences:
             raise CheckpointError(
-                f"cannot resume from {path}: the configuration is incompatible:\n  " + "\n  ".join(differences)
+                f"cannot resume from {path}: the configuration is incompatible:\n  "
+                + "\n  ".join(differences)
                 + "\nuse the original settings, another log.run_name, or train.resume=never"
             )
         sections = tuple(name for name in ckpt["config"] if name not in INCOMPATIBLE_SECTIONS)
         self.resume_changes = [
-            line for line in config_differences(ckpt["config"], self.cfg.to_dict(), sections) if not line.startswith("train.resume")
+            line
+            for line in config_differences(ckpt["config"], self.cfg.to_dict(), sections)
+            if not line.startswith("train.resume")
         ]
         step = self.step
         train_state, rngs = restore_training(ckpt, self.model, step.optimizer, step.scheduler, step.scaler)
@@ -349,5 +378,3 @@ class Trainer:
         if self.env.is_main:
             self.cfg.dump(self.run_dir / "config.yaml")
         return ckpt["run_id"]
-
-

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from unet3d_dist.config import load_config
-from unet3d_dist.dist import runtime, gather_to_main
+from unet3d_dist.dist import gather_to_main, runtime
 from unet3d_dist.trainer import Trainer
 
 

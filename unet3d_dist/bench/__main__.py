@@ -8,7 +8,9 @@ import unet3d_dist.bench as package
 
 
 def parts() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_") and m.name != "common")
+    return sorted(
+        m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_") and m.name != "common"
+    )
 
 
 def main() -> None:

@@ -29,7 +29,9 @@ def training_state() -> dict:
     step(image, (image[:, 0] > 1).long())
     train_state = {"epoch": 1, "step_in_epoch": 3, "global_step": 53, "best_dice": 0.5, "nonfinite_in_row": 0}
     dataset = {"classes": ["background", "foreground"], "modality": "CT", "preprocessing": {}}
-    return training_checkpoint(model, step.optimizer, step.scheduler, step.scaler, train_state, [rng_state()], cfg, dataset, "bench")
+    return training_checkpoint(
+        model, step.optimizer, step.scheduler, step.scaler, train_state, [rng_state()], cfg, dataset, "bench"
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -55,4 +57,10 @@ def main(argv: list[str]) -> None:
     ]
     params = sum(t.numel() for t in state["model"].values())
     record = {"bytes": size, "model_tensor_elements": params, "save": save, "load": load, "reference_in_memory": memory}
-    report(f"Checkpoint of the default model ({size / 1e6:.1f} MB)", ["operation", "ms", "ratio to reference"], rows, record, args.out)
+    report(
+        f"Checkpoint of the default model ({size / 1e6:.1f} MB)",
+        ["operation", "ms", "ratio to reference"],
+        rows,
+        record,
+        args.out,
+    )

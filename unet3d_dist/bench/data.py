@@ -43,7 +43,11 @@ def layouts() -> list[Layout]:
     """Every chunk shape x compression with checksums, and the default layout without them measured right after it."""
     with_checksums = [(chunks, compression, True) for chunks in CHUNKS for compression in COMPRESSIONS]
     default = with_checksums.index((DEFAULT_CHUNKS, DEFAULT_COMPRESSION, True))
-    return [*with_checksums[: default + 1], (DEFAULT_CHUNKS, DEFAULT_COMPRESSION, False), *with_checksums[default + 1 :]]
+    return [
+        *with_checksums[: default + 1],
+        (DEFAULT_CHUNKS, DEFAULT_COMPRESSION, False),
+        *with_checksums[default + 1 :],
+    ]
 
 
 def dims(shape: tuple[int, ...]) -> str:
@@ -51,8 +55,12 @@ def dims(shape: tuple[int, ...]) -> str:
 
 
 def checksum_cost(variants: list[dict]) -> dict[str, Any]:
-    """The default layout with checksums against without: ratios of crops per CPU s (per crop size) and of write speed."""
-    default = {v["checksums"]: v for v in variants if (tuple(v["chunks"]), v["compression"]) == (DEFAULT_CHUNKS, DEFAULT_COMPRESSION)}
+    """The default layout with checksums against without: ratios of crops per CPU s (per crop size) and write speed."""
+    default = {
+        v["checksums"]: v
+        for v in variants
+        if (tuple(v["chunks"]), v["compression"]) == (DEFAULT_CHUNKS, DEFAULT_COMPRESSION)
+    }
     on, off = default[True], default[False]
     return {
         "crops_per_cpu_s": {dims(c): on[dims(c)]["crops_per_cpu_s"] / off[dims(c)]["crops_per_cpu_s"] for c in CROPS},
@@ -87,16 +95,27 @@ def bench_prepare(recipe_path: Path, inputs: list[Path], out: Path, jobs: int) -
     cases, in_mb = len(data.records), input_bytes(inputs) / 1e6
     out_mb = sum(int(np.prod(r["shape"])) for r in data.records.values()) * 5 / 1e6  # float32 image + uint8 label
     return {
-        "cases": cases, "jobs": jobs, "input_mb": in_mb, "voxel_mb": out_mb,
-        "wall_s": seconds, "cases_per_s": cases / seconds, "input_mb_per_s": in_mb / seconds, "voxel_mb_per_s": out_mb / seconds,
-        "cpu_s": cpu, "cases_per_cpu_s": cases / cpu, "input_mb_per_cpu_s": in_mb / cpu, "voxel_mb_per_cpu_s": out_mb / cpu,
+        "cases": cases,
+        "jobs": jobs,
+        "input_mb": in_mb,
+        "voxel_mb": out_mb,
+        "wall_s": seconds,
+        "cases_per_s": cases / seconds,
+        "input_mb_per_s": in_mb / seconds,
+        "voxel_mb_per_s": out_mb / seconds,
+        "cpu_s": cpu,
+        "cases_per_cpu_s": cases / cpu,
+        "input_mb_per_cpu_s": in_mb / cpu,
+        "voxel_mb_per_cpu_s": out_mb / cpu,
     }
 
 
 def load_cases(root: Path) -> tuple[list[Case], dict]:
     data = ShardedDataset(root)
     cases = [
-        Case(i, data.image(i), data.label(i), tuple(r["spacing"]), tuple(r["origin"]), tuple(r["direction"]), r["split"])
+        Case(
+            i, data.image(i), data.label(i), tuple(r["spacing"]), tuple(r["origin"]), tuple(r["direction"]), r["split"]
+        )
         for i, r in data.records.items()
     ]
     return cases, data.manifest
@@ -115,15 +134,30 @@ def bench_crops(root: Path, crop: tuple[int, int, int], count: int) -> dict[str,
     return {"read_ratio": read / (count * int(np.prod(crop)) * 5), "crops_per_cpu_s": count / seconds}
 
 
-def bench_layout(root: Path, cases: list[Case], classes: list[str], voxel_mb: float, layout: Layout, count: int) -> dict[str, Any]:
+def bench_layout(
+    root: Path, cases: list[Case], classes: list[str], voxel_mb: float, layout: Layout, count: int
+) -> dict[str, Any]:
     """Write the cases with one layout, then read ``count`` training crops of each size from it."""
     chunks, compression, checksums = layout
     start = time.process_time()
-    written = write_dataset(root, cases, classes, name="bench", modality="", preprocessing={}, compression=compression, chunks=chunks, checksums=checksums)
+    written = write_dataset(
+        root,
+        cases,
+        classes,
+        name="bench",
+        modality="",
+        preprocessing={},
+        compression=compression,
+        chunks=chunks,
+        checksums=checksums,
+    )
     write_s = time.process_time() - start
     variant = {
-        "chunks": list(chunks), "compression": compression, "checksums": checksums,
-        "disk_mb": sum(s["bytes"] for s in written["shards"]) / 1e6, "write_mb_per_cpu_s": voxel_mb / write_s,
+        "chunks": list(chunks),
+        "compression": compression,
+        "checksums": checksums,
+        "disk_mb": sum(s["bytes"] for s in written["shards"]) / 1e6,
+        "write_mb_per_cpu_s": voxel_mb / write_s,
     }
     variant.update({dims(crop): bench_crops(root, crop, count) for crop in CROPS})
     shutil.rmtree(root)
@@ -133,8 +167,16 @@ def bench_layout(root: Path, cases: list[Case], classes: list[str], voxel_mb: fl
 def table_rows(variants: list[dict[str, Any]]) -> list[list[Any]]:
     """One row per layout and crop size."""
     return [
-        [dims(v["chunks"]), v["compression"], "fletcher32" if v["checksums"] else "none", dims(crop), v[dims(crop)]["read_ratio"],
-         v[dims(crop)]["crops_per_cpu_s"], v["disk_mb"], v["write_mb_per_cpu_s"]]
+        [
+            dims(v["chunks"]),
+            v["compression"],
+            "fletcher32" if v["checksums"] else "none",
+            dims(crop),
+            v[dims(crop)]["read_ratio"],
+            v[dims(crop)]["crops_per_cpu_s"],
+            v["disk_mb"],
+            v["write_mb_per_cpu_s"],
+        ]
         for v in variants
         for crop in CROPS
     ]
@@ -142,8 +184,12 @@ def table_rows(variants: list[dict[str, Any]]) -> list[list[Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unet3d_dist.bench data", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", type=Path, nargs="+", default=[Path("../shared/data/la_mri/train")], help="scans to prepare")
-    parser.add_argument("--config", type=Path, default=Path("configs/prepare_la_mri.yaml"), help="prepare recipe for --input")
+    parser.add_argument(
+        "--input", type=Path, nargs="+", default=[Path("../shared/data/la_mri/train")], help="scans to prepare"
+    )
+    parser.add_argument(
+        "--config", type=Path, default=Path("configs/prepare_la_mri.yaml"), help="prepare recipe for --input"
+    )
     parser.add_argument("--dataset", type=Path, help="an already prepared dataset: skip the prepare step")
     parser.add_argument("--jobs", type=int, default=2, help="prepare worker processes")
     parser.add_argument("--crops", type=int, default=100, help="crops read per chunking/compression/crop size")
@@ -158,19 +204,39 @@ def main(argv: list[str] | None = None) -> None:
             record["prepare"] = bench_prepare(args.config, args.input, args.dataset, args.jobs)
             p = record["prepare"]
             Console().print(
-                f"prepare: {p['cases']} cases ({p['input_mb']:.0f} MB of files, {p['voxel_mb']:.0f} MB of voxels) with {p['jobs']} processes: "
-                f"{p['wall_s']:.1f} s wall = {p['cases_per_s']:.2f} cases/s, {p['input_mb_per_s']:.1f} MB/s in, {p['voxel_mb_per_s']:.1f} MB/s out; "
-                f"{p['cpu_s']:.1f} CPU s = {p['cases_per_cpu_s']:.2f} cases, {p['input_mb_per_cpu_s']:.1f} MB in, {p['voxel_mb_per_cpu_s']:.1f} MB out per CPU second"
+                f"prepare: {p['cases']} cases ({p['input_mb']:.0f} MB of files, {p['voxel_mb']:.0f} MB of voxels) "
+                f"with {p['jobs']} processes: "
+                f"{p['wall_s']:.1f} s wall = {p['cases_per_s']:.2f} cases/s, {p['input_mb_per_s']:.1f} MB/s in, "
+                f"{p['voxel_mb_per_s']:.1f} MB/s out; "
+                f"{p['cpu_s']:.1f} CPU s = {p['cases_per_cpu_s']:.2f} cases, {p['input_mb_per_cpu_s']:.1f} MB in, "
+                f"{p['voxel_mb_per_cpu_s']:.1f} MB out per CPU second"
             )
         cases, manifest = load_cases(args.dataset)
-        record["dataset"] = {"name": manifest["name"], "cases": len(cases), "voxel_mb": sum(c.image.size for c in cases) * 5 / 1e6}
+        record["dataset"] = {
+            "name": manifest["name"],
+            "cases": len(cases),
+            "voxel_mb": sum(c.image.size for c in cases) * 5 / 1e6,
+        }
         voxel_mb = record["dataset"]["voxel_mb"]
-        variants = [bench_layout(work / f"layout-{i}", cases, manifest["classes"], voxel_mb, layout, args.crops) for i, layout in enumerate(layouts())]
+        variants = [
+            bench_layout(work / f"layout-{i}", cases, manifest["classes"], voxel_mb, layout, args.crops)
+            for i, layout in enumerate(layouts())
+        ]
         record["variants"] = variants
         record["checksum_cost"] = checksum_cost(variants)
     report(
-        f"crop reads from {record['dataset']['name']} ({record['dataset']['cases']} cases, {record['dataset']['voxel_mb']:.0f} MB of voxels)",
-        ["chunks", "compression", "checksums", "crop", "read / crop bytes", "crops per CPU s", "disk MB", "write MB per CPU s"],
+        f"crop reads from {record['dataset']['name']} ({record['dataset']['cases']} cases, "
+        f"{record['dataset']['voxel_mb']:.0f} MB of voxels)",
+        [
+            "chunks",
+            "compression",
+            "checksums",
+            "crop",
+            "read / crop bytes",
+            "crops per CPU s",
+            "disk MB",
+            "write MB per CPU s",
+        ],
         table_rows(variants),
         record,
         args.out,
@@ -178,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     cost = record["checksum_cost"]
     crops = ", ".join(f"{ratio:.3f} ({crop})" for crop, ratio in cost["crops_per_cpu_s"].items())
     Console().print(
-        f"fletcher32 checksums on {dims(DEFAULT_CHUNKS)} {DEFAULT_COMPRESSION} chunks, with / without: crops per CPU s {crops}; "
+        f"fletcher32 checksums on {dims(DEFAULT_CHUNKS)} {DEFAULT_COMPRESSION} chunks, with / without: crops per "
+        f"CPU s {crops}; "
         f"write MB per CPU s {cost['write_mb_per_cpu_s']:.3f}"
     )

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as c10d
 
-from ..dist import runtime, torchrun_command
 from ..config import Config
+from ..dist import runtime, torchrun_command
 from ..model import ResUNet3D, count_parameters, to_channels_last
 from ..step import TrainStep
 from .common import report, timeit
@@ -48,8 +48,19 @@ def worker(args: argparse.Namespace) -> None:
 
 def launch(nproc: int, args: argparse.Namespace, out: Path, independent: bool = False) -> dict:
     command = [
-        *torchrun_command(nproc), "-m", "unet3d_dist.bench", "ddp", "--worker", str(out), "--steps", str(args.steps),
-        "--batch", str(args.batch), "--crop", *map(str, args.crop), *(["--independent"] if independent else []),
+        *torchrun_command(nproc),
+        "-m",
+        "unet3d_dist.bench",
+        "ddp",
+        "--worker",
+        str(out),
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--crop",
+        *map(str, args.crop),
+        *(["--independent"] if independent else []),
     ]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     return json.loads(out.read_text())
@@ -60,7 +71,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--crop", type=int, nargs=3, default=[64, 64, 48])
     parser.add_argument("--batch", type=int, default=2, help="crops per rank")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="threads per process (oneDNN picks other kernels with more than one)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="threads per process (oneDNN picks other kernels with more than one)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results/ddp.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--independent", action="store_true", help=argparse.SUPPRESS)
@@ -81,8 +94,14 @@ def main(argv: list[str]) -> None:
         ["all-reduce of the gradients alone", ar * 1e3, ar / t1, ar / t_apart],
     ]
     record = {
-        "crop": args.crop, "batch_per_rank": args.batch, "one_rank": one, "two_independent": apart, "two_ranks": two,
-        "scaling_efficiency": t1 / t2, "ddp_efficiency": t_apart / t2, "allreduce_mb": two["allreduce_bytes"] / 1e6,
+        "crop": args.crop,
+        "batch_per_rank": args.batch,
+        "one_rank": one,
+        "two_independent": apart,
+        "two_ranks": two,
+        "scaling_efficiency": t1 / t2,
+        "ddp_efficiency": t_apart / t2,
+        "allreduce_mb": two["allreduce_bytes"] / 1e6,
         "allreduce_gb_per_s": two["allreduce_bytes"] / ar / 1e9,
     }
     title = (

@@ -47,11 +47,19 @@ def bench_metrics(repeat: int) -> tuple[list[list[Any]], dict[str, Any]]:
     theirs = {name: float(fn(prediction, reference, spacing)) for name, fn in MEDPY_DISTANCES.items()}
     worst = max(abs(ours[f"{k}_mm"] - v) / abs(v) for k, v in theirs.items())
     ours_t = timeit(lambda: class_metrics(prediction, reference, spacing), repeat=repeat)
-    medpy_t = timeit(lambda: [fn(prediction, reference, spacing) for fn in MEDPY_DISTANCES.values()], repeat=1, warmup=0)
+    medpy_t = timeit(
+        lambda: [fn(prediction, reference, spacing) for fn in MEDPY_DISTANCES.values()], repeat=1, warmup=0
+    )
     rows = [
         ["medpy, 4 calls (mm)", medpy_t["median_s"], medpy_t["cpu_median_s"], 1.0, 1.0, "-"],
-        ["ours, 1 call (mm+vox)", ours_t["median_s"], ours_t["cpu_median_s"], medpy_t["median_s"] / ours_t["median_s"],
-         medpy_t["cpu_median_s"] / ours_t["cpu_median_s"], f"{worst:.1e}"],
+        [
+            "ours, 1 call (mm+vox)",
+            ours_t["median_s"],
+            ours_t["cpu_median_s"],
+            medpy_t["median_s"] / ours_t["median_s"],
+            medpy_t["cpu_median_s"] / ours_t["cpu_median_s"],
+            f"{worst:.1e}",
+        ],
     ]
     record = {
         "shape": shape,
@@ -72,7 +80,9 @@ class Echo(nn.Module):
         return torch.cat([-x, x], dim=1)
 
 
-def bench_window(repeats: dict[str, int], shape: tuple[int, ...], patch: tuple[int, ...], overlap: float, batch: int) -> tuple[list[list[Any]], dict[str, Any]]:
+def bench_window(
+    repeats: dict[str, int], shape: tuple[int, ...], patch: tuple[int, ...], overlap: float, batch: int
+) -> tuple[list[list[Any]], dict[str, Any]]:
     try:
         from monai.inferers import sliding_window_inference
     except ImportError:
@@ -82,19 +92,29 @@ def bench_window(repeats: dict[str, int], shape: tuple[int, ...], patch: tuple[i
     rows, record = [], {"shape": shape, "patch": patch, "overlap": overlap, "batch": batch}
     for name, model in (("echo", Echo()), ("ResUNet3D", ResUNet3D(1, 2, (16, 32, 64, 128)).eval())):
 
-        def ours() -> torch.Tensor:
+        def ours(model: nn.Module = model) -> torch.Tensor:
             return sliding_window_logits(model, image[0], patch, 2, overlap=overlap, batch_size=batch)
 
         @torch.no_grad()
-        def monai() -> torch.Tensor:
-            return sliding_window_inference(image, patch, batch, model, overlap=overlap, mode="gaussian", sigma_scale=0.125)[0]
+        def monai(model: nn.Module = model) -> torch.Tensor:
+            return sliding_window_inference(
+                image, patch, batch, model, overlap=overlap, mode="gaussian", sigma_scale=0.125
+            )[0]
 
         agree = float((ours().argmax(0) == monai().argmax(0)).float().mean())
         times = compare({"monai": monai, "ours": ours}, repeat=repeats[name], warmup=0)  # the calls above warmed up
         monai_t, ours_t = times["monai"], times["ours"]
         rows.append([f"{name}: MONAI", monai_t["median_s"], monai_t["cpu_median_s"], 1.0, 1.0, "-"])
-        rows.append([f"{name}: ours", ours_t["median_s"], ours_t["cpu_median_s"], monai_t["median_s"] / ours_t["median_s"],
-                     monai_t["cpu_median_s"] / ours_t["cpu_median_s"], f"{agree:.4%}"])
+        rows.append(
+            [
+                f"{name}: ours",
+                ours_t["median_s"],
+                ours_t["cpu_median_s"],
+                monai_t["median_s"] / ours_t["median_s"],
+                monai_t["cpu_median_s"] / ours_t["cpu_median_s"],
+                f"{agree:.4%}",
+            ]
+        )
         record[name] = {**times, "argmax_agreement": agree}
     return rows, record
 
@@ -102,7 +122,9 @@ def bench_window(repeats: dict[str, int], shape: tuple[int, ...], patch: tuple[i
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m unet3d_dist.bench eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["metrics", "window", "all"], default="all")
-    parser.add_argument("--repeat", type=int, default=10, help="timed runs of our metrics and of the echo windows (medpy runs once)")
+    parser.add_argument(
+        "--repeat", type=int, default=10, help="timed runs of our metrics and of the echo windows (medpy runs once)"
+    )
     parser.add_argument("--model-repeat", type=int, default=3, help="timed runs of the ResUNet3D windows")
     parser.add_argument("--shape", type=int, nargs=3, default=[128, 112, 96], help="window benchmark volume (x y z)")
     parser.add_argument("--patch", type=int, nargs=3, default=[64, 64, 48], help="window benchmark patch (x y z)")
@@ -114,10 +136,19 @@ def main(argv: list[str]) -> None:
     if args.part in ("metrics", "all"):
         rows, record = bench_metrics(args.repeat)
         columns[-1] = "max rel diff"
-        report("metrics on 256x256x200, one organ", columns, rows, record, args.out and args.out.with_suffix(".metrics.json"))
+        report(
+            "metrics on 256x256x200, one organ",
+            columns,
+            rows,
+            record,
+            args.out and args.out.with_suffix(".metrics.json"),
+        )
     if args.part in ("window", "all"):
         repeats = {"echo": args.repeat, "ResUNet3D": args.model_repeat}
         rows, record = bench_window(repeats, tuple(args.shape), tuple(args.patch), args.overlap, args.batch)
         columns[-1] = "argmax equal"
-        title = f"sliding window {'x'.join(map(str, args.shape))}, patch {'x'.join(map(str, args.patch))}, overlap {args.overlap}"
+        title = (
+            f"sliding window {'x'.join(map(str, args.shape))}, patch {'x'.join(map(str, args.patch))}, overlap "
+            f"{args.overlap}"
+        )
         report(title, columns, rows, record, args.out and args.out.with_suffix(".window.json"))

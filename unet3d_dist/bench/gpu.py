@@ -39,10 +39,20 @@ def throughput(crop: tuple[int, int, int], batch: int, repeat: int, peak: float)
             model = to_channels_last(ResUNet3D().to(device))
             net = torch.compile(model) if compiled else model
             torch.cuda.reset_peak_memory_stats()
-            seconds = timeit(make_step(model, batch, crop, amp, True, device, net), repeat=repeat, warmup=3 if compiled else 2)["median_s"]
+            seconds = timeit(
+                make_step(model, batch, crop, amp, True, device, net), repeat=repeat, warmup=3 if compiled else 2
+            )["median_s"]
             rate = flops / seconds / 1e12
-            rows.append([f"train step {amp}{' compiled' if compiled else ''}", seconds * 1e3,
-                         batch * np.prod(crop) / seconds / 1e6, rate, rate * 1e3 / peak, torch.cuda.max_memory_allocated() / 2**30])
+            rows.append(
+                [
+                    f"train step {amp}{' compiled' if compiled else ''}",
+                    seconds * 1e3,
+                    batch * np.prod(crop) / seconds / 1e6,
+                    rate,
+                    rate * 1e3 / peak,
+                    torch.cuda.max_memory_allocated() / 2**30,
+                ]
+            )
     return rows
 
 
@@ -52,7 +62,11 @@ def one_volume(crop: tuple[int, int, int]) -> list[list]:
     shape = (256, 256, 160)
     image = torch.randn(1, *shape)
     start = time.perf_counter()
-    labels = predict_labels(sliding_window_logits(model, image, crop, 2, batch_size=4, amp_dtype=torch.bfloat16, device=device, channels_last=True))
+    labels = predict_labels(
+        sliding_window_logits(
+            model, image, crop, 2, batch_size=4, amp_dtype=torch.bfloat16, device=device, channels_last=True
+        )
+    )
     torch.cuda.synchronize()
     window = time.perf_counter() - start
     grid = np.indices(shape).transpose(1, 2, 3, 0)
@@ -60,14 +74,26 @@ def one_volume(crop: tuple[int, int, int]) -> list[list]:
     start = time.perf_counter()
     case_metrics(np.maximum(labels, reference[::-1].copy()), reference, (0.8, 0.8, 2.0), ["background", "organ"], True)
     metrics = time.perf_counter() - start
-    return [["evaluate 256x256x160: sliding window (bf16)", window * 1e3, "", "", "", ""], ["evaluate 256x256x160: metrics", metrics * 1e3, "", "", "", ""]]
+    return [
+        ["evaluate 256x256x160: sliding window (bf16)", window * 1e3, "", "", "", ""],
+        ["evaluate 256x256x160: metrics", metrics * 1e3, "", "", "", ""],
+    ]
 
 
 def nccl_worker(out: Path) -> None:
     with runtime("cuda", 60, require_group=True) as env:
         grads = torch.ones(count_parameters(ResUNet3D()), device=env.device)
         seconds = timeit(lambda: c10d.all_reduce(grads), repeat=20, warmup=3)["median_s"]
-        out.write_text(json.dumps({"backend": c10d.get_backend(), "world_size": env.world_size, "allreduce_s": seconds, "ok": bool(grads[0] == 1)}))
+        out.write_text(
+            json.dumps(
+                {
+                    "backend": c10d.get_backend(),
+                    "world_size": env.world_size,
+                    "allreduce_s": seconds,
+                    "ok": bool(grads[0] == 1),
+                }
+            )
+        )
 
 
 def nccl_check() -> list[list]:
@@ -76,7 +102,17 @@ def nccl_check() -> list[list]:
         command = [*torchrun_command(1), "-m", "unet3d_dist.bench", "gpu", "--nccl-worker", str(out)]
         subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "4"})
         result = json.loads(out.read_text())
-    return [[f"torchrun 1 process, {result['backend']} all-reduce of the gradients ({'ok' if result['ok'] else 'WRONG'})", result["allreduce_s"] * 1e3, "", "", "", ""]]
+    return [
+        [
+            f"torchrun 1 process, {result['backend']} all-reduce of the gradients "
+            f"({'ok' if result['ok'] else 'WRONG'})",
+            result["allreduce_s"] * 1e3,
+            "",
+            "",
+            "",
+            "",
+        ]
+    ]
 
 
 def main(argv: list[str]) -> None:
@@ -96,5 +132,10 @@ def main(argv: list[str]) -> None:
     peak, _ = conv3d_peak(torch.device("cuda"), args.repeat, torch.bfloat16)
     rows = throughput(crop, args.batch, args.repeat, peak) + one_volume(crop) + nccl_check()
     columns = ["check", "ms", "Mvoxel/s", "TFLOP/s", "of conv3d peak", "peak GiB"]
-    title = f"GPU check: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 conv3d peak {peak / 1e3:.1f} TFLOP/s"
-    report(title, columns, rows, {"crop": crop, "batch": args.batch, "conv3d_peak_gflops": peak, "rows": rows}, args.out)
+    title = (
+        f"GPU check: {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 conv3d peak {peak / 1e3:.1f} "
+        "TFLOP/s"
+    )
+    report(
+        title, columns, rows, {"crop": crop, "batch": args.batch, "conv3d_peak_gflops": peak, "rows": rows}, args.out
+    )

@@ -1,8 +1,9 @@
 """Training-loop efficiency: the real loop (DataLoader + train_step) against the pure step on in-memory tensors.
 
 Both use the same Trainer, built from the same config (the default run unless --config / overrides say otherwise),
-so the only difference is waiting for data. The pure steps are timed before and after the real ones. Efficiency = median pure step time / median real step time (the same
-statistic on both sides, so one slow step of a shared machine does not count against either); target >= 0.95.
+so the only difference is waiting for data. The pure steps are timed before and after the real ones. Efficiency =
+median pure step time / median real step time (the same statistic on both sides, so one slow step of a shared
+machine does not count against either); target >= 0.95.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as runs:
-        cfg = load_config(args.config, [*args.overrides, f"log.runs_dir={runs}", "log.wandb=disabled", "train.val_every=0"])
+        cfg = load_config(
+            args.config, [*args.overrides, f"log.runs_dir={runs}", "log.wandb=disabled", "train.val_every=0"]
+        )
         with runtime(cfg.train.device, 120) as env:
             trainer = Trainer(cfg, env)
             warmup = 5  # also lets the CPU's kept heap settle (host_memory)
@@ -69,9 +72,20 @@ def main(argv: list[str]) -> None:
         ["  waiting for data, mean per step", statistics.mean(waits) * 1e3, wait_fraction],
     ]
     record = {
-        "crop": cfg.data.crop, "batch": cfg.train.batch_size, "workers": workers, "steps": steps, "pure_ms": pure * 1e3,
-        "pure_before_ms": pure_before * 1e3, "pure_after_ms": pure_after * 1e3,
-        "real_ms": real * 1e3, "real_mean_ms": statistics.mean(totals) * 1e3, "efficiency": pure / real, "data_wait_fraction": wait_fraction,
+        "crop": cfg.data.crop,
+        "batch": cfg.train.batch_size,
+        "workers": workers,
+        "steps": steps,
+        "pure_ms": pure * 1e3,
+        "pure_before_ms": pure_before * 1e3,
+        "pure_after_ms": pure_after * 1e3,
+        "real_ms": real * 1e3,
+        "real_mean_ms": statistics.mean(totals) * 1e3,
+        "efficiency": pure / real,
+        "data_wait_fraction": wait_fraction,
     }
-    title = f"Training loop, crop {'x'.join(map(str, cfg.data.crop))}, batch {cfg.train.batch_size}, {workers} loader workers: efficiency {pure / real:.3f}"
+    title = (
+        f"Training loop, crop {'x'.join(map(str, cfg.data.crop))}, batch {cfg.train.batch_size}, {workers} loader "
+        f"workers: efficiency {pure / real:.3f}"
+    )
     report(title, ["measurement", "ms", "ratio"], rows, record, args.out)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -34,7 +34,9 @@ AMP = ("off", "bf16", "fp16")
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
 
 
-def reference_conv(device: torch.device, memory_format: str, amp: torch.dtype | None = None) -> tuple[Callable[[], None], int]:
+def reference_conv(
+    device: torch.device, memory_format: str, amp: torch.dtype | None = None
+) -> tuple[Callable[[], None], int]:
     """One 64->64 3x3x3 conv3d forward on 64x64x48 volumes (8 of them on a GPU), and its FLOPs."""
     fmt = FORMATS[memory_format]
     conv = nn.Conv3d(64, 64, 3, padding=1, bias=False).to(device).to(memory_format=fmt)
@@ -57,8 +59,15 @@ def conv3d_peak(device: torch.device, repeat: int, amp: torch.dtype | None = Non
     return rates[best], best
 
 
-def make_step(model: nn.Module, batch: int, crop: tuple[int, int, int], amp: str, use_channels_last: bool, device: torch.device,
-              net: nn.Module | None = None) -> Callable[[], None]:
+def make_step(
+    model: nn.Module,
+    batch: int,
+    crop: tuple[int, int, int],
+    amp: str,
+    use_channels_last: bool,
+    device: torch.device,
+    net: nn.Module | None = None,
+) -> Callable[[], None]:
     """A closure running the training's own step (TrainStep: loss, scaler, clipping, optimizer, schedule) on fixed
     in-memory tensors; ``net`` (default: the model) runs the forward pass, e.g. a compiled model."""
     cfg = Config()
@@ -81,7 +90,7 @@ def step_flops(model: nn.Module, batch: int, crop: tuple[int, int, int], device:
 
 def monai_models() -> dict[str, Callable[[], nn.Module]]:
     try:
-        from monai.networks.nets import UNet, BasicUNet
+        from monai.networks.nets import BasicUNet, UNet
     except ImportError:
         return {}
     return {
@@ -95,17 +104,33 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--crop", type=int, nargs=3, default=[112, 112, 80], help="default: the product's crop")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--amp", nargs="+", choices=AMP, default=list(AMP), help="mixed-precision variants (default: all)")
-    parser.add_argument("--channels-last", nargs="+", choices=["on", "off"], default=["on", "off"], help="memory-format variants")
-    parser.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off", "on"], help="torch.compile variants")
-    parser.add_argument("--heap", nargs="+", choices=["glibc", "kept"], default=["kept"],
-                        help="CPU heap variants: glibc's default, and freed memory kept for reuse as in training (default: kept)")
+    parser.add_argument(
+        "--amp", nargs="+", choices=AMP, default=list(AMP), help="mixed-precision variants (default: all)"
+    )
+    parser.add_argument(
+        "--channels-last", nargs="+", choices=["on", "off"], default=["on", "off"], help="memory-format variants"
+    )
+    parser.add_argument(
+        "--compile", nargs="+", choices=["off", "on"], default=["off", "on"], help="torch.compile variants"
+    )
+    parser.add_argument(
+        "--heap",
+        nargs="+",
+        choices=["glibc", "kept"],
+        default=["kept"],
+        help="CPU heap variants: glibc's default, and freed memory kept for reuse as in training (default: kept)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results/train_step.json"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     crop = tuple(args.crop)
     heaps = [heap for heap in ("glibc", "kept") if heap in args.heap] if device.type == "cpu" else ["n/a"]
-    variants = [(amp, cl == "on", compiled == "on") for amp in args.amp for cl in args.channels_last for compiled in args.compile]
+    variants = [
+        (amp, cl == "on", compiled == "on")
+        for amp in args.amp
+        for cl in args.channels_last
+        for compiled in args.compile
+    ]
     flops_ours = step_flops(ResUNet3D().to(device), args.batch, crop, device)
     _, peak_format = conv3d_peak(device, 1)
     peak_run, peak_flops = reference_conv(device, peak_format)
@@ -117,17 +142,34 @@ def main(argv: list[str]) -> None:
         if cl:
             to_channels_last(model)
         net = torch.compile(model) if compiled else model
-        row = {"model": name, "heap": heap, "amp": amp_name(resolve_amp(amp, device)), "channels_last": cl, "compile": compiled}
+        row = {
+            "model": name,
+            "heap": heap,
+            "amp": amp_name(resolve_amp(amp, device)),
+            "channels_last": cl,
+            "compile": compiled,
+        }
         try:
             # Warm-up also lets the kept heap settle: its free blocks coalesce over the first few steps.
-            times = compare({"step": make_step(model, args.batch, crop, amp, cl, device, net), "peak": peak_run}, args.repeat, warmup=4 if compiled else 3)
+            times = compare(
+                {"step": make_step(model, args.batch, crop, amp, cl, device, net), "peak": peak_run},
+                args.repeat,
+                warmup=4 if compiled else 3,
+            )
         except Exception as err:  # e.g. torch.compile without a working compiler: report, don't hide
             measured.append({**row, "failed": type(err).__name__})
             return
         seconds = times["step"]["median_s"]
-        measured.append({**row, "ms_per_step": seconds * 1e3, "voxels_per_s": args.batch * crop[0] * crop[1] * crop[2] / seconds,
-                         "gflop_per_step": flops / 1e9, "gflops": flops / seconds / 1e9,
-                         "peak_gflops": peak_flops / times["peak"]["median_s"] / 1e9})
+        measured.append(
+            {
+                **row,
+                "ms_per_step": seconds * 1e3,
+                "voxels_per_s": args.batch * crop[0] * crop[1] * crop[2] / seconds,
+                "gflop_per_step": flops / 1e9,
+                "gflops": flops / seconds / 1e9,
+                "peak_gflops": peak_flops / times["peak"]["median_s"] / 1e9,
+            }
+        )
 
     for heap in heaps:
         if heap == "kept" and not keep_freed_memory():
@@ -137,23 +179,67 @@ def main(argv: list[str]) -> None:
             measure("ResUNet3D 16-128 (ours)", heap, ResUNet3D(), flops_ours, amp, cl, compiled)
     for name, factory in monai_models().items():
         torch.manual_seed(0)
-        measure(name, heaps[-1], factory(), step_flops(factory().to(device), args.batch, crop, device), "auto", True, False)
+        measure(
+            name, heaps[-1], factory(), step_flops(factory().to(device), args.batch, crop, device), "auto", True, False
+        )
     # Under glibc's heap the reference conv faults its 48 MB output in on every call too; the machine's peak is the
     # one measured with the kept heap, so glibc rows are compared with that.
     kept_peaks = [r["peak_gflops"] for r in measured if "peak_gflops" in r and r["heap"] != "glibc"]
     peak = statistics.median(kept_peaks) if kept_peaks else None
-    rows, record = [], {"crop": crop, "batch": args.batch, "peak_format": peak_format, "peak_gflops": peak, "results": measured}
+    rows, record = (
+        [],
+        {"crop": crop, "batch": args.batch, "peak_format": peak_format, "peak_gflops": peak, "results": measured},
+    )
     for r in measured:
         if "failed" in r:
-            rows.append([r["model"], r["heap"], r["amp"], r["channels_last"], r["compile"], f"failed: {r['failed']}", "", "", "", "", ""])
+            rows.append(
+                [
+                    r["model"],
+                    r["heap"],
+                    r["amp"],
+                    r["channels_last"],
+                    r["compile"],
+                    f"failed: {r['failed']}",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
             continue
         compared_with = r["peak_gflops"] if r["heap"] != "glibc" or peak is None else peak
         r["fraction_of_peak"] = r["gflops"] / compared_with
-        rows.append([r["model"], r["heap"], r["amp"], r["channels_last"], r["compile"], r["ms_per_step"], r["voxels_per_s"] / 1e6,
-                     r["gflop_per_step"], r["gflops"], compared_with, r["fraction_of_peak"]])
+        rows.append(
+            [
+                r["model"],
+                r["heap"],
+                r["amp"],
+                r["channels_last"],
+                r["compile"],
+                r["ms_per_step"],
+                r["voxels_per_s"] / 1e6,
+                r["gflop_per_step"],
+                r["gflops"],
+                compared_with,
+                r["fraction_of_peak"],
+            ]
+        )
     title = (
         f"Training step, crop {'x'.join(map(str, crop))}, batch {args.batch}, {device.type}; "
         f"against a 64->64 conv3d ({peak_format}) timed alternately with each step"
     )
-    columns = ["model", "heap", "amp", "channels_last", "compile", "ms/step", "Mvoxel/s", "GFLOP/step", "GFLOP/s", "peak GFLOP/s", "of peak"]
+    columns = [
+        "model",
+        "heap",
+        "amp",
+        "channels_last",
+        "compile",
+        "ms/step",
+        "Mvoxel/s",
+        "GFLOP/step",
+        "GFLOP/s",
+        "peak GFLOP/s",
+        "of peak",
+    ]
     report(title, columns, rows, record, args.out)

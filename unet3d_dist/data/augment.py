@@ -41,7 +41,9 @@ def spatial_matrix(rng: np.random.Generator, aug: Augmentation) -> np.ndarray | 
     return rotation(angles) / zoom
 
 
-def transformed_crop(read, shape: list[int], centre: np.ndarray, crop: tuple[int, ...], matrix: np.ndarray, pad: float) -> tuple[np.ndarray, np.ndarray]:
+def transformed_crop(
+    read, shape: list[int], centre: np.ndarray, crop: tuple[int, ...], matrix: np.ndarray, pad: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Resample the rotated/scaled crop around ``centre`` (volume coordinates) from the smallest region that holds it.
 
     ``read(slices)`` returns (image, label) of a region. Image: linear interpolation; label: nearest; outside the

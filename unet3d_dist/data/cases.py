@@ -44,8 +44,11 @@ def _smaller_than_default_crop(prepared: sitk.Image) -> list[str]:
     axes = axes_smaller(prepared.GetSize(), DataConfig.crop)
     if not axes:
         return []
-    return [f"prepared shape {dims(prepared.GetSize())} is smaller than the default training crop {dims(DataConfig.crop)} along {axes}; "
-            "crops of that size will be padded there (normal for a small or thin volume)"]
+    return [
+        f"prepared shape {dims(prepared.GetSize())} is smaller than the default training crop "
+        f"{dims(DataConfig.crop)} along {axes}; "
+        "crops of that size will be padded there (normal for a small or thin volume)"
+    ]
 
 
 def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list[str]]:
@@ -55,7 +58,9 @@ def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list
     else:
         image, label = read_pair(source.image, source.label)
     check_finite(image, source.image)
-    mapped = sitk.GetImageFromArray(map_labels(sitk.GetArrayViewFromImage(label), recipe.labels.classes, recipe.labels.unmapped, source.label))
+    mapped = sitk.GetImageFromArray(
+        map_labels(sitk.GetArrayViewFromImage(label), recipe.labels.classes, recipe.labels.unmapped, source.label)
+    )
     mapped.CopyInformation(label)
 
     spec = recipe.preprocessing
@@ -63,7 +68,10 @@ def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list
     prepared_label = onto_grid(reorient(mapped, spec.orientation), prepared)
     warnings = []
     if not sitk.GetArrayViewFromImage(prepared_label).any():
-        warnings.append(f"label {source.label} has no voxel of {', '.join(list(recipe.labels.classes)[1:])}: kept as an all-background case")
+        warnings.append(
+            f"label {source.label} has no voxel of {', '.join(list(recipe.labels.classes)[1:])}: kept as an "
+            "all-background case"
+        )
     if spec.crop.to != "none":
         margin = [math.ceil(spec.crop.margin_mm / s) for s in prepared.GetSpacing()]
         box = bounding_box(_crop_mask(recipe, image, prepared_label, prepared), margin)

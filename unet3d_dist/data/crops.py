@@ -6,7 +6,7 @@ ranks, and a run resumed in the middle of an epoch sees exactly the crops it wou
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ class CropDataset(Dataset):
         seed: int,
         foreground_fraction: float = 1 / 3,
         flip: bool = True,
-        augmentation: Augmentation = Augmentation(),
+        augmentation: Augmentation | None = None,
     ):
         if not case_ids:
             raise ValueError("CropDataset needs at least one case")
@@ -44,7 +44,7 @@ class CropDataset(Dataset):
         self.seed = seed
         self.foreground_fraction = foreground_fraction
         self.flip = flip
-        self.augmentation = augmentation
+        self.augmentation = augmentation or Augmentation()
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -86,7 +86,9 @@ class CropDataset(Dataset):
                 return [int(np.clip(p - c // 2, lo, hi)) for p, c, lo, hi in zip(centre, self.crop, low, high)]
         return [int(rng.integers(lo, hi + 1)) for lo, hi in zip(low, high)]
 
-    def read_padded(self, case_id: str, shape: list[int], start: list[int], pad_value: float) -> tuple[np.ndarray, np.ndarray]:
+    def read_padded(
+        self, case_id: str, shape: list[int], start: list[int], pad_value: float
+    ) -> tuple[np.ndarray, np.ndarray]:
         src = tuple(slice(max(b, 0), min(b + c, s)) for b, c, s in zip(start, self.crop, shape))
         image = self.dataset.image(case_id, src)
         label = self.dataset.label(case_id, src)

@@ -51,7 +51,9 @@ def _detect(folder: Path) -> str:
 
 
 def _hdf5_cases(folder: Path) -> list[Source]:
-    return [Source(strip_suffix(p), p, p, "hdf5") for p in _visible(folder) if p.is_file() and p.suffix in HDF5_SUFFIXES]
+    return [
+        Source(strip_suffix(p), p, p, "hdf5") for p in _visible(folder) if p.is_file() and p.suffix in HDF5_SUFFIXES
+    ]
 
 
 def _decathlon_cases(folder: Path) -> list[Source]:
@@ -66,7 +68,14 @@ def _decathlon_cases(folder: Path) -> list[Source]:
         pairs = []
         for label in _visible(folder / "labelsTr"):
             stem, suffix = strip_suffix(label), label.name[len(strip_suffix(label)) :]
-            image = next((p for p in (folder / "imagesTr" / label.name, folder / "imagesTr" / f"{stem}_0000{suffix}") if p.exists()), None)
+            image = next(
+                (
+                    p
+                    for p in (folder / "imagesTr" / label.name, folder / "imagesTr" / f"{stem}_0000{suffix}")
+                    if p.exists()
+                ),
+                None,
+            )
             pairs.append((image or folder / "imagesTr" / label.name, label))
     return [Source(strip_suffix(label), image, label, "decathlon") for image, label in pairs]
 
@@ -75,7 +84,9 @@ def _single(folder: Path, pattern: str, what: str) -> Path:
     found = _match(folder, pattern)
     if len(found) != 1:
         listing = ", ".join(p.name for p in found) if found else "nothing"
-        raise DatasetError(f"case folder {folder} must hold exactly one {what} matching {pattern!r}; it holds {listing}")
+        raise DatasetError(
+            f"case folder {folder} must hold exactly one {what} matching {pattern!r}; it holds {listing}"
+        )
     return found[0]
 
 
@@ -88,7 +99,9 @@ def _folder_cases(folder: Path, image_pattern: str, label_pattern: str) -> list[
     ]
 
 
-def find_cases(inputs: list[Path], layout: str = "auto", image_pattern: str = "image*", label_pattern: str = "label*") -> list[Source]:
+def find_cases(
+    inputs: list[Path], layout: str = "auto", image_pattern: str = "image*", label_pattern: str = "label*"
+) -> list[Source]:
     """Every case under the input folders, sorted by id; case ids must be unique across inputs."""
     sources: list[Source] = []
     for folder in map(Path, inputs):
@@ -102,11 +115,16 @@ def find_cases(inputs: list[Path], layout: str = "auto", image_pattern: str = "i
         else:
             found = _folder_cases(folder, image_pattern, label_pattern)
         if not found:
-            raise DatasetError(f"input {folder} holds no {kind} cases (image suffixes read: {', '.join(IMAGE_SUFFIXES)} or DICOM folders)")
+            raise DatasetError(
+                f"input {folder} holds no {kind} cases (image suffixes read: {', '.join(IMAGE_SUFFIXES)} or DICOM "
+                "folders)"
+            )
         sources.extend(found)
     seen: dict[str, Source] = {}
     for source in sources:
         if source.id in seen:
-            raise DatasetError(f"case id {source.id!r} occurs twice: {seen[source.id].image} and {source.image}; rename one")
+            raise DatasetError(
+                f"case id {source.id!r} occurs twice: {seen[source.id].image} and {source.image}; rename one"
+            )
         seen[source.id] = source
     return sorted(sources, key=lambda s: s.id)

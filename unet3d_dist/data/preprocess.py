@@ -7,7 +7,8 @@ time go through exactly what the training data went through: reorientation, resa
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -48,7 +49,9 @@ def check_normalization(spec: Any) -> None:
 
 
 def normalize(image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
-    """Apply a manifest's ``normalization`` spec: {"kind": "ct_window", "window": [lo, hi]}, {"kind": "zscore", ...} or {"kind": "none"}."""
+    """Apply a manifest's ``normalization`` spec: {"kind": "ct_window", "window": [lo, hi]}, {"kind": "zscore", ...} or
+    {"kind": "none"}.
+    """
     kind = spec.get("kind")
     if kind == "ct_window":
         low, high = spec["window"]
@@ -71,15 +74,23 @@ def resample(image: sitk.Image, spacing: list[float] | None, interpolation: str,
         return image
     size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
     return sitk.Resample(
-        image, size, sitk.Transform(), INTERPOLATORS[interpolation], image.GetOrigin(), [float(s) for s in spacing],
-        image.GetDirection(), float(default), sitk.sitkFloat32,
+        image,
+        size,
+        sitk.Transform(),
+        INTERPOLATORS[interpolation],
+        image.GetOrigin(),
+        [float(s) for s in spacing],
+        image.GetDirection(),
+        float(default),
+        sitk.sitkFloat32,
     )
 
 
 def onto_grid(label: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """A label map moved onto ``reference``'s grid by nearest neighbour (background outside), as uint8."""
     same = label.GetSize() == reference.GetSize() and all(
-        np.allclose(getattr(label, f"Get{key}")(), getattr(reference, f"Get{key}")(), rtol=0, atol=1e-6) for key in ("Spacing", "Origin", "Direction")
+        np.allclose(getattr(label, f"Get{key}")(), getattr(reference, f"Get{key}")(), rtol=0, atol=1e-6)
+        for key in ("Spacing", "Origin", "Direction")
     )
     if same:  # already there: skip the resampler's pass over every voxel
         return sitk.Cast(label, sitk.sitkUInt8)

@@ -34,7 +34,9 @@ def array_xyz(image: sitk.Image) -> np.ndarray:
     return np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
 
 
-def image_xyz(array: np.ndarray, like: sitk.Image | None = None, spacing: tuple[float, ...] = (1.0, 1.0, 1.0)) -> sitk.Image:
+def image_xyz(
+    array: np.ndarray, like: sitk.Image | None = None, spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
+) -> sitk.Image:
     """An image from an (x, y, z) array, with the geometry of ``like`` (or ``spacing`` at the origin, axis-aligned)."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     if like is not None:
@@ -79,7 +81,10 @@ def _check_nifti_complete(path: Path) -> None:
         reader.ReadImageInformation()
     except RuntimeError as err:
         raise CaseError(f"cannot read {path}: {_itk_reason(err)}") from None
-    offset, bits = int(float(reader.GetMetaData("vox_offset"))), int(reader.GetMetaData("bitpix"))  # ITK's NIfTI header keys
+    offset, bits = (
+        int(float(reader.GetMetaData("vox_offset"))),
+        int(reader.GetMetaData("bitpix")),
+    )  # ITK's NIfTI header keys
     expected = offset + int(np.prod(reader.GetSize())) * bits // 8
     actual = _uncompressed_size(path) if path.name.endswith(".gz") else path.stat().st_size
     if actual < expected:
@@ -87,7 +92,9 @@ def _check_nifti_complete(path: Path) -> None:
 
 
 def _slice_positions(reader: sitk.ImageSeriesReader, count: int, normal: np.ndarray) -> np.ndarray:
-    return np.array([normal @ np.array([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]) for i in range(count)])
+    return np.array(
+        [normal @ np.array([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]) for i in range(count)]
+    )
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -117,7 +124,8 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         gaps = np.diff(np.sort(_slice_positions(reader, len(files), normal)))
         if gaps.max() - gaps.min() > 0.01 * np.median(gaps):
             raise CaseError(
-                f"{folder}: slices are unevenly spaced ({gaps.min():.3g} to {gaps.max():.3g} mm apart); a slice is missing"
+                f"{folder}: slices are unevenly spaced ({gaps.min():.3g} to {gaps.max():.3g} mm apart); a slice is "
+                "missing"
             )
     return image
 
@@ -181,12 +189,16 @@ def read_pair(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Imag
 
 
 def read_hdf5_pair(path: Path, spacing: tuple[float, float, float]) -> tuple[sitk.Image, sitk.Image]:
-    """The original project's layout: one file per case with (x, y, z) datasets ``image`` and ``label`` and no geometry."""
+    """The original project's layout: one file per case with (x, y, z) datasets ``image`` and ``label`` and no
+    geometry.
+    """
     try:
         with h5py.File(path, "r") as h5:
             missing = [name for name in ("image", "label") if name not in h5]
             if missing:
-                raise CaseError(f"{path} has no dataset {' or '.join(map(repr, missing))}; it holds: {', '.join(h5) or 'nothing'}")
+                raise CaseError(
+                    f"{path} has no dataset {' or '.join(map(repr, missing))}; it holds: {', '.join(h5) or 'nothing'}"
+                )
             image, label = h5["image"][()], h5["label"][()]
     except OSError as err:
         raise CaseError(f"cannot read {path}: {err}") from None

@@ -40,7 +40,9 @@ class LabelSpec:
 
     def check(self) -> None:
         if not isinstance(self.classes, dict) or len(self.classes) < 2:
-            raise ConfigError("labels.classes must map at least two class names (background first) to lists of source label values")
+            raise ConfigError(
+                "labels.classes must map at least two class names (background first) to lists of source label values"
+            )
         for name, values in self.classes.items():
             if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
                 raise ConfigError(f"labels.classes.{name} must be a list of integer label values, not {values!r}")
@@ -76,10 +78,14 @@ class PreprocessSpec:
             _triple("preprocessing.spacing", self.spacing)
         _one_of("preprocessing.interpolation", self.interpolation, tuple(INTERPOLATORS))
         if self.orientation is not None and not (
-            isinstance(self.orientation, str) and len(self.orientation) == 3
+            isinstance(self.orientation, str)
+            and len(self.orientation) == 3
             and all(len(set(self.orientation) & letters) == 1 for letters in AXIS_LETTERS)
         ):
-            raise ConfigError(f"preprocessing.orientation must be three letters, one of L/R, P/A and S/I (e.g. LPS), or null, not {self.orientation!r}")
+            raise ConfigError(
+                "preprocessing.orientation must be three letters, one of L/R, P/A and S/I (e.g. LPS), or null, "
+                f"not {self.orientation!r}"
+            )
         self.crop.check()
 
 
@@ -93,7 +99,9 @@ class SplitSpec:
     def check(self) -> None:
         fractions = [self.train, self.val, self.test]
         if any(not isinstance(f, (int, float)) or f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-            raise ConfigError(f"splits.train, splits.val and splits.test must be fractions >= 0 that add up to 1, not {fractions}")
+            raise ConfigError(
+                f"splits.train, splits.val and splits.test must be fractions >= 0 that add up to 1, not {fractions}"
+            )
 
 
 @dataclass
@@ -106,7 +114,11 @@ class ShardSpec:
         if not isinstance(self.cases_per_shard, int) or self.cases_per_shard < 1:
             raise ConfigError(f"shards.cases_per_shard must be an integer >= 1, not {self.cases_per_shard!r}")
         _one_of("shards.compression", self.compression, COMPRESSIONS)
-        if not (isinstance(self.chunks, list) and len(self.chunks) == 3 and all(isinstance(c, int) and c > 0 for c in self.chunks)):
+        if not (
+            isinstance(self.chunks, list)
+            and len(self.chunks) == 3
+            and all(isinstance(c, int) and c > 0 for c in self.chunks)
+        ):
             raise ConfigError(f"shards.chunks must be three positive integers, not {self.chunks!r}")
 
 
@@ -153,7 +165,10 @@ def _build(cls: type, values: Any, where: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(f"unknown recipe key '{where}{key}'; keys{' in ' + where.rstrip('.') if where else ''} are: {', '.join(fields)}")
+            raise ConfigError(
+                f"unknown recipe key '{where}{key}'; keys{' in ' + where.rstrip('.') if where else ''} are: "
+                f"{', '.join(fields)}"
+            )
         nested = fields[key].default_factory if dataclasses.is_dataclass(fields[key].default_factory) else None  # type: ignore[arg-type]
         kwargs[key] = _build(nested, value, f"{where}{key}.") if nested else value
     return cls(**kwargs)

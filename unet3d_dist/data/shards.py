@@ -23,9 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import h5py
 import numpy as np
@@ -83,7 +84,8 @@ def sha256_of(path: Path) -> str:
 def _check_case(case: Case, num_classes: int) -> None:
     if case.image.ndim != 3 or case.image.shape != case.label.shape:
         raise DatasetError(
-            f"case {case.id}: image {case.image.shape} and label {case.label.shape} must be 3-D arrays of the same shape"
+            f"case {case.id}: image {case.image.shape} and label {case.label.shape} must be 3-D arrays of the same "
+            "shape"
         )
     if not np.isfinite(case.image).all():
         raise DatasetError(f"case {case.id}: image contains NaN or infinite values")
@@ -150,7 +152,9 @@ def write_shard(
                 chunk = tuple(min(c, s) for c, s in zip(chunks, case.image.shape))
                 group.create_dataset("image", data=case.image.astype(np.float32), chunks=chunk, **filters)
                 group.create_dataset("label", data=case.label, chunks=chunk, **filters)
-                group.create_dataset("foreground", data=foreground_samples(case.label, num_classes), fletcher32=checksums)
+                group.create_dataset(
+                    "foreground", data=foreground_samples(case.label, num_classes), fletcher32=checksums
+                )
                 for key in ("spacing", "origin", "direction"):
                     group.attrs[key] = np.asarray(getattr(case, key), dtype=np.float64)
             h5.attrs["manifest_records"] = json.dumps(records)
@@ -211,7 +215,9 @@ def write_dataset(
     chunks: tuple[int, int, int] = DEFAULT_CHUNKS,
     checksums: bool = True,
 ) -> dict[str, Any]:
-    """Write all cases into shards of ``cases_per_shard`` and then the manifest (last, so it only lists complete shards)."""
+    """Write all cases into shards of ``cases_per_shard`` and then the manifest (last, so it only lists complete
+    shards).
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     shards, records, batch = [], [], []
@@ -259,7 +265,8 @@ class ShardedDataset:
             return None
         return (
             f"dataset {self.root} was prepared without chunk checksums, so a corrupt chunk would go unnoticed; "
-            f"python -m unet3d_dist.prepare --verify {self.root} checks whole files, and preparing it again adds checksums"
+            f"python -m unet3d_dist.prepare --verify {self.root} checks whole files, and preparing it again adds "
+            "checksums"
         )
 
     def case_ids(self, split: str | None = None) -> list[str]:
@@ -288,7 +295,9 @@ class ShardedDataset:
         try:
             return self._handles[shard][case_id]
         except KeyError:
-            raise DatasetError(f"shard {self.root / shard} has no case {case_id!r} although the manifest lists it") from None
+            raise DatasetError(
+                f"shard {self.root / shard} has no case {case_id!r} although the manifest lists it"
+            ) from None
 
     def _read(self, case_id: str, name: str, index: Any = ()) -> np.ndarray:
         """Read ``index`` of one array; a chunk that fails its checksum or decompression is a DatasetError."""
@@ -299,7 +308,8 @@ class ShardedDataset:
             raise DatasetError(f"shard {shard} has no {name} for case {case_id!r}; prepare the dataset again") from None
         except OSError as err:
             raise DatasetError(
-                f"cannot read the {name} of case {case_id!r} from shard {shard}: a chunk is corrupt or unreadable ({err}); "
+                f"cannot read the {name} of case {case_id!r} from shard {shard}: a chunk is corrupt or unreadable "
+                f"({err}); "
                 f"run python -m unet3d_dist.prepare --verify {self.root} and prepare the dataset again"
             ) from None
 
@@ -324,7 +334,9 @@ class ShardedDataset:
 def load_manifest(root: Path) -> dict[str, Any]:
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise DatasetError(f"{root} has no {MANIFEST}: it is not a prepared dataset (run python -m unet3d_dist.prepare)")
+        raise DatasetError(
+            f"{root} has no {MANIFEST}: it is not a prepared dataset (run python -m unet3d_dist.prepare)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:

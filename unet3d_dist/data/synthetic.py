@@ -30,7 +30,9 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], coarse: int 
     field = rng.standard_normal((coarse, coarse, coarse))
     quarter = [max(coarse, s // 4) for s in shape]
     field = ndimage.zoom(field, [q / coarse for q in quarter], order=3, mode="reflect")
-    field = ndimage.zoom(field, [s / q for s, q in zip(shape, field.shape)], order=1)[: shape[0], : shape[1], : shape[2]]
+    field = ndimage.zoom(field, [s / q for s, q in zip(shape, field.shape)], order=1)[
+        : shape[0], : shape[1], : shape[2]
+    ]
     return ((field - field.mean()) / (field.std() + 1e-8)).astype(np.float32)
 
 
@@ -92,10 +94,26 @@ def make_phantom(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple
     liver = _largest_component((distance < 1) & cavity)
 
     # Neighbours with overlapping intensity.
-    spleen = (_ellipsoid(grid, (rng.uniform(70, 100), rng.uniform(20, 50), centre[2]), (35, 28, 50), rng.uniform(-30, 30)) + 0.15 * _smooth_noise(rng, shape, 8) < 1) & cavity & ~liver
+    spleen = (
+        (
+            _ellipsoid(grid, (rng.uniform(70, 100), rng.uniform(20, 50), centre[2]), (35, 28, 50), rng.uniform(-30, 30))
+            + 0.15 * _smooth_noise(rng, shape, 8)
+            < 1
+        )
+        & cavity
+        & ~liver
+    )
     kidneys = np.zeros(shape, bool)
     for side in (-1, 1):
-        kidneys |= _ellipsoid(grid, (side * rng.uniform(55, 75), rng.uniform(35, 55), rng.uniform(-0.3, 0.1) * half_z), (28, 22, 50), side * 20) < 1
+        kidneys |= (
+            _ellipsoid(
+                grid,
+                (side * rng.uniform(55, 75), rng.uniform(35, 55), rng.uniform(-0.3, 0.1) * half_z),
+                (28, 22, 50),
+                side * 20,
+            )
+            < 1
+        )
     kidneys &= cavity & ~liver
 
     # Portal-venous phase: the liver enhances to ~85-115 HU, its vessels and the spleen somewhat more.
@@ -162,7 +180,10 @@ def ensure_synthetic(parent: str | Path, n_cases: int) -> Path:
             CLASSES,
             name="synthetic-abdominal-ct",
             modality="CT",
-            preprocessing={"normalization": {"kind": "ct_window", "window": list(HU_WINDOW)}, "spacing": [SPACING_MM] * 3},
+            preprocessing={
+                "normalization": {"kind": "ct_window", "window": list(HU_WINDOW)},
+                "spacing": [SPACING_MM] * 3,
+            },
         )
         try:
             os.rename(tmp, root)
