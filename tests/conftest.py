@@ -1,15 +1,22 @@
-"""Shared fixtures: small real HDF5 datasets written through the production shard writer."""
+"""Shared fixtures and helpers: small real HDF5 datasets written through the production shard writer, the tiny
+run settings, and the real processes the tests start, signal and kill (command lines, torchrun, /proc)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch
+import yaml
 
 from unet3d_dist.data.shards import Case, write_dataset
 
@@ -133,3 +140,123 @@ def wait_until_gone(pids: list[int], timeout: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"processes {alive(pids)} still run {timeout} s after their job was killed")
         time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- runs of the real command line
+TINY = [
+    "data.crop=[16,16,8]",
+    "data.samples_per_epoch=8",
+    "model.widths=[4,8,8,16]",
+    "train.batch_size=2",
+    "train.val_every=1",
+    "log.every_steps=1",
+    "log.wandb=disabled",
+    "data.num_workers=0",
+]
+
+
+def train(tmp_path, dataset, *overrides, check=True):
+    args = [
+        sys.executable,
+        "-m",
+        "unet3d_dist.train",
+        f"data.dataset={dataset}",
+        f"log.runs_dir={tmp_path}",
+        *TINY,
+        *overrides,
+    ]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+WORKERS = "data.num_workers=1"  # loader workers on: stop signals reach them too
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *launcher_args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *launcher_args]
+
+
+def trainer(world: int) -> list[str]:
+    return (torchrun(world) if world > 1 else [sys.executable]) + ["-m", "unet3d_dist.train"]
+
+
+def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def start(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"process ended before {path.name} appeared:\n{process.stdout.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.01)
+
+
+def overrides(dataset: Path, runs: Path, name: str, *extra: str) -> list[str]:
+    return [f"data.dataset={dataset}", f"log.runs_dir={runs}", f"log.run_name={name}", *TINY, *extra]
+
+
+def final_state(run_dir: Path) -> dict:
+    return torch.load(sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=True)
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a["train_state"]["global_step"] == b["train_state"]["global_step"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), f"parameter {name} differs"
+    for slot, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][slot]["momentum_buffer"])
+
+
+# ---------------------------------------------------------------- prepare recipes on the real scans
+CT_LIVER = {
+    "name": "test-liver",
+    "modality": "CT",
+    "input": {"layout": "folders", "image": "image*", "label": "labels*"},
+    "labels": {"classes": {"background": [0], "liver": [5]}, "unmapped": "background"},
+    "preprocessing": {
+        "normalization": {"kind": "ct_window", "window": [-200, 250]},
+        "spacing": [3, 3, 3],
+        "crop": {"to": "foreground", "margin_mm": 9},
+    },
+    "splits": {"train": 1.0, "val": 0.0, "test": 0.0},
+}
+
+
+def recipe(tmp_path: Path, base: dict = CT_LIVER, **sections) -> Path:
+    """A recipe file: ``base`` with whole sections or single keys (``preprocessing__spacing=[...]``) replaced."""
+    values = json.loads(json.dumps(base))
+    for key, value in sections.items():
+        section, _, sub = key.partition("__")
+        if sub:
+            values[section][sub] = value
+        else:
+            values[section] = value
+    path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def small_cases(tmp_path: Path, count: int) -> Path:
+    cases = tmp_path / "cases"
+    for i in range(count):
+        (cases / f"case{i}").mkdir(parents=True)
+        for name in ("image.nii.gz", "labels.nii.gz"):
+            os.symlink(SHARED_DATA / "ct_abdomen" / name, cases / f"case{i}" / name)
+    return cases

@@ -5,7 +5,7 @@ import statistics
 import subprocess
 import sys
 
-from test_train import TINY
+from conftest import TINY
 
 from unet3d_dist.model import ResUNet3D, count_parameters
 

@@ -8,71 +8,31 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import box_case, direct_children, job_processes, signal_job, wait_until_gone
-from test_train import TINY
+from conftest import (
+    WORKERS,
+    assert_bitwise_equal,
+    box_case,
+    direct_children,
+    final_state,
+    free_port,
+    job_processes,
+    overrides,
+    run,
+    signal_job,
+    start,
+    torchrun,
+    trainer,
+    wait_for,
+    wait_until_gone,
+)
 
 from unet3d_dist.data.shards import write_dataset
 
 HELPERS = Path(__file__).parent / "helpers"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(nproc: int, *launcher_args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *launcher_args]
-
-
-def trainer(world: int) -> list[str]:
-    return (torchrun(world) if world > 1 else [sys.executable]) + ["-m", "unet3d_dist.train"]
-
-
-def run(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-
-
-def start(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"process ended before {path.name} appeared:\n{process.stdout.read()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} did not appear within {timeout} s")
-        time.sleep(0.01)
-
-
-def overrides(dataset: Path, runs: Path, name: str, *extra: str) -> list[str]:
-    return [f"data.dataset={dataset}", f"log.runs_dir={runs}", f"log.run_name={name}", *TINY, *extra]
-
-
-def final_state(run_dir: Path) -> dict:
-    return torch.load(sorted((run_dir / "checkpoints").glob("ckpt-*.pt"))[-1], weights_only=True)
-
-
-def assert_bitwise_equal(a: dict, b: dict) -> None:
-    assert a["train_state"]["global_step"] == b["train_state"]["global_step"]
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), f"parameter {name} differs"
-    for slot, state in a["optimizer"]["state"].items():
-        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][slot]["momentum_buffer"])
-
-
-WORKERS = "data.num_workers=1"  # loader workers on: stop signals reach them too
 
 
 def test_two_ranks_hold_identical_weights_and_disjoint_samples(tmp_path, tiny_dataset):

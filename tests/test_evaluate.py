@@ -14,10 +14,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import box_case
+from conftest import TINY, box_case, torchrun, train
 from medpy.metric import binary as medpy
-from test_distributed import torchrun
-from test_train import TINY, train
 
 from unet3d_dist.checkpoint import dataset_entry, inference_checkpoint, inference_model, read_checkpoint
 from unet3d_dist.config import load_config

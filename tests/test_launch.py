@@ -8,8 +8,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import REPO
-from test_distributed import WORKERS, final_state, overrides, start, wait_for
+from conftest import REPO, WORKERS, final_state, overrides, start, wait_for
 
 TORCHRUN = (
     f"env PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=100 "

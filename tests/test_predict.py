@@ -9,11 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, TINY, free_port, recipe, small_cases
 from rich.console import Console
-from test_distributed import free_port
-from test_prepare import recipe, small_cases
-from test_train import TINY
 
 from unet3d_dist.data.recipe import load_recipe
 from unet3d_dist.predict import main

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, recipe, small_cases
 
 from unet3d_dist.data.preprocess import ct_window, map_labels, resample, zscore
 from unet3d_dist.data.readers import CaseError, array_xyz, image_xyz, read_image
@@ -28,33 +28,6 @@ from unet3d_dist.prepare import main
 pytestmark = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"the real scans are not at {SHARED_DATA} (set UNET3D_SHARED_DATA)"
 )
-
-CT_LIVER = {
-    "name": "test-liver",
-    "modality": "CT",
-    "input": {"layout": "folders", "image": "image*", "label": "labels*"},
-    "labels": {"classes": {"background": [0], "liver": [5]}, "unmapped": "background"},
-    "preprocessing": {
-        "normalization": {"kind": "ct_window", "window": [-200, 250]},
-        "spacing": [3, 3, 3],
-        "crop": {"to": "foreground", "margin_mm": 9},
-    },
-    "splits": {"train": 1.0, "val": 0.0, "test": 0.0},
-}
-
-
-def recipe(tmp_path: Path, base: dict = CT_LIVER, **sections) -> Path:
-    """A recipe file: ``base`` with whole sections or single keys (``preprocessing__spacing=[...]``) replaced."""
-    values = json.loads(json.dumps(base))
-    for key, value in sections.items():
-        section, _, sub = key.partition("__")
-        if sub:
-            values[section][sub] = value
-        else:
-            values[section] = value
-    path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
 
 
 def prepare(capsys, *args) -> tuple[int, str]:
@@ -312,15 +285,6 @@ def test_bad_cases_get_their_own_error_and_the_rest_of_the_dataset_is_intact(tmp
     assert sorted(data.records) == ["empty", "good"] and verify_dataset(out) == []
     assert data.records["good"]["class_voxels"][1] > 4000 and data.records["empty"]["class_voxels"][1] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cases", "dataset", "recipe-0.yaml"]  # no partial folder left
-
-
-def small_cases(tmp_path: Path, count: int) -> Path:
-    cases = tmp_path / "cases"
-    for i in range(count):
-        (cases / f"case{i}").mkdir(parents=True)
-        for name in ("image.nii.gz", "labels.nii.gz"):
-            os.symlink(SHARED_DATA / "ct_abdomen" / name, cases / f"case{i}" / name)
-    return cases
 
 
 def test_rerun_after_a_crash_skips_finished_shards_and_nothing_is_overwritten_by_accident(tmp_path, capsys):

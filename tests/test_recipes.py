@@ -6,8 +6,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, SHARED_DATA
-from test_train import TINY
+from conftest import REPO, SHARED_DATA, TINY
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

@@ -20,8 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from test_distributed import WORKERS, assert_bitwise_equal, final_state, free_port, overrides
+from conftest import REPO, WORKERS, assert_bitwise_equal, final_state, free_port, overrides
 
 SLURM_CONF = """\
 ClusterName=unet3d-test

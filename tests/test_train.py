@@ -1,37 +1,9 @@
 """End-to-end runs of the real command line on tiny models and crops."""
 
 import json
-import subprocess
-import sys
 
 import torch
-
-TINY = [
-    "data.crop=[16,16,8]",
-    "data.samples_per_epoch=8",
-    "model.widths=[4,8,8,16]",
-    "train.batch_size=2",
-    "train.val_every=1",
-    "log.every_steps=1",
-    "log.wandb=disabled",
-    "data.num_workers=0",
-]
-
-
-def train(tmp_path, dataset, *overrides, check=True):
-    args = [
-        sys.executable,
-        "-m",
-        "unet3d_dist.train",
-        f"data.dataset={dataset}",
-        f"log.runs_dir={tmp_path}",
-        *TINY,
-        *overrides,
-    ]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
+from conftest import train
 
 
 def test_tiny_run_learns_and_leaves_checkpoints_and_a_loss_plot(tmp_path, tiny_dataset):

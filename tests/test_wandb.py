@@ -7,7 +7,7 @@ import signal
 import subprocess
 
 import pytest
-from test_distributed import final_state, overrides, start, trainer, wait_for
+from conftest import final_state, overrides, start, trainer, wait_for
 
 
 @pytest.fixture(autouse=True)
