@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from unet3d_dist.config import ConfigError, load_config
 from unet3d_dist.data.augment import Augmentation, rotation, transformed_crop
 from unet3d_dist.data.crops import CropDataset, EpochSampler
 from unet3d_dist.data.shards import Case, ShardedDataset, write_dataset
@@ -13,12 +14,12 @@ def data(tiny_dataset):
     return ShardedDataset(tiny_dataset)
 
 
-def make(data, crop=(16, 16, 8), fg=1 / 3, flip=True, ids=("a", "b", "c", "d"), n=32, seed=7):
+def make(data, crop=(16, 16, 8), fg=1 / 3, flip=(0, 1, 2), ids=("a", "b", "c", "d"), n=32, seed=7):
     return CropDataset(data, list(ids), crop, n, seed, fg, flip)
 
 
 def test_crops_lie_inside_the_volume_and_match_it(data):
-    crops = make(data, crop=(16, 16, 8), flip=False, ids=("a", "b"))
+    crops = make(data, crop=(16, 16, 8), flip=(), ids=("a", "b"))
     for index in range(40):
         image, label = crops[(3, index)]
         case = crops.case_ids[index % 2]
@@ -32,7 +33,7 @@ def test_crops_lie_inside_the_volume_and_match_it(data):
 
 
 def test_small_volumes_are_padded_with_their_minimum_and_background(data):
-    crops = make(data, crop=(24, 24, 16), flip=False, ids=("c",))
+    crops = make(data, crop=(24, 24, 16), flip=(), ids=("c",))
     full_image, full_label = data.image("c"), data.label("c")
     for index in range(10):
         image, label = crops[(0, index)]
@@ -47,7 +48,7 @@ def test_small_volumes_are_padded_with_their_minimum_and_background(data):
 
 
 def test_flips_are_whole_axis_flips_of_the_same_crop_and_each_axis_is_used(data):
-    plain, flipped = make(data, flip=False), make(data, flip=True)
+    plain, flipped = make(data, flip=()), make(data, flip=(0, 1, 2))
     counts = np.zeros(3)
     for index in range(60):
         base, _ = plain[(1, index)]
@@ -61,6 +62,19 @@ def test_flips_are_whole_axis_flips_of_the_same_crop_and_each_axis_is_used(data)
         for axis in matches[0]:
             counts[axis] += 1
     assert ((counts > 15) & (counts < 45)).all(), counts
+
+
+def test_flips_limited_to_some_axes_keep_the_others_and_each_axis_its_draw(data):
+    everything, no_left_right = make(data, flip=(0, 1, 2)), make(data, flip=(1, 2))
+    for index in range(40):
+        got, _ = no_left_right[(1, index)]
+        all_axes, _ = everything[(1, index)]
+        # The same draws: undoing a possible x flip of the all-axes crop gives the crop without x flips.
+        assert torch.equal(got[0], all_axes[0]) or torch.equal(got[0], all_axes[0].flip(0))
+    assert load_config(None, ["data.flip_axes=yz"]).data.flip_axis_indices == (1, 2)
+    assert load_config(None, ["data.flip_axes=none"]).data.flip_axis_indices == ()
+    with pytest.raises(ConfigError, match="data.flip_axes must be letters of x, y, z"):
+        load_config(None, ["data.flip_axes=xw"])
 
 
 def test_foreground_oversampling_share(tmp_path):
@@ -77,7 +91,7 @@ def test_foreground_oversampling_share(tmp_path):
     data = ShardedDataset(tmp_path)
 
     def share(fraction: float, draws: int = 900) -> float:
-        crops = CropDataset(data, ["big"], (16, 16, 16), draws, 0, fraction, flip=False)
+        crops = CropDataset(data, ["big"], (16, 16, 16), draws, 0, fraction, flip_axes=())
         return np.mean([crops[(0, i)][1].any().item() for i in range(draws)])
 
     baseline = share(0.0)  # random crops hit the small object by chance this often
@@ -157,8 +171,8 @@ def test_spatial_transform_is_exact_for_identity_and_quarter_turns(data):
 
 def test_augmented_crops_stay_deterministic_and_valid(data):
     aug = Augmentation(rotate_deg=20, scale=0.2, spatial_prob=1.0, intensity=True)
-    crops = CropDataset(data, ["a", "b", "c"], (16, 16, 8), 30, 3, 0.5, True, aug)
-    plain = CropDataset(data, ["a", "b", "c"], (16, 16, 8), 30, 3, 0.5, True)
+    crops = CropDataset(data, ["a", "b", "c"], (16, 16, 8), 30, 3, 0.5, (0, 1, 2), aug)
+    plain = CropDataset(data, ["a", "b", "c"], (16, 16, 8), 30, 3, 0.5, (0, 1, 2))
     changed = 0
     for index in range(30):
         image, label = crops[(1, index)]

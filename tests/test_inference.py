@@ -28,7 +28,7 @@ class Echo(nn.Module):
 def test_stitching_reconstructs_the_echoed_volume(shape, patch, overlap, flips):
     image = torch.randn(1, *shape)
     logits = sliding_window_logits(
-        Echo(), image, patch, 2, overlap=overlap, batch_size=3, pad_value=-5.0, tta_flips=flips
+        Echo(), image, patch, 2, overlap=overlap, batch_size=3, pad_value=-5.0, tta_axes=(0, 1, 2) if flips else ()
     )
     assert logits.shape == (2, *shape)
     torch.testing.assert_close(logits, torch.cat([-image, image]), rtol=1e-5, atol=1e-5)

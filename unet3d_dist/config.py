@@ -39,7 +39,11 @@ class DataConfig:
         (64, 64, 48), "training crop (x, y, z) in voxels; configs/default.yaml has the full-size 112x112x80"
     )
     foreground_fraction: float = setting(1 / 3, "share of crops centred on a foreground voxel", min=0.0, max=1.0)
-    flip: bool = setting(True, "random flips along all three axes")
+    flip_axes: str = setting(
+        "yz",
+        "axes that random flips mirror: letters of x, y, z, or 'none'; x is left-right in prepared (LPS) data, which "
+        "the default leaves alone so that organs keep their side",
+    )
     rotate_deg: float = setting(
         0.0,
         "largest random rotation about each axis, in degrees (voxel space: for isotropic data); 0 disables",
@@ -59,6 +63,10 @@ class DataConfig:
         0, "cross-validation: deal the train_split cases into this many folds; 0 uses the manifest splits", min=0
     )
     fold: int = setting(0, "the fold held out for validation when data.folds > 0", min=0)
+
+    @property
+    def flip_axis_indices(self) -> tuple[int, ...]:
+        return () if self.flip_axes == "none" else tuple("xyz".index(axis) for axis in self.flip_axes)
 
 
 @dataclass
@@ -131,7 +139,9 @@ class InferenceConfig:
     overlap: float = setting(
         0.5, "overlap of neighbouring sliding windows, as a fraction of the patch", min=0.0, max=0.9
     )
-    tta_flips: bool = setting(False, "average the logits over the 8 axis-flip combinations (8x slower)")
+    tta_flips: bool = setting(
+        False, "average the logits over every flip along data.flip_axes (8 passes for xyz, 4 for the default yz)"
+    )
     largest_component: bool = setting(
         False, "keep only the largest connected component of each class (single-structure targets)"
     )
@@ -168,6 +178,11 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def inference_tta_axes(self) -> tuple[int, ...]:
+        """Flip test-time augmentation mirrors what training mirrored, and only when inference.tta_flips says so."""
+        return self.data.flip_axis_indices if self.inference.tta_flips else ()
 
     @property
     def run_dir(self) -> Path:
@@ -317,6 +332,9 @@ def _check_consistency(cfg: Config) -> None:
             raise ConfigError(
                 f"data.crop must be multiples of 8 (the UNet halves each side 3 times), but its {axis} side is {size}"
             )
+    axes = cfg.data.flip_axes
+    if axes != "none" and (not set(axes) <= set("xyz") or len(set(axes)) != len(axes)):
+        raise ConfigError(f"data.flip_axes must be letters of x, y, z (each once) or 'none', not {axes!r}")
     if cfg.data.folds and cfg.data.fold >= cfg.data.folds:
         raise ConfigError(f"data.fold must be below data.folds={cfg.data.folds}, not {cfg.data.fold}")
     if cfg.data.folds == 1:

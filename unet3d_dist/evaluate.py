@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
-        help="average the logits over the 8 axis-flip combinations (default: the checkpoint's inference.tta_flips)",
+        help="average the logits over every flip along the axes training mirrored (data.flip_axes; default: the "
+        "checkpoint's inference.tta_flips)",
     )
     parser.add_argument(
         "--largest-component",
@@ -292,7 +293,7 @@ def evaluate(args: argparse.Namespace) -> None:
             patch=tuple(args.patch or cfg.data.crop),
             overlap=cfg.inference.overlap if args.overlap is None else args.overlap,
             batch_size=args.batch_size or cfg.train.batch_size,
-            tta_flips=cfg.inference.tta_flips if args.tta is None else args.tta,
+            tta_axes=cfg.data.flip_axis_indices if (cfg.inference.tta_flips if args.tta is None else args.tta) else (),
             largest_component=cfg.inference.largest_component
             if args.largest_component is None
             else args.largest_component,

@@ -77,7 +77,7 @@ def sliding_window_logits(
     overlap: float = 0.5,
     batch_size: int = 4,
     pad_value: float = 0.0,
-    tta_flips: bool = False,
+    tta_axes: tuple[int, ...] = (),
     amp_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     stitch_device: torch.device | str | None = None,
@@ -86,7 +86,9 @@ def sliding_window_logits(
 ) -> torch.Tensor:
     """Logits (num_classes, X, Y, Z) for ``image`` (C, X, Y, Z), as float32 on ``stitch_device`` (default: ``device``).
 
-    Volumes smaller than the patch are padded with ``pad_value`` and the padding is cut off again. ``stop_requested``
+    Volumes smaller than the patch are padded with ``pad_value`` and the padding is cut off again. ``tta_axes``
+    averages the logits over every flip along those axes (0, 1, 2 = x, y, z): the ones training mirrored, since a
+    model that never saw left and right swapped would be wrong on a left-right mirror. ``stop_requested``
     is asked before every window batch, so that a stopping run does not wait for a whole large volume; when it says
     yes, InferenceStopped is raised.
     """
@@ -97,7 +99,10 @@ def sliding_window_logits(
     if padded != list(shape):
         pad = [(0, p - s) for s, p in zip(shape, padded)]
         image = torch.nn.functional.pad(image, [v for pair in reversed(pad) for v in pair], value=pad_value)
-    flips = [()] + ([(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if tta_flips else [])
+    # Every combination of flips along the (x, y, z) axes in tta_axes, the identity included.
+    flips = [
+        tuple(2 + a for a in axes) for n in range(len(tta_axes) + 1) for axes in itertools.combinations(tta_axes, n)
+    ]
     window_weight = (gaussian_importance(tuple(patch)) / len(flips)).to(device)  # weight and mean over flips at once
     logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=stitch_device)
     starts = [window_starts(size, side, overlap) for size, side in zip(padded, patch)]

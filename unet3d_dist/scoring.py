@@ -41,7 +41,7 @@ class ScoringOptions:
     patch: tuple[int, int, int]
     overlap: float = 0.5
     batch_size: int = 2
-    tta_flips: bool = False
+    tta_axes: tuple[int, ...] = ()  # flip test-time augmentation along these axes (training's flip axes)
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
     stitch_device: str | None = None  # None: stitch on the inference device; "cpu" for large CT volumes
@@ -124,7 +124,7 @@ def predict_case(
         overlap=options.overlap,
         batch_size=options.batch_size,
         pad_value=record.get("image_min", 0.0),
-        tta_flips=options.tta_flips,
+        tta_axes=options.tta_axes,
         amp_dtype=options.amp_dtype,
         device=device,
         stitch_device=options.stitch_device,

@@ -119,7 +119,7 @@ class Trainer:
                 cfg.data.samples_per_epoch,
                 cfg.train.seed,
                 cfg.data.foreground_fraction,
-                cfg.data.flip,
+                cfg.data.flip_axis_indices,
                 Augmentation(cfg.data.rotate_deg, cfg.data.scale, cfg.data.spatial_prob, cfg.data.intensity_aug),
             ),
             batch_size=cfg.train.batch_size,
@@ -251,7 +251,7 @@ class Trainer:
         options = ScoringOptions(
             patch=self.cfg.data.crop,
             overlap=self.cfg.inference.overlap,
-            tta_flips=self.cfg.inference.tta_flips,
+            tta_axes=self.cfg.inference_tta_axes,
             largest_component=self.cfg.inference.largest_component,
             batch_size=self.cfg.train.batch_size,
             amp_dtype=self.step.amp_dtype,

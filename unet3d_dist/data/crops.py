@@ -32,7 +32,7 @@ class CropDataset(Dataset):
         samples_per_epoch: int,
         seed: int,
         foreground_fraction: float = 1 / 3,
-        flip: bool = True,
+        flip_axes: tuple[int, ...] = (0, 1, 2),
         augmentation: Augmentation | None = None,
     ):
         if not case_ids:
@@ -43,7 +43,7 @@ class CropDataset(Dataset):
         self.samples_per_epoch = samples_per_epoch
         self.seed = seed
         self.foreground_fraction = foreground_fraction
-        self.flip = flip
+        self.flip_axes = tuple(flip_axes)
         self.augmentation = augmentation or Augmentation()
 
     def __len__(self) -> int:
@@ -64,8 +64,9 @@ class CropDataset(Dataset):
             centre = np.asarray(start) + (np.asarray(self.crop) - 1) / 2
             read = lambda region: (self.dataset.image(case_id, region), self.dataset.label(case_id, region))  # noqa: E731
             image, label = transformed_crop(read, shape, centre, self.crop, matrix, pad)
-        if self.flip:
-            axes = tuple(a for a in range(3) if rng.random() < 0.5)
+        if self.flip_axes:
+            draws = rng.random(3)  # one per axis whichever may flip, so each axis keeps its draw
+            axes = tuple(a for a in self.flip_axes if draws[a] < 0.5)
             if axes:
                 image, label = np.flip(image, axes), np.flip(label, axes)
         if self.augmentation.intensity:
