@@ -140,3 +140,16 @@ def test_a_worker_hands_its_signal_to_the_rank(stop_request):
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     assert shared[0] == signal.SIGTERM and stop_request.requested and stop_request.signal_name == "SIGTERM"
+
+
+def test_panel_slices_cut_through_the_structure_even_where_its_centre_of_mass_is_outside():
+    import numpy as np
+
+    from unet3d_dist.report import focus_slices
+
+    ring = np.zeros((40, 40, 10), bool)
+    ring[5:35, 5:35, 3:7] = True
+    ring[10:30, 10:30, :] = False  # a square ring: its centre of mass (x = y = 19.5) is in the hole
+    x, y, z = focus_slices(ring, ring.shape)
+    assert ring[x].any() and ring[:, y].any() and ring[:, :, z].any()
+    assert focus_slices(None, (8, 6, 4)) == [4, 3, 2]

@@ -32,7 +32,7 @@ from .dist import gather_to_main, runtime
 from .files import atomic_write
 from .inference import keep_largest_component, predict_labels, sliding_window_logits
 from .precision import resolve_amp
-from .report import slice_panel
+from .report import DISPLAY_WINDOWS, slice_panel
 from .scoring import balanced_shards
 
 EXIT_SKIPPED = 3
@@ -45,8 +45,10 @@ class Predictor:
         self, checkpoint: dict[str, Any], cfg: Config, device: torch.device, overlap: float | None, batch_size: int
     ):
         self.inference = cfg.inference
+        self.tta_axes = cfg.inference_tta_axes
         self.classes: list[str] = checkpoint["dataset"]["classes"]
         self.preprocessing: dict[str, Any] = checkpoint["dataset"]["preprocessing"]
+        self.modality: str = checkpoint["dataset"].get("modality", "")
         if "normalization" not in self.preprocessing:
             raise CheckpointError(
                 "the checkpoint's dataset records no preprocessing.normalization, so new scans cannot be prepared "
@@ -76,7 +78,7 @@ class Predictor:
             pad_value=float(voxels.min()),
             amp_dtype=self.amp_dtype,
             device=self.device,
-            tta_flips=self.inference.tta_flips,
+            tta_axes=self.tta_axes,
             channels_last=self.channels_last,
         )
         labels = predict_labels(logits)
@@ -131,7 +133,13 @@ def predict_file(predictor: Predictor, path: Path, mask_path: Path, panel_path: 
     atomic_write(
         panel_path,
         lambda tmp: slice_panel(
-            array_xyz(shown_image), None, shown_mask, shown_image.GetSpacing(), tmp, f"{path.name}: {found}"
+            array_xyz(shown_image),
+            None,
+            shown_mask,
+            shown_image.GetSpacing(),
+            tmp,
+            f"{path.name}: {found}",
+            DISPLAY_WINDOWS.get(predictor.modality),
         ),
     )
 

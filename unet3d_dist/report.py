@@ -45,6 +45,18 @@ def outline(ax: plt.Axes, mask: np.ndarray, color: str) -> None:
     ax.contour(np.arange(-1, cols + 1), np.arange(-1, rows + 1), padded, levels=[0.5], colors=color, linewidths=1.2)
 
 
+DISPLAY_WINDOWS = {"CT": (-160.0, 240.0)}  # raw-HU scans in predict: the abdominal soft-tissue window (W400, L40)
+
+
+def focus_slices(mask: np.ndarray | None, shape: tuple[int, ...]) -> list[int]:
+    """Per axis, the slice holding most of ``mask`` (so each view cuts through the structure, whatever its shape);
+    the middle slices when there is nothing to show."""
+    if mask is None or not mask.any():
+        return [s // 2 for s in shape]
+    axes = range(mask.ndim)
+    return [int(np.argmax(mask.sum(axis=tuple(a for a in axes if a != axis)))) for axis in axes]
+
+
 def slice_panel(
     image: np.ndarray,
     reference: np.ndarray | None,
@@ -52,20 +64,22 @@ def slice_panel(
     spacing: tuple[float, float, float],
     out_png: Path,
     title: str,
+    window: tuple[float, float] | None = None,
 ) -> None:
-    """Sagittal, coronal and axial slices through the prediction's centre of mass; reference green, prediction red.
+    """Sagittal, coronal and axial slices through the prediction (else the reference); reference green, prediction
+    red. Gray values span ``window`` (e.g. ``DISPLAY_WINDOWS["CT"]`` for HU), else the image's 0.5-99.5 percentiles.
 
     Arrays are (x, y, z); aspect ratios follow the voxel spacing so anisotropic scans are not distorted.
     """
-    focus = prediction if prediction.any() else (reference if reference is not None and reference.any() else None)
-    centre = [int(round(c)) for c in np.argwhere(focus).mean(0)] if focus is not None else [s // 2 for s in image.shape]
+    focus = prediction > 0 if prediction.any() else (reference > 0 if reference is not None else None)
+    centre = focus_slices(focus, image.shape)
     # Radiological display for LPS arrays: superior up in sagittal/coronal views, anterior up in the axial view.
     views = [
         (f"sagittal (x = {centre[0]})", lambda a: a[centre[0], :, :].T, (spacing[1], spacing[2]), "lower"),
         (f"coronal (y = {centre[1]})", lambda a: a[:, centre[1], :].T, (spacing[0], spacing[2]), "lower"),
         (f"axial (z = {centre[2]})", lambda a: a[:, :, centre[2]].T, (spacing[0], spacing[1]), "upper"),
     ]
-    low, high = np.percentile(image, [0.5, 99.5])
+    low, high = window or np.percentile(image, [0.5, 99.5])
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.4))
     for ax, (name, take, (sx, sy), origin) in zip(axes, views):
         ax.imshow(take(image), cmap="gray", vmin=low, vmax=high, origin=origin, aspect=sy / sx, interpolation="nearest")
