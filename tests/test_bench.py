@@ -22,6 +22,20 @@ def test_an_unknown_part_lists_the_parts():
     assert result.returncode == 2 and "train_step" in result.stderr and "ddp" in result.stderr
 
 
+def test_help_lists_every_part_with_what_it_measures():
+    import pkgutil
+
+    import unet3d_dist.bench as package
+    from unet3d_dist.bench.__main__ import PARTS
+
+    result = subprocess.run([sys.executable, "-m", "unet3d_dist.bench", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.endswith("\n")
+    modules = {m.name for m in pkgutil.iter_modules(package.__path__)} - {"__main__", "common"}
+    assert set(PARTS) == modules
+    for part, what in PARTS.items():
+        assert f"  {part}" in result.stdout and what in result.stdout
+
+
 def test_ddp_compares_ddp_with_independent_processes_and_times_the_gradient_all_reduce(tmp_path):
     bench("ddp", "--crop", "16", "16", "16", "--batch", "1", "--steps", "1", "--out", str(tmp_path / "ddp.json"))
     record = json.loads((tmp_path / "ddp.json").read_text())

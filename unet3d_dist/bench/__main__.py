@@ -1,25 +1,36 @@
 """Dispatch ``python -m unet3d_dist.bench <part>`` to ``unet3d_dist.bench.<part>.main(argv)``."""
 
 import importlib
-import pkgutil
 import sys
 
-import unet3d_dist.bench as package
+PARTS = {  # what each part measures, and against which reference of the same run
+    "train_step": "ms/step and FLOP rate of the training step (AMP, channels_last, compile, heap) vs a conv3d peak",
+    "pipeline": "the real training loop (loader + step) against the pure step on tensors in memory: the data wait",
+    "data": "crops/s per loader worker and bytes read per crop for each chunk layout, with and without checksums",
+    "eval": "sliding window and metrics, s per volume, against MONAI's sliding_window_inference and plain medpy",
+    "ddp": "2 DDP ranks against 2 independent processes, and the gradient all-reduce alone",
+    "checkpoint": "atomic checkpoint save and load against torch.save to memory",
+    "gpu": "the GPU check (launch/gpu_check.sh): bf16/fp16 x compile throughput, memory, one volume, NCCL",
+}
 
 
-def parts() -> list[str]:
-    return sorted(
-        m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_") and m.name != "common"
+def usage() -> str:
+    width = max(map(len, PARTS))
+    lines = [f"  {name:<{width}}  {what}" for name, what in PARTS.items()]
+    return "\n".join(
+        ["usage: python -m unet3d_dist.bench PART [options]   (PART --help for its options)", "parts:", *lines]
     )
 
 
 def main() -> None:
-    available = parts()
-    if len(sys.argv) < 2 or sys.argv[1] not in available:
-        print(f"usage: python -m unet3d_dist.bench {{{','.join(available)}}} [options]", file=sys.stderr)
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(usage())
+        sys.exit(0 if len(sys.argv) >= 2 else 2)
+    part = sys.argv[1].replace("-", "_")
+    if part not in PARTS:
+        print(f"unknown part {sys.argv[1]!r}\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(f"unet3d_dist.bench.{sys.argv[1].replace('-', '_')}")
-    module.main(sys.argv[2:])
+    importlib.import_module(f"unet3d_dist.bench.{part}").main(sys.argv[2:])
 
 
 if __name__ == "__main__":
