@@ -12,7 +12,8 @@ Train in a single process (CPU, or the first GPU if there is one).
 Trainer arguments go to `python -m unet3d_dist.train` (see its --help), e.g.
   launch/debug.sh --config configs/debug.yaml train.epochs=1
 
-Environment: PYTHON   interpreter with unet3d_dist installed (default: python)
+Environment: PYTHON   interpreter with unet3d_dist installed (default: the active environment's, else
+                      the repository's .venv, else python3)
 Exit code: the trainer's; 75 when a signal stopped the run after a checkpoint (run it again to resume).
 USAGE
 }

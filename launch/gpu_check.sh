@@ -5,4 +5,6 @@
 #   usage: launch/gpu_check.sh [--repeat N] [--out FILE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python}" -m unet3d_dist.bench gpu "$@"
+# shellcheck source=launch/lib.sh
+source launch/lib.sh  # PYTHON: the active environment's, else .venv's, else python3
+exec "$PYTHON" -m unet3d_dist.bench gpu "$@"

@@ -3,7 +3,21 @@
 
 REQUEUE_EXIT_CODE=75                # unet3d_dist.train.REQUEUE_EXIT_CODE
 STOP_MARKER=stopped_by_signal.json  # unet3d_dist.train.STOP_MARKER
-PYTHON=${PYTHON:-python}
+
+# The interpreter with unet3d_dist installed: $PYTHON if set, else the active virtual or conda environment's, else
+# the repository's .venv (what the README's quickstart makes), else python3. Said on stderr, so logs show which.
+choose_python() {
+  local repo
+  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  if [ -n "${PYTHON:-}" ]; then :
+  elif [ -n "${VIRTUAL_ENV:-}" ] && [ -x "$VIRTUAL_ENV/bin/python" ]; then PYTHON=$VIRTUAL_ENV/bin/python
+  elif [ -n "${CONDA_PREFIX:-}" ] && [ -x "$CONDA_PREFIX/bin/python" ]; then PYTHON=$CONDA_PREFIX/bin/python
+  elif [ -x "$repo/.venv/bin/python" ]; then PYTHON=$repo/.venv/bin/python
+  else PYTHON=python3
+  fi
+  echo "launch: python is $PYTHON" >&2
+}
+choose_python
 
 # torchrun forwards only SIGTERM/INT/HUP/QUIT to its workers by default and dies of SIGUSR1, Slurm's usual
 # "time is nearly up" signal. torch >= 2.9 also forwards the signals listed in PET_SIGNALS_TO_HANDLE

@@ -13,7 +13,8 @@ Trainer arguments go to `python -m unet3d_dist.train` (see its --help), e.g.
 
 Environment:
   NPROC    worker processes (default: the number of visible GPUs, or 1 without GPUs)
-  PYTHON   interpreter with unet3d_dist installed (default: python)
+  PYTHON   interpreter with unet3d_dist installed (default: the active environment's, else the
+           repository's .venv, else python3)
 Exit code: the trainer's; 75 when a signal stopped the run after a checkpoint (run it again to resume).
 Stop it with Ctrl-C or by signalling its process group (kill -TERM -- -PGID): torchrun passes the signal on.
 USAGE

@@ -18,7 +18,8 @@ Environment:
   MASTER_PORT     its port (default: 29500)
   RDZV_ID         id shared by the nodes of one run (default: unet3d)
   NPROC           worker processes per node (default: the number of visible GPUs, or 1 without GPUs)
-  PYTHON          interpreter with unet3d_dist installed (default: python)
+  PYTHON          interpreter with unet3d_dist installed (default: the active environment's, else the
+                  repository's .venv, else python3)
 No node rank is needed: the c10d rendezvous numbers the nodes itself (torchrun ignores --node_rank with it).
 Exit code: the trainer's; 75 when a signal stopped the run after a checkpoint (run it again to resume).
 USAGE

@@ -58,6 +58,22 @@ def test_dry_run_prints_the_command_and_runs_nothing(tmp_path):
     assert "usage: launch/local.sh" in launch("local.sh", "--help").stdout
 
 
+def test_the_launchers_find_the_projects_interpreter_and_say_which(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV", "CONDA_PREFIX")}
+    active = tmp_path / "env" / "bin" / "python"
+    active.parent.mkdir(parents=True)
+    active.symlink_to(sys.executable)
+    for extra, expected in (
+        ({"VIRTUAL_ENV": str(active.parent.parent)}, str(active)),  # the active environment first
+        ({}, str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else "python3"),
+    ):
+        result = subprocess.run(
+            [str(REPO / "launch" / "debug.sh"), "--dry-run"], capture_output=True, text=True, env={**env, **extra}
+        )
+        assert result.stdout == f"{expected} -m unet3d_dist.train\n"
+        assert f"launch: python is {expected}" in result.stderr
+
+
 def test_local_sh_exits_75_after_sigterm_and_the_same_command_resumes(tmp_path, tiny_dataset, monkeypatch):
     monkeypatch.setenv("PYTHON", sys.executable)
     monkeypatch.setenv("NPROC", "2")
