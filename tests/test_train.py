@@ -33,6 +33,25 @@ def test_tiny_run_learns_and_leaves_checkpoints_and_a_loss_plot(tmp_path, tiny_d
     assert (run / "config.yaml").is_file()
     assert "validation Dice" in result.stdout and "done" in result.stdout
 
+    # The same command again: the run is complete, so it says so and leaves every file as it was.
+    def files() -> dict:  # the lock file records who holds the run directory, which is each run anew
+        return {path: path.read_bytes() for path in run.rglob("*") if path.is_file() and path.name != "run.lock"}
+
+    before = files()
+    again = train(
+        tmp_path,
+        tiny_dataset,
+        "train.epochs=10",
+        "data.samples_per_epoch=16",
+        "optim.lr=0.05",
+        "optim.momentum=0.9",
+        "train.val_every=5",
+        "log.run_name=tiny",
+    )
+    assert f"run {run} is already complete (80 steps, 10 epochs; best validation Dice" in again.stdout
+    assert "resumed" not in again.stdout
+    assert files() == before
+
 
 def test_config_errors_exit_with_one_clear_line(tmp_path, tiny_dataset):
     result = train(tmp_path, tiny_dataset, "optim.lr=fast", check=False)

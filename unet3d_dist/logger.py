@@ -46,8 +46,10 @@ class RunLogger:
         path = self.run_dir / METRICS_FILE
         if not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(kept) < len(lines):
+            path.write_text("".join(line + "\n" for line in kept))
 
     def start_wandb(self, mode: str, project: str, name: str, run_id: str, config: dict[str, Any]) -> None:
         if not self.enabled:

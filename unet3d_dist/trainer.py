@@ -131,12 +131,25 @@ class Trainer:
             worker_init_fn=self.stop.worker_init,
         )
         self.logger = RunLogger(env.is_main, self.run_dir, resumed_step=self.state.global_step)
-        self.logger.start_wandb(cfg.log.wandb, cfg.log.wandb_project, cfg.log.run_name, self.run_id, cfg.to_dict())
+        if not self.complete:
+            self.logger.start_wandb(cfg.log.wandb, cfg.log.wandb_project, cfg.log.run_name, self.run_id, cfg.to_dict())
 
     # ----------------------------------------------------------------- the loop
+    @property
+    def complete(self) -> bool:
+        """The run's last epoch is trained, validated and checkpointed: there is nothing left to do."""
+        return self.state.epoch >= self.cfg.train.epochs
+
     def train(self) -> int:
         """Run to the last epoch; return 0, or REQUEUE_EXIT_CODE after a signal-triggered checkpoint."""
         cfg = self.cfg
+        if self.complete:
+            self.logger.info(
+                f"run {self.run_dir} is already complete ({self.state.global_step} steps, {cfg.train.epochs} epochs; "
+                f"{self.best_text()}); nothing was changed. Raise train.epochs to train it further, or choose "
+                "another log.run_name for a new run"
+            )
+            return 0
         self.announce()
         self.logger.begin_progress(self.total_steps, self.state.global_step)
         for epoch in range(self.state.epoch, cfg.train.epochs):
@@ -299,11 +312,15 @@ class Trainer:
 
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
             self.logger.info(
-                f"[bold green]done[/]: {self.state.global_step} steps; best validation Dice "
-                f"{self.state.best_dice:.4f}; "
+                f"[bold green]done[/]: {self.state.global_step} steps; {self.best_text()}; "
                 f"checkpoints in {self.checkpointer.dir}; loss curve {self.run_dir / 'loss_curve.png'}"
             )
         self.logger.finish()
+
+    def best_text(self) -> str:
+        if not self.val_ids:
+            return "no validation cases, so no best.pt"
+        return f"best validation Dice {self.state.best_dice:.4f}"
 
     # ---------------------------------------------------------- checkpoints
     def hold_run_dir(self) -> None:
@@ -375,6 +392,6 @@ class Trainer:
         self.state = TrainState(**train_state)
         if len(rngs) == self.env.world_size:
             set_rng_state(rngs[self.env.rank])
-        if self.env.is_main:
+        if self.env.is_main and not self.complete:  # a finished run's files stay as they are
             self.cfg.dump(self.run_dir / "config.yaml")
         return ckpt["run_id"]
