@@ -257,3 +257,12 @@ def test_resume_with_an_incompatible_model_is_refused_with_the_differences(tmp_p
     assert "the configuration is incompatible" in second.stderr
     assert "model.widths: [4, 8, 8, 16] -> [8, 8, 16, 16]" in second.stderr
     assert "model.norm: 'group' -> 'batch'" in second.stderr
+
+
+def test_a_resume_with_another_world_size_is_refused_in_one_sentence(tmp_path, tiny_dataset):
+    first = run(trainer(1) + overrides(tiny_dataset, tmp_path, "world", "train.epochs=1"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = run(trainer(2) + overrides(tiny_dataset, tmp_path, "world", "train.epochs=2"))
+    assert second.returncode != 0
+    assert "it was written by 1 rank(s) and this run has 2; its LR schedule and its place in the epoch" in second.stderr
+    assert final_state(tmp_path / "world")["train_state"]["global_step"] == 4  # nothing was trained on top of it

@@ -309,3 +309,23 @@ def test_scancel_checkpoints_within_killwait_and_a_requeue_ends_bitwise_equal_to
     assert attempts(log) == ["1", "2"] and f", step {marker['step']}\n" in log, log
     assert slurm.wait_until_finished(reference)["JobState"] == "COMPLETED"
     assert_bitwise_equal(final_state(tmp_path / "reference"), final_state(run_dir))
+
+
+def test_srun_without_torchrun_gives_every_task_its_rank_and_its_nodes_task_count(slurm):
+    code = "from unet3d_dist.dist import _from_environment; print(*_from_environment())"
+    out = slurm.run(
+        "srun",
+        "--nodes=2",
+        "--ntasks=3",
+        "--cpus-per-task=1",
+        "--export=ALL,MASTER_ADDR=127.0.0.1",
+        sys.executable,
+        "-c",
+        code,
+    )
+    # (rank, local rank, world size, tasks on the node): 2 tasks on the first node, 1 on the second
+    assert sorted(tuple(map(int, line.split())) for line in out.splitlines()) == [
+        (0, 0, 3, 2),
+        (1, 1, 3, 2),
+        (2, 0, 3, 1),
+    ]

@@ -153,3 +153,34 @@ def test_panel_slices_cut_through_the_structure_even_where_its_centre_of_mass_is
     x, y, z = focus_slices(ring, ring.shape)
     assert ring[x].any() and ring[:, y].any() and ring[:, :, z].any()
     assert focus_slices(None, (8, 6, 4)) == [4, 3, 2]
+
+
+def test_slurm_task_counts_per_node_expand_from_their_compressed_form():
+    from unet3d_dist.dist import tasks_per_node
+
+    assert (
+        tasks_per_node("4") == [4]
+        and tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+        and tasks_per_node("1,3(x2)") == [1, 3, 3]
+    )
+
+
+def test_a_local_rank_gets_its_own_gpu_or_the_only_one_it_sees():
+    from unet3d_dist.dist import gpu_index
+
+    assert [gpu_index(rank, 4) for rank in range(4)] == [0, 1, 2, 3]  # torchrun: all of the node's GPUs visible
+    assert gpu_index(3, 1) == 0  # srun --gpus-per-task=1: each task sees its own GPU as cuda:0
+    with pytest.raises(RuntimeError, match="local rank 2 has no GPU: 2 are visible to it"):
+        gpu_index(2, 2)
+
+
+def test_rng_states_of_any_gpu_visibility_restore_on_this_device():
+    from unet3d_dist.checkpoint import rng_state, set_rng_state
+
+    cpu = torch.device("cpu")
+    state = rng_state(cpu)
+    assert state["cuda"] is None  # only this rank's own device is saved
+    expected = torch.rand(3)
+    old_format = {**state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8}  # every visible GPU, as before
+    set_rng_state(old_format, cpu)
+    assert torch.equal(torch.rand(3), expected)

@@ -5,8 +5,9 @@ with ``weights_only=True``:
 
 - for inference (evaluate, predict): ``model``, ``config`` (the resolved Config as a dict) and ``dataset`` (the
   training data's classes, modality and preprocessing, which predict repeats on new scans);
-- to resume training exactly, also ``optimizer``, ``scheduler``, ``scaler``, ``train_state`` (epoch, step within the
-  epoch, global step, best Dice, non-finite steps in a row), ``rng`` (every rank's generators) and ``run_id``.
+- to resume training exactly, also ``optimizer``, ``scheduler``, ``scaler`` and the ``precision`` it belongs to,
+  ``train_state`` (epoch, step within the epoch, global step, best Dice, non-finite steps in a row, world size),
+  ``rng`` (every rank's generators, its own GPU's included) and ``run_id``.
 
 Files are written under a temporary name in the same folder, fsynced and renamed, so ``ckpt-<step>.pt`` either
 exists complete or not at all.
@@ -20,7 +21,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from .config import Config, ConfigError, config_from_dict
 from .data.shards import ShardedDataset
 from .files import atomic_write, remove_unfinished
 from .model import build_model, to_channels_last
+from .precision import amp_name
 
 PATTERN = re.compile(r"^ckpt-(\d{8})\.pt$")
 BEST = "best.pt"
@@ -57,11 +59,18 @@ def inference_checkpoint(model: nn.Module, cfg: Config, dataset: dict[str, Any])
     return {"model": model.state_dict(), "config": cfg.to_dict(), "dataset": dataset}
 
 
+class Trainable(Protocol):
+    """What a training checkpoint is built from and restored into (a TrainStep)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+
+
 def training_checkpoint(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
+    step: Trainable,
     train_state: dict[str, Any],
     rngs: list[dict[str, Any]],
     cfg: Config,
@@ -70,10 +79,11 @@ def training_checkpoint(
 ) -> dict[str, Any]:
     """Everything a resumed run needs to continue exactly where this one is."""
     return {
-        **inference_checkpoint(model, cfg, dataset),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
+        **inference_checkpoint(step.model, cfg, dataset),
+        "optimizer": step.optimizer.state_dict(),
+        "scheduler": step.scheduler.state_dict(),
+        "scaler": step.scaler.state_dict(),
+        "precision": amp_name(step.amp_dtype),
         "train_state": train_state,
         "rng": rngs,
         "run_id": run_id,
@@ -81,18 +91,24 @@ def training_checkpoint(
 
 
 def restore_training(
-    checkpoint: dict[str, Any],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Load the weights and optimizer, schedule and scaler states; return the train state and every rank's RNGs."""
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    scaler.load_state_dict(checkpoint["scaler"])
-    return checkpoint["train_state"], checkpoint["rng"]
+    checkpoint: dict[str, Any], step: Trainable
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+    """Load the weights and optimizer, schedule and scaler states into ``step``; return the train state, every
+    rank's RNGs and notes on what could not be restored as it was.
+
+    The GradScaler's state belongs to its precision: a checkpoint of another precision (or one whose scaler was
+    disabled, as before every precision had one) leaves the scaler as it starts.
+    """
+    step.model.load_state_dict(checkpoint["model"])
+    step.optimizer.load_state_dict(checkpoint["optimizer"])
+    step.scheduler.load_state_dict(checkpoint["scheduler"])
+    saved, now = checkpoint.get("precision"), amp_name(step.amp_dtype)
+    notes = []
+    if saved == now and checkpoint["scaler"]:
+        step.scaler.load_state_dict(checkpoint["scaler"])
+    elif saved != now:
+        notes.append(f"precision: {saved or 'unrecorded'} -> {now}; the loss scaler starts afresh")
+    return checkpoint["train_state"], checkpoint["rng"], notes
 
 
 def read_checkpoint(path: Path, resume: bool = False) -> tuple[dict[str, Any], Config]:
@@ -122,26 +138,30 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
-def rng_state() -> dict[str, Any]:
-    """Every random generator of this process, in weights_only-loadable form."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every random generator this rank uses, in weights_only-loadable form: its own GPU's only, not every visible
+    one, so a checkpoint restores on a node that shows its ranks fewer GPUs (8 per node, then 4)."""
     np_state = np.random.get_state(legacy=False)
     return {
         "python": random.getstate(),
         "numpy": {**np_state, "state": {k: np.asarray(v).tolist() for k, v in np_state["state"].items()}},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np_state = dict(state["numpy"])
     np_state["state"] = {k: np.asarray(v, dtype=np.uint32) if k == "key" else v for k, v in np_state["state"].items()}
     np.random.set_state(np_state)
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # written before: every visible GPU's; this rank's is the one at its index
+        cuda = cuda[device.index] if device.type == "cuda" and device.index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 class Checkpointer:

@@ -54,9 +54,19 @@ def _from_environment() -> tuple[int, int, int, int]:
                 "launched by srun with several tasks but MASTER_ADDR is not set (see slurm/train.sbatch)"
             )
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-        tasks_per_node = int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"]).split("(")[0])
-        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), tasks_per_node
+        spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or env["SLURM_NTASKS"]
+        local_world = tasks_per_node(spec)[int(env.get("SLURM_NODEID", 0))]
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), local_world
     return 0, 0, 1, 1
+
+
+def tasks_per_node(spec: str) -> list[int]:
+    """Slurm's compressed task counts per node, e.g. '2(x3),1' -> [2, 2, 2, 1] (as SLURM_STEP_TASKS_PER_NODE)."""
+    counts = []
+    for part in spec.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts
 
 
 ORPHANED_EXIT_CODE = 1
@@ -98,11 +108,23 @@ def _pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
     if preference != "cpu" and torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} are visible")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = gpu_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def gpu_index(local_rank: int, visible: int) -> int:
+    """The GPU of a local rank: the rank's own index when the node's GPUs are all visible (torchrun), the only one
+    when the task sees just its own (srun --gpus-per-task=1 gives each task one, as cuda:0)."""
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise RuntimeError(
+        f"local rank {local_rank} has no GPU: {visible} are visible to it; give each rank its own GPU "
+        "(srun --gpus-per-task=1) or show every rank the node's GPUs (torchrun --nproc_per_node=<GPUs>)"
+    )
 
 
 def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict[str, Any]:
@@ -145,6 +167,7 @@ def runtime(device: str = "auto", timeout_s: int = 600, require_group: bool = Fa
             device_id=env.device if env.device.type == "cuda" else None,
             **_restart_safe_store(rank, world_size, timeout),
         )
+        _create_control_group(timeout)
     try:
         yield env
     finally:
@@ -163,12 +186,16 @@ def default_workers(env: DistEnv) -> int:
     return max(1, min(4, cores // env.local_world_size - 1))
 
 
-def _cpu_group() -> Any:
-    """A gloo group for small host-side agreements, so NCCL jobs need no GPU sync for them."""
+def _create_control_group(timeout: datetime.timedelta) -> None:
+    """A gloo group for small host-side agreements (stop flags, gathers), so NCCL jobs need no GPU sync for them.
+
+    Made at once, on every rank (new_group is collective), with the run's timeout instead of gloo's 30 minutes.
+    """
     global _control_group
-    if _control_group is None:
-        _control_group = c10d.new_group(backend="gloo") if c10d.get_backend() != "gloo" else c10d.group.WORLD
-    return _control_group
+    _control_group = (
+        c10d.new_group(backend="gloo", timeout=timeout) if c10d.get_backend() != "gloo" else c10d.group.WORLD
+    )
+
 
 
 def any_rank(flag: bool) -> bool:
@@ -176,7 +203,7 @@ def any_rank(flag: bool) -> bool:
     if not c10d.is_initialized():
         return flag
     value = torch.tensor([int(flag)])
-    c10d.all_reduce(value, op=c10d.ReduceOp.MAX, group=_cpu_group())
+    c10d.all_reduce(value, op=c10d.ReduceOp.MAX, group=_control_group)
     return bool(value.item())
 
 
@@ -194,7 +221,7 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     if not c10d.is_initialized():
         return [obj]
     out = [None] * c10d.get_world_size() if c10d.get_rank() == 0 else None
-    c10d.gather_object(obj, out, dst=0, group=_cpu_group())
+    c10d.gather_object(obj, out, dst=0, group=_control_group)
     return out
 
 
@@ -202,10 +229,10 @@ def broadcast_from_main(obj: Any) -> Any:
     if not c10d.is_initialized():
         return obj
     box = [obj]
-    c10d.broadcast_object_list(box, src=0, group=_cpu_group())
+    c10d.broadcast_object_list(box, src=0, group=_control_group)
     return box[0]
 
 
 def barrier() -> None:
     if c10d.is_initialized():
-        c10d.barrier(group=_cpu_group())
+        c10d.barrier(group=_control_group)

@@ -20,17 +20,27 @@ def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.SGD:
-    """Fused SGD (one kernel, and the GradScaler can skip steps without a host sync); foreach where unsupported."""
+    """Fused SGD (one kernel, and the GradScaler can skip steps without a host sync); foreach where unsupported.
+
+    The momentum buffers start as zeros rather than at the first step: fused SGD creates them uninitialised on its
+    first step and keeps them when the GradScaler skips that step (found_inf), so a first step that overflows would
+    leave garbage for the second. From zeros, the first update is the gradient itself, as SGD's first step is.
+    """
     settings = dict(
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov and cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
     )
+    params = list(params)
     try:
-        return torch.optim.SGD(params, fused=True, **settings)
+        optimizer = torch.optim.SGD(params, fused=True, **settings)
     except (RuntimeError, TypeError):
-        return torch.optim.SGD(params, foreach=True, **settings)
+        optimizer = torch.optim.SGD(params, foreach=True, **settings)
+    if cfg.momentum > 0:
+        for param in params:
+            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return optimizer
 
 
 def build_scheduler(

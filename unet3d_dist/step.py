@@ -30,7 +30,13 @@ class TrainStep:
         self.loss_fn = build_loss(cfg.loss, cfg.model.deep_supervision)
         self.optimizer = build_optimizer(list(model.parameters()), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        # Every precision goes through a GradScaler: fp16 to scale the loss, all of them for its non-finite check,
+        # which fused SGD reads on the device to skip the step. Without it a NaN gradient would reach the weights
+        # through clipping in bf16 and fp32. Outside fp16 the scale starts at 1 and only ever halves (exact).
+        fp16 = self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(
+            device.type, init_scale=2.0**16 if fp16 else 1.0, growth_interval=2000 if fp16 else 2**31 - 1
+        )
         self.grad_clip = cfg.optim.grad_clip or math.inf
         self.grad_norm = torch.zeros((), device=device)
         self.nonfinite_run = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps in a row
@@ -38,8 +44,8 @@ class TrainStep:
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """The step on one batch; returns the (detached) loss without a host synchronisation.
 
-        In fp16 the GradScaler skips steps with non-finite gradients; ``nonfinite_run`` counts them on the device,
-        so the caller checks it only at logging intervals and before checkpoints.
+        A step whose gradients are not finite is skipped, in every precision; ``nonfinite_run`` counts such steps
+        on the device, so the caller checks it only at logging intervals and before checkpoints.
         """
         image = image.to(self.device, non_blocking=True)
         if self.channels_last:

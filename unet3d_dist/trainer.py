@@ -60,6 +60,7 @@ class TrainState:
     global_step: int = 0
     best_dice: float = -1.0
     nonfinite_in_row: int = 0
+    world_size: int = 0  # the ranks the run trains on; a resume needs the same (0: not recorded, older checkpoints)
 
 
 class Trainer:
@@ -97,7 +98,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
         if env.is_main:
             self.checkpointer.remove_unfinished()
-        self.state = TrainState()
+        self.state = TrainState(world_size=env.world_size)
         self.resume_changes: list[str] = []
         self.run_id = self.restore()  # before wrapping in DDP, so every rank starts from the same weights
         self.step.nonfinite_run.fill_(self.state.nonfinite_in_row)
@@ -223,8 +224,8 @@ class Trainer:
     def check_finite(self) -> None:
         """Stop after train.max_nonfinite non-finite steps in a row, and never checkpoint non-finite weights.
 
-        bf16/fp32 steps are not skipped (only the fp16 GradScaler skips): there a non-finite value means divergence,
-        which this check reports within one logging interval, before any checkpoint could store it.
+        TrainStep skips non-finite steps in every precision; many in a row mean divergence, which this check reports
+        within one logging interval, before any checkpoint could store it (as it does weights that overflowed).
         """
         self.state.nonfinite_in_row = int(self.step.nonfinite_run)
         weights_finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
@@ -338,20 +339,11 @@ class Trainer:
     def save_checkpoint(self, is_best: bool = False) -> None:
         """Gather every rank's RNG state, then rank 0 writes the file."""
         self.check_finite()
-        rngs = gather_to_main(rng_state())
+        rngs = gather_to_main(rng_state(self.env.device))
         if self.env.is_main:
             step = self.step
-            state = training_checkpoint(
-                self.model,
-                step.optimizer,
-                step.scheduler,
-                step.scaler,
-                asdict(self.state),
-                rngs,
-                self.cfg,
-                dataset_entry(self.dataset),
-                self.run_id,
-            )
+            train_state = asdict(self.state)
+            state = training_checkpoint(step, train_state, rngs, self.cfg, dataset_entry(self.dataset), self.run_id)
             self.checkpointer.save(state, self.state.global_step, is_best)
         barrier()
 
@@ -387,11 +379,17 @@ class Trainer:
             for line in config_differences(ckpt["config"], self.cfg.to_dict(), sections)
             if not line.startswith("train.resume")
         ]
-        step = self.step
-        train_state, rngs = restore_training(ckpt, self.model, step.optimizer, step.scheduler, step.scaler)
-        self.state = TrainState(**train_state)
-        if len(rngs) == self.env.world_size:
-            set_rng_state(rngs[self.env.rank])
+        world = ckpt["train_state"].get("world_size") or len(ckpt["rng"])
+        if world != self.env.world_size:
+            raise CheckpointError(
+                f"cannot resume from {path}: it was written by {world} rank(s) and this run has {self.env.world_size}; "
+                "its LR schedule and its place in the epoch count steps of that many ranks' batches, so resume with "
+                f"{world} rank(s), or start a new run (another log.run_name)"
+            )
+        train_state, rngs, notes = restore_training(ckpt, self.step)
+        self.resume_changes += notes
+        self.state = TrainState(**{**train_state, "world_size": world})
+        set_rng_state(rngs[self.env.rank], self.env.device)
         if self.env.is_main and not self.complete:  # a finished run's files stay as they are
             self.cfg.dump(self.run_dir / "config.yaml")
         return ckpt["run_id"]

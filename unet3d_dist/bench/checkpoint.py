@@ -30,7 +30,15 @@ def training_state() -> dict:
     train_state = {"epoch": 1, "step_in_epoch": 3, "global_step": 53, "best_dice": 0.5, "nonfinite_in_row": 0}
     dataset = {"classes": ["background", "foreground"], "modality": "CT", "preprocessing": {}}
     return training_checkpoint(
-        model, step.optimizer, step.scheduler, step.scaler, train_state, [rng_state()], cfg, dataset, "bench"
+        model,
+        step.optimizer,
+        step.scheduler,
+        step.scaler,
+        train_state,
+        [rng_state(torch.device("cpu"))],
+        cfg,
+        dataset,
+        "bench",
     )
 
 
