@@ -93,11 +93,8 @@ def send(process: subprocess.Popen, world: int, signum: int, target: str) -> Non
         signal_job(process.pid, signum)
         return
     ranks = [process.pid] if world == 1 else direct_children(process.pid)
-    pids = {
-        "launcher": [process.pid],
-        "ranks": ranks,
-        "loader workers": [w for r in ranks for w in direct_children(r)],
-    }[target]
+    workers = [w for r in ranks for w in direct_children(r)]
+    pids = {"launcher": [process.pid], "ranks": ranks, "one rank": ranks[:1], "loader workers": workers}[target]
     assert pids, f"no {target} to signal"
     for pid in pids:
         os.kill(pid, signum)
@@ -109,6 +106,7 @@ STOPS = [  # (signal, world size, who gets it, resume): what scancel, Ctrl-C and
     ("SIGINT", 2, "launcher", False),  # Ctrl-C to torchrun, which passes it on to each rank's process group
     ("SIGUSR1", 2, "loader workers", False),  # workers alone: they hand the stop to their rank
     ("SIGTERM", 1, "ranks", False),
+    ("SIGTERM", 2, "one rank", False),  # the other rank learns it from the stop vote, and both stop after one step
 ]
 
 

@@ -197,7 +197,6 @@ def _create_control_group(timeout: datetime.timedelta) -> None:
     )
 
 
-
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank (one all-reduce)."""
     if not c10d.is_initialized():
@@ -205,6 +204,23 @@ def any_rank(flag: bool) -> bool:
     value = torch.tensor([int(flag)])
     c10d.all_reduce(value, op=c10d.ReduceOp.MAX, group=_control_group)
     return bool(value.item())
+
+
+class RankVote:
+    """A flag that is true on every rank if it is true on any, whose all-reduce overlaps the next training step:
+    cast after one step, read after the next. Every rank reads the same votes in the same order, so every rank acts
+    on a vote after the same step, and none waits for the network in between (milliseconds at 64 ranks)."""
+
+    def __init__(self, flag: bool):
+        self.value = torch.tensor([int(flag)])
+        self.work = None
+        if c10d.is_initialized():
+            self.work = c10d.all_reduce(self.value, op=c10d.ReduceOp.MAX, group=_control_group, async_op=True)
+
+    def result(self) -> bool:
+        if self.work is not None:
+            self.work.wait()
+        return bool(self.value.item())
 
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,16 @@ from .data.crops import CropDataset, EpochSampler
 from .data.shards import DatasetError
 from .data.source import open_dataset
 from .data.splits import run_cases
-from .dist import DistEnv, any_rank, barrier, broadcast_from_main, default_workers, gather_to_main, mean_over_ranks
+from .dist import (
+    DistEnv,
+    RankVote,
+    any_rank,
+    barrier,
+    broadcast_from_main,
+    default_workers,
+    gather_to_main,
+    mean_over_ranks,
+)
 from .logger import RunLogger, new_run_id
 from .model import build_model, count_parameters, forward_flops, to_channels_last
 from .precision import amp_name
@@ -177,6 +186,7 @@ class Trainer:
         self.sampler.set_epoch(epoch, skip=self.state.step_in_epoch * cfg.train.batch_size)
         loss_sum = torch.zeros((), device=self.env.device)
         interval_start, interval_steps = time.perf_counter(), 0
+        stop_vote = None  # cast after one step, read after the next: the ranks agree without waiting for each other
         for image, label in self.loader:
             loss_sum += self.step(image, label)
             self.state.step_in_epoch += 1
@@ -191,9 +201,10 @@ class Trainer:
             every = cfg.checkpoint.every_steps
             if every and self.state.global_step % every == 0 and self.state.step_in_epoch < self.steps_per_epoch:
                 self.save_checkpoint()
-            if any_rank(self.stop.requested):
+            if stop_vote is not None and stop_vote.result():
                 return False
-        return True
+            stop_vote = RankVote(self.stop.requested)
+        return not (stop_vote is not None and stop_vote.result())
 
     # ------------------------------------------------------------ reporting
     def announce(self) -> None:
