@@ -184,3 +184,12 @@ def test_rng_states_of_any_gpu_visibility_restore_on_this_device():
     old_format = {**state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8}  # every visible GPU, as before
     set_rng_state(old_format, cpu)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_loader_workers_follow_the_cpus_the_job_has_per_rank_without_a_cap():
+    from unet3d_dist.dist import workers_for
+
+    assert workers_for(affinity=64, slurm_cpus=32, ranks_sharing=4) == 7  # 32 CPUs for 4 torchrun ranks
+    assert workers_for(affinity=128, slurm_cpus=None, ranks_sharing=1) == 127  # no cap at 4 any more
+    assert workers_for(affinity=2, slurm_cpus=None, ranks_sharing=2) == 1  # at least one
+    assert workers_for(affinity=16, slurm_cpus=8, ranks_sharing=1) == 7  # srun task: its own CPUs

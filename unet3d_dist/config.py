@@ -56,7 +56,9 @@ class DataConfig:
     )
     intensity_aug: bool = setting(False, "nnU-Net-style brightness, contrast, gamma and noise changes")
     samples_per_epoch: int = setting(100, "crops per epoch, summed over all ranks", min=1)
-    num_workers: int = setting(-1, "DataLoader workers per rank; -1 picks from the CPU count", min=-1)
+    num_workers: int = setting(
+        -1, "DataLoader workers per rank; -1: one per core of the rank's share of the job's CPUs, less one", min=-1
+    )
     train_split: str = setting("train", "manifest split used for training")
     val_split: str = setting("val", "manifest split used for validation (ignored when data.folds > 0)")
     folds: int = setting(

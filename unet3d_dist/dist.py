@@ -181,9 +181,21 @@ def runtime(device: str = "auto", timeout_s: int = 600, require_group: bool = Fa
 
 
 def default_workers(env: DistEnv) -> int:
-    """One loader worker per spare core of this rank's share of the machine, at least 1, at most 4."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores // env.local_world_size - 1))
+    """One loader worker per core of this rank's share of the job's CPUs, less one for the rank itself; at least 1.
+
+    The job's CPUs are the ones this process may run on, and no more than Slurm gave the task (--cpus-per-task,
+    which a task/none node does not enforce). Under torchrun the local ranks share the task's CPUs; a task that
+    srun started alone is one rank with its own. There is no upper cap: a GPU that steps in 15 ms needs more crops
+    per second than four workers make (``python -m unet3d_dist.bench data`` says how many).
+    """
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    sharing = env.local_world_size if "TORCHELASTIC_RUN_ID" in os.environ else 1
+    return workers_for(affinity, int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or None, sharing)
+
+
+def workers_for(affinity: int, slurm_cpus: int | None, ranks_sharing: int) -> int:
+    cores = min(affinity, slurm_cpus) if slurm_cpus else affinity
+    return max(1, cores // ranks_sharing - 1)
 
 
 def _create_control_group(timeout: datetime.timedelta) -> None:

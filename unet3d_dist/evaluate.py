@@ -38,7 +38,7 @@ from .model import DIVISOR
 from .precision import resolve_amp
 from .report import slice_panel
 from .results import json_ready, metric_columns, summarize, write_csv, write_json
-from .scoring import ScoringOptions, score_cases
+from .scoring import ScoringOptions, default_metric_workers, score_cases
 
 RESULTS_JSON = "results.json"
 UNFINISHED = "unfinished.txt"
@@ -302,7 +302,7 @@ def evaluate(args: argparse.Namespace) -> None:
             channels_last=cfg.train.channels_last,
             stitch_device="cpu" if args.stitch_device == "cpu" else None,
             distances=True,
-            metric_workers=args.workers if args.workers >= 0 else default_workers(env),
+            metric_workers=args.workers if args.workers >= 0 else default_metric_workers(default_workers(env)),
             masks_dir=out / "masks",
             mask_format=args.mask_format,
         )

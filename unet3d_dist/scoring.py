@@ -77,6 +77,13 @@ class InlineExecutor(Executor):
         return future
 
 
+METRIC_WORKERS_MAX = 4  # each holds whole volumes; a rank scores one volume while it predicts the next
+
+
+def default_metric_workers(loader_workers: int) -> int:
+    return min(METRIC_WORKERS_MAX, loader_workers)
+
+
 def metric_executor(workers: int) -> Executor:
     """Worker processes for scoring and mask writing, started by a forkserver: they never inherit torch's thread
     pools, CUDA context or process group from the rank, which a plain fork after those exist would copy.

@@ -47,7 +47,7 @@ from .model import build_model, count_parameters, forward_flops, to_channels_las
 from .precision import amp_name
 from .results import mean_metrics
 from .run_lock import RunDirectoryBusy, hold_run_directory
-from .scoring import ScoringOptions, score_cases
+from .scoring import ScoringOptions, default_metric_workers, score_cases
 from .step import TrainStep
 from .stop import StopRequest
 
@@ -282,7 +282,7 @@ class Trainer:
             amp_dtype=self.step.amp_dtype,
             channels_last=self.cfg.train.channels_last,
             distances=distances,
-            metric_workers=default_workers(self.env) if distances else 0,
+            metric_workers=default_metric_workers(default_workers(self.env)) if distances else 0,
             stop_requested=lambda: self.stop.requested,
         )
         records = score_cases(self.model, self.dataset, self.val_ids, self.env, options)
