@@ -181,3 +181,52 @@ def test_augmented_crops_stay_deterministic_and_valid(data):
         assert set(label.unique().tolist()) <= {0, 1}
         changed += not torch.equal(image, plain[(1, index)][0])
     assert changed == 30
+
+
+def device_crop(data, case_id, centre, crop, matrix, flips=()):
+    """A crop the device path's way: the region and affine map a worker makes, resampled by grid_sample."""
+    from unet3d_dist.data.augment import crop_region, flipped_affine
+    from unet3d_dist.data.device_augment import resample
+
+    region, offset = crop_region(data.records[case_id]["shape"], centre, crop, matrix)
+    matrix, offset = flipped_affine(matrix, offset, flips, crop)
+    affine = torch.from_numpy(np.concatenate([matrix, offset[:, None]], 1))
+    image, label = torch.from_numpy(data.image(case_id, region)), torch.from_numpy(data.label(case_id, region))
+    return [t.numpy() for t in resample(image, label, affine, crop, pad=-5.0)]
+
+
+@pytest.mark.parametrize(
+    ("angles", "zoom", "exact"), [((0, 0, 0), 1.0, True), ((0, 0, 90), 1.0, True), ((10, -7, 25), 0.9, False)]
+)
+def test_device_resampling_gives_the_workers_crop(data, angles, zoom, exact):
+    shape, crop = data.records["a"]["shape"], (16, 16, 8)
+    centre = np.array([10, 8, 6]) + (np.array(crop) - 1) / 2
+    matrix = rotation(np.deg2rad(angles)) / zoom
+    read = lambda region: (data.image("a", region), data.label("a", region))  # noqa: E731
+    cpu_image, cpu_label = transformed_crop(read, shape, centre, crop, matrix, pad=-5.0)
+    image, label = device_crop(data, "a", centre, crop, matrix)
+    if exact:  # identity and quarter turns: whole voxels, as the workers' resampling gives them
+        np.testing.assert_allclose(image, cpu_image, atol=1e-5)
+        np.testing.assert_array_equal(label, cpu_label)
+    else:  # other angles: the same within interpolation rounding
+        assert np.abs(image - cpu_image).mean() < 1e-3 and (label == cpu_label).mean() > 0.99
+    flipped_image, flipped_label = device_crop(data, "a", centre, crop, matrix, flips=(0, 2))
+    np.testing.assert_allclose(flipped_image, np.flip(image, (0, 2)), atol=1e-5)  # flips folded into the map
+    np.testing.assert_array_equal(flipped_label, np.flip(label, (0, 2)))
+
+
+def test_crops_finished_on_the_device_are_the_workers_crops_and_repeat(data):
+    from unet3d_dist.data.device_augment import collate_parts, finish_batch
+
+    aug = Augmentation(rotate_deg=20, scale=0.2, spatial_prob=0.5, intensity=True)
+    workers = CropDataset(data, ["a", "b", "c"], (16, 16, 8), 24, 3, 0.5, (1, 2), aug)
+    device = CropDataset(data, ["a", "b", "c"], (16, 16, 8), 24, 3, 0.5, (1, 2), aug, finish_on_device=True)
+    keys = [(2, i) for i in range(24)]
+    images, labels = finish_batch(collate_parts([device[k] for k in keys]), (16, 16, 8), torch.device("cpu"))
+    again, _ = finish_batch(collate_parts([device[k] for k in keys]), (16, 16, 8), torch.device("cpu"))
+    assert torch.equal(images, again)  # a pure function of (seed, epoch, index) on this path too
+    for i, key in enumerate(keys):
+        image, label = workers[key]
+        noise = not np.isnan(device[key]["intensity"][3].item())  # noise values come from torch's generator
+        close = torch.allclose(images[i], image, atol=1e-4) if not noise else (images[i] - image).abs().mean() < 0.2
+        assert close and (labels[i] == label).float().mean() > 0.99, key

@@ -59,6 +59,16 @@ def kill_whole_job(process: subprocess.Popen) -> None:
     wait_until_gone(pids, timeout=30)
 
 
+# One rank augments on the device (rotation, scaling, intensity finished after the workers), two on the CPU.
+AUGMENTED_ON_THE_DEVICE = (
+    "data.augment_device=device",
+    "data.rotate_deg=15",
+    "data.scale=0.1",
+    "data.spatial_prob=0.5",
+    "data.intensity_aug=true",
+)
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_sigkill_of_the_whole_job_then_restart_ends_bitwise_equal_to_an_uninterrupted_run(
     tmp_path, tiny_dataset, world
@@ -69,6 +79,7 @@ def test_sigkill_of_the_whole_job_then_restart_ends_bitwise_equal_to_an_uninterr
         "checkpoint.every_steps=5",
         "checkpoint.keep_last=10",
         WORKERS,
+        *(AUGMENTED_ON_THE_DEVICE if world == 1 else ()),
     )
     steps = 4 * 24 // (2 * world)
     reference = run(trainer(world) + overrides(tiny_dataset, tmp_path, "reference", *extra))

@@ -55,6 +55,11 @@ class DataConfig:
         0.3, "share of crops rotated/scaled when rotate_deg or scale is set", min=0.0, max=1.0
     )
     intensity_aug: bool = setting(False, "nnU-Net-style brightness, contrast, gamma and noise changes")
+    augment_device: Literal["auto", "cpu", "device"] = setting(
+        "auto",
+        "where rotated/scaled crops are resampled and intensity changes applied: cpu in the loader workers, device "
+        "batched on the training device from what the workers read and draw; auto is device on GPUs",
+    )
     samples_per_epoch: int = setting(100, "crops per epoch, summed over all ranks", min=1)
     num_workers: int = setting(
         -1, "DataLoader workers per rank; -1: one per core of the rank's share of the job's CPUs, less one", min=-1

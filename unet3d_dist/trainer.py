@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .checkpoint import (
 from .config import Config, ConfigError
 from .data.augment import Augmentation
 from .data.crops import CropDataset, EpochSampler
+from .data.device_augment import collate_parts, finish_batch
 from .data.shards import DatasetError
 from .data.source import open_dataset
 from .data.splits import run_cases
@@ -121,6 +123,8 @@ class Trainer:
             self.step.net = torch.compile(self.step.net)
 
         workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_workers(env)
+        mode = cfg.data.augment_device
+        self.finish_on_device = mode == "device" or (mode == "auto" and env.device.type == "cuda")
         self.loader = DataLoader(
             CropDataset(
                 self.dataset,
@@ -131,7 +135,9 @@ class Trainer:
                 cfg.data.foreground_fraction,
                 cfg.data.flip_axis_indices,
                 Augmentation(cfg.data.rotate_deg, cfg.data.scale, cfg.data.spatial_prob, cfg.data.intensity_aug),
+                self.finish_on_device,
             ),
+            collate_fn=collate_parts if self.finish_on_device else None,
             batch_size=cfg.train.batch_size,
             sampler=self.sampler,
             num_workers=workers,
@@ -187,7 +193,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.env.device)
         interval_start, interval_steps = time.perf_counter(), 0
         stop_vote = None  # cast after one step, read after the next: the ranks agree without waiting for each other
-        for image, label in self.loader:
+        for image, label in self.batches():
             loss_sum += self.step(image, label)
             self.state.step_in_epoch += 1
             self.state.global_step += 1
@@ -205,6 +211,11 @@ class Trainer:
                 return False
             stop_vote = RankVote(self.stop.requested)
         return not (stop_vote is not None and stop_vote.result())
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The loader's batches as (image, label), finished on the training device where the workers left it so."""
+        for batch in self.loader:
+            yield finish_batch(batch, self.cfg.data.crop, self.env.device) if self.finish_on_device else batch
 
     # ------------------------------------------------------------ reporting
     def announce(self) -> None:

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
             warmup = 5  # also lets the CPU's kept heap settle (host_memory)
             steps = min(args.steps, trainer.steps_per_epoch - warmup - 1)
             trainer.sampler.set_epoch(0)
-            batches = iter(trainer.loader)
+            batches = trainer.batches()
             image, label = next(batches)
 
             def pure_block() -> float:

@@ -41,6 +41,22 @@ def spatial_matrix(rng: np.random.Generator, aug: Augmentation) -> np.ndarray | 
     return rotation(angles) / zoom
 
 
+def crop_region(
+    shape: list[int], centre: np.ndarray, crop: tuple[int, ...], matrix: np.ndarray
+) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    """The smallest region of the volume that the rotated/scaled crop around ``centre`` reads, and the offset that
+    takes crop indices to region coordinates (``region coordinate = matrix @ crop index + offset``); None when the
+    crop lies wholly outside the volume."""
+    half = (np.asarray(crop) - 1) / 2
+    corners = np.array(np.meshgrid(*[[-h, h] for h in half], indexing="ij")).reshape(3, -1)
+    reach = matrix @ corners + centre[:, None]
+    low = np.clip(np.floor(reach.min(1)).astype(int) - 1, 0, shape)
+    high = np.clip(np.ceil(reach.max(1)).astype(int) + 2, 0, shape)
+    if (high <= low).any():
+        return None
+    return tuple(slice(lo, hi) for lo, hi in zip(low, high)), centre - low - matrix @ half
+
+
 def transformed_crop(
     read, shape: list[int], centre: np.ndarray, crop: tuple[int, ...], matrix: np.ndarray, pad: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -49,31 +65,57 @@ def transformed_crop(
     ``read(slices)`` returns (image, label) of a region. Image: linear interpolation; label: nearest; outside the
     volume: ``pad`` and background.
     """
-    half = (np.asarray(crop) - 1) / 2
-    corners = np.array(np.meshgrid(*[[-h, h] for h in half], indexing="ij")).reshape(3, -1)
-    reach = matrix @ corners + centre[:, None]
-    low = np.clip(np.floor(reach.min(1)).astype(int) - 1, 0, shape)
-    high = np.clip(np.ceil(reach.max(1)).astype(int) + 2, 0, shape)
-    if (high <= low).any():
+    found = crop_region(shape, centre, crop, matrix)
+    if found is None:
         return np.full(crop, pad, np.float32), np.zeros(crop, np.uint8)
-    image, label = read(tuple(slice(lo, hi) for lo, hi in zip(low, high)))
-    offset = centre - low - matrix @ half
+    region, offset = found
+    image, label = read(region)
     image = ndimage.affine_transform(image, matrix, offset, output_shape=crop, order=1, mode="constant", cval=pad)
     label = ndimage.affine_transform(label, matrix, offset, output_shape=crop, order=0, mode="constant", cval=0)
     return image.astype(np.float32), label
 
 
+def flipped_affine(matrix: np.ndarray, offset: np.ndarray, axes: tuple[int, ...], crop: tuple[int, ...]):
+    """The sampling of a crop that is then flipped along ``axes``, as one affine map: flipping output axis a reads
+    index n_a - 1 - p_a, so its column of the matrix changes sign and the offset moves by the column times n_a - 1."""
+    matrix, offset = matrix.copy(), offset.copy()
+    for axis in axes:
+        offset = offset + matrix[:, axis] * (crop[axis] - 1)
+        matrix[:, axis] = -matrix[:, axis]
+    return matrix, offset
+
+
+@dataclass(frozen=True)
+class IntensityDraw:
+    """One crop's intensity changes (nnU-Net's set), drawn from the crop's generator wherever they are applied."""
+
+    brightness: float | None = None
+    contrast: float | None = None
+    gamma: float | None = None
+    noise_sigma: float | None = None
+
+
+def draw_intensity(rng: np.random.Generator) -> IntensityDraw:
+    """nnU-Net's probabilities: brightness 0.15, contrast 0.15, gamma 0.3, noise 0.1."""
+    brightness = rng.uniform(0.75, 1.25) if rng.random() < 0.15 else None
+    contrast = rng.uniform(0.75, 1.25) if rng.random() < 0.15 else None
+    gamma = rng.uniform(0.7, 1.5) if rng.random() < 0.3 else None
+    noise_sigma = rng.uniform(0, 0.1) if rng.random() < 0.1 else None
+    return IntensityDraw(brightness, contrast, gamma, noise_sigma)
+
+
 def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """nnU-Net's intensity set with its probabilities: brightness 0.15, contrast 0.15, gamma 0.3, noise 0.1."""
-    if rng.random() < 0.15:
-        image = image * rng.uniform(0.75, 1.25)
-    if rng.random() < 0.15:
+    """The crop's intensity changes, drawn and applied here (the loader workers' way); noise from the same ``rng``."""
+    draw = draw_intensity(rng)
+    if draw.brightness is not None:
+        image = image * draw.brightness
+    if draw.contrast is not None:
         mean = image.mean()
-        image = (image - mean) * rng.uniform(0.75, 1.25) + mean
-    if rng.random() < 0.3:
+        image = (image - mean) * draw.contrast + mean
+    if draw.gamma is not None:
         low, high = image.min(), image.max()
         span = max(high - low, 1e-6)
-        image = ((image - low) / span) ** rng.uniform(0.7, 1.5) * span + low
-    if rng.random() < 0.1:
-        image = image + rng.normal(0, rng.uniform(0, 0.1), image.shape)
+        image = ((image - low) / span) ** draw.gamma * span + low
+    if draw.noise_sigma is not None:
+        image = image + rng.normal(0, draw.noise_sigma, image.shape)
     return image.astype(np.float32)

@@ -7,12 +7,22 @@ ranks, and a run resumed in the middle of an epoch sees exactly the crops it wou
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from .augment import Augmentation, augment_intensity, spatial_matrix, transformed_crop
+from .augment import (
+    Augmentation,
+    augment_intensity,
+    crop_region,
+    draw_intensity,
+    flipped_affine,
+    spatial_matrix,
+    transformed_crop,
+)
+from .device_augment import crop_parts
 from .shards import ShardedDataset
 
 
@@ -34,6 +44,7 @@ class CropDataset(Dataset):
         foreground_fraction: float = 1 / 3,
         flip_axes: tuple[int, ...] = (0, 1, 2),
         augmentation: Augmentation | None = None,
+        finish_on_device: bool = False,
     ):
         if not case_ids:
             raise ValueError("CropDataset needs at least one case")
@@ -45,11 +56,13 @@ class CropDataset(Dataset):
         self.foreground_fraction = foreground_fraction
         self.flip_axes = tuple(flip_axes)
         self.augmentation = augmentation or Augmentation()
+        self.finish_on_device = finish_on_device  # resampling and intensity on the training device (device_augment)
 
     def __len__(self) -> int:
         return self.samples_per_epoch
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | dict[str, Any]:
+        """The crop (image (1, X, Y, Z), label); with ``finish_on_device``, its parts for the training device."""
         epoch, index = key
         rng = np.random.default_rng([self.seed, epoch, index])
         case_id = self.case_ids[index % len(self.case_ids)]
@@ -58,20 +71,41 @@ class CropDataset(Dataset):
         start = self.crop_start(rng, case_id, shape)
         pad = record.get("image_min", 0.0)
         matrix = spatial_matrix(rng, self.augmentation)
+        affine = None  # on the device path: how to sample the crop from the region read
         if matrix is None:
             image, label = self.read_padded(case_id, shape, start, pad)
         else:
             centre = np.asarray(start) + (np.asarray(self.crop) - 1) / 2
-            read = lambda region: (self.dataset.image(case_id, region), self.dataset.label(case_id, region))  # noqa: E731
-            image, label = transformed_crop(read, shape, centre, self.crop, matrix, pad)
+            if self.finish_on_device:
+                image, label, affine = self.read_region(case_id, shape, centre, matrix, pad)
+            else:
+                read = lambda region: (self.dataset.image(case_id, region), self.dataset.label(case_id, region))  # noqa: E731
+                image, label = transformed_crop(read, shape, centre, self.crop, matrix, pad)
         if self.flip_axes:
             draws = rng.random(3)  # one per axis whichever may flip, so each axis keeps its draw
             axes = tuple(a for a in self.flip_axes if draws[a] < 0.5)
-            if axes:
+            if axes and affine is not None:
+                affine = flipped_affine(*affine, axes, self.crop)
+            elif axes:
                 image, label = np.flip(image, axes), np.flip(label, axes)
+        if self.finish_on_device:
+            draw = draw_intensity(rng) if self.augmentation.intensity else None
+            noise_seed = int(rng.integers(2**62)) if draw is not None and draw.noise_sigma is not None else 0
+            return crop_parts(image, label, affine, pad, draw, noise_seed)
         if self.augmentation.intensity:
             image = augment_intensity(image, rng)
         return torch.from_numpy(np.ascontiguousarray(image)[None]), torch.from_numpy(np.ascontiguousarray(label))
+
+    def read_region(
+        self, case_id: str, shape: list[int], centre: np.ndarray, matrix: np.ndarray, pad: float
+    ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """The region a rotated/scaled crop reads, and the affine map the device samples it with; a crop wholly
+        outside the volume is the padding itself (no map)."""
+        found = crop_region(shape, centre, self.crop, matrix)
+        if found is None:
+            return np.full(self.crop, pad, np.float32), np.zeros(self.crop, np.uint8), None
+        region, offset = found
+        return self.dataset.image(case_id, region), self.dataset.label(case_id, region), (matrix, offset)
 
     def crop_start(self, rng: np.random.Generator, case_id: str, shape: list[int]) -> list[int]:
         """Corner of the crop; may be negative (padding) when the volume is smaller than the crop."""

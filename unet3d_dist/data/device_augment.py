@@ -1,0 +1,110 @@
+"""Crops finished on the training device: the loader workers read and draw, the GPU resamples and changes intensity.
+
+A rotated or scaled crop costs a worker about twice the CPU time of a plain one (scipy's resampling of image and
+label), and the intensity changes (noise above all) as much again; at GPU step times that starves the GPU. With
+``data.augment_device=device`` the workers do only what must stay with them: they read the region the crop needs
+and draw every parameter from the crop's own (seed, epoch, index) generator, exactly as on the CPU path. The
+training device then resamples the batch (trilinear for the image, nearest for the label, through ``grid_sample``)
+and applies the intensity changes. The crops are those of the CPU path up to interpolation rounding (identity and
+quarter turns alike), and a run stays reproducible and resumable. Only the noise differs in its values: it comes
+from a torch generator seeded by the crop's generator instead of from numpy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment import IntensityDraw
+
+NO_VALUE = float("nan")  # an intensity change that was not drawn
+
+
+def crop_parts(
+    image: np.ndarray,
+    label: np.ndarray,
+    affine: tuple[np.ndarray, np.ndarray] | None,
+    pad: float,
+    draw: IntensityDraw | None,
+    noise_seed: int,
+) -> dict[str, Any]:
+    """What a worker hands on: the crop itself (``affine`` None) or the region to resample it from, with the
+    affine map from crop indices to region coordinates, and the intensity changes to apply."""
+    matrix, offset = affine if affine is not None else (np.zeros((3, 3)), np.zeros(3))
+    values = [NO_VALUE] * 4 if draw is None else [NO_VALUE if v is None else v for v in vars(draw).values()]
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+        "label": torch.from_numpy(np.ascontiguousarray(label)),
+        "resample": torch.tensor(affine is not None),
+        "affine": torch.from_numpy(np.concatenate([matrix, offset[:, None]], 1)),
+        "pad": torch.tensor(pad, dtype=torch.float32),
+        "intensity": torch.tensor(values, dtype=torch.float64),
+        "noise_seed": torch.tensor(noise_seed, dtype=torch.int64),
+    }
+
+
+def collate_parts(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A batch of crop parts: regions differ in size, so images and labels stay lists; the rest is stacked."""
+    batch = {key: torch.stack([item[key] for item in items]) for key in items[0] if key not in ("image", "label")}
+    batch["image"] = [item["image"] for item in items]
+    batch["label"] = [item["label"] for item in items]
+    return batch
+
+
+def finish_batch(
+    batch: dict[str, Any], crop: tuple[int, int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's crops on ``device``: images (N, 1, X, Y, Z) float32 and labels (N, X, Y, Z) uint8."""
+    images, labels = [], []
+    for i, (image, label) in enumerate(zip(batch["image"], batch["label"])):
+        image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+        if batch["resample"][i]:
+            image, label = resample(image, label, batch["affine"][i], crop, float(batch["pad"][i]))
+        images.append(change_intensity(image, batch["intensity"][i].tolist(), int(batch["noise_seed"][i])))
+        labels.append(label)
+    return torch.stack(images)[:, None], torch.stack(labels)
+
+
+def region_coordinates(affine: torch.Tensor, crop: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """``matrix @ index + offset`` for every crop index, (X, Y, Z, 3), in float64 so quarter turns hit whole voxels."""
+    axes = [torch.arange(n, dtype=torch.float64, device=device) for n in crop]
+    index = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
+    affine = affine.to(device, torch.float64)
+    return index @ affine[:, :3].T + affine[:, 3]
+
+
+def resample(
+    image: torch.Tensor, label: torch.Tensor, affine: torch.Tensor, crop: tuple[int, int, int], pad: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The crop from its region: trilinear for the image, nearest for the label; a point outside the region (which
+    ends where the volume does) is ``pad`` and background, as in scipy's constant mode on the workers."""
+    coords = region_coordinates(affine, crop, image.device)
+    sizes = torch.tensor(image.shape, dtype=torch.float64, device=image.device)
+    outside = ((coords < -1e-6) | (coords > sizes - 1 + 1e-6)).any(-1)
+    grid = (2 * coords / (sizes - 1).clamp(min=1) - 1).flip(-1)[None]  # grid_sample's (z, y, x), align_corners
+    dtype = torch.float64 if image.device.type == "cpu" else torch.float32  # the GPU samples in float32
+    out = F.grid_sample(image.to(dtype)[None, None], grid.to(dtype), mode="bilinear", align_corners=True)[0, 0]
+    nearest = F.grid_sample(label.to(dtype)[None, None], grid.to(dtype), mode="nearest", align_corners=True)[0, 0]
+    image = torch.where(outside, pad, out).float()
+    return image, torch.where(outside, 0, nearest.round()).to(torch.uint8)
+
+
+def change_intensity(image: torch.Tensor, values: list[float], noise_seed: int) -> torch.Tensor:
+    """The worker's drawn intensity changes (brightness, contrast, gamma, noise sigma), in the CPU path's order."""
+    brightness, contrast, gamma, sigma = values
+    if not np.isnan(brightness):
+        image = image * brightness
+    if not np.isnan(contrast):
+        mean = image.mean()
+        image = (image - mean) * contrast + mean
+    if not np.isnan(gamma):
+        low, high = image.min(), image.max()
+        span = (high - low).clamp(min=1e-6)
+        image = ((image - low) / span) ** gamma * span + low
+    if not np.isnan(sigma):
+        generator = torch.Generator(image.device).manual_seed(noise_seed)
+        image = image + torch.randn(image.shape, generator=generator, device=image.device) * sigma
+    return image.float()
