@@ -123,3 +123,15 @@ def test_data_measures_every_layout_with_checksums_and_the_default_also_without(
         == on["64x64x48"]["crops_per_cpu_s"] / off["64x64x48"]["crops_per_cpu_s"]
     )
     assert on["disk_mb"] > off["disk_mb"]  # 4 bytes of checksum per chunk
+
+
+def test_loader_reports_each_workers_rate_and_the_workers_a_gpu_needs(tmp_path, tiny_dataset):
+    bench(
+        "loader", "--dataset", str(tiny_dataset), "--crops", "8", "--step-ms", "20", "--out", str(tmp_path / "l.json")
+    )
+    record = json.loads((tmp_path / "l.json").read_text())
+    rates = record["crops_per_worker_per_s"]
+    assert set(rates) == {"plain crops", "augmented in the workers (cpu)", "augmented, the workers' share (device)"}
+    assert record["crop"] == [112, 112, 80] and record["crops_needed_per_s"] == 2 / 0.02  # la_mri: 2 crops a step
+    assert all(record["workers_needed"][name] >= 100 / rate for name, rate in rates.items())
+    assert record["device_ms_per_crop"] > 0

@@ -7,6 +7,7 @@ PARTS = {  # what each part measures, and against which reference of the same ru
     "train_step": "ms/step and FLOP rate of the training step (AMP, channels_last, compile, heap) vs a conv3d peak",
     "pipeline": "the real training loop (loader + step) against the pure step on tensors in memory: the data wait",
     "data": "crops/s per loader worker and bytes read per crop for each chunk layout, with and without checksums",
+    "loader": "crops/s of one worker at a recipe's crop and augmentation (cpu or device path), workers a GPU needs",
     "eval": "sliding window and metrics, s per volume, against MONAI's sliding_window_inference and plain medpy",
     "ddp": "2 DDP ranks against 2 independent processes, and the gradient all-reduce alone",
     "checkpoint": "atomic checkpoint save and load against torch.save to memory",
