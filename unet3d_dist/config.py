@@ -143,6 +143,7 @@ class TrainConfig:
 class InferenceConfig:
     """Whole-volume prediction for validation, evaluate and predict (which read it from the checkpoint)."""
 
+    batch_size: int = setting(4, "windows per forward pass (more keep a GPU busier; evaluate --batch-size wins)", min=1)
     overlap: float = setting(
         0.5, "overlap of neighbouring sliding windows, as a fraction of the patch", min=0.0, max=0.9
     )

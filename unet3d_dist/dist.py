@@ -157,6 +157,8 @@ def runtime(device: str = "auto", timeout_s: int = 600, require_group: bool = Fa
     exit_when_launcher_dies(rank)
     if env.device.type == "cpu":
         keep_freed_memory()
+    else:  # every command runs fixed shapes (the crop, the window): let cuDNN pick its fastest kernels once
+        torch.backends.cudnn.benchmark = True
     if (env.multi_rank or require_group) and not c10d.is_initialized():
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world_size))

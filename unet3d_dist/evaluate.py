@@ -76,7 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         help="overlap of neighbouring windows, in [0, 1) (default: the checkpoint's inference.overlap)",
     )
-    parser.add_argument("--batch-size", type=int, help="windows per forward pass (default: the training batch size)")
+    parser.add_argument(
+        "--batch-size", type=int, help="windows per forward pass (default: the checkpoint's inference.batch_size)"
+    )
     parser.add_argument(
         "--tta",
         action=argparse.BooleanOptionalAction,
@@ -292,7 +294,7 @@ def evaluate(args: argparse.Namespace) -> None:
         options = ScoringOptions(
             patch=tuple(args.patch or cfg.data.crop),
             overlap=cfg.inference.overlap if args.overlap is None else args.overlap,
-            batch_size=args.batch_size or cfg.train.batch_size,
+            batch_size=args.batch_size or cfg.inference.batch_size,
             tta_axes=cfg.data.flip_axis_indices if (cfg.inference.tta_flips if args.tta is None else args.tta) else (),
             largest_component=cfg.inference.largest_component
             if args.largest_component is None

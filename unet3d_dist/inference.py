@@ -105,6 +105,12 @@ def sliding_window_logits(
     ]
     window_weight = (gaussian_importance(tuple(patch)) / len(flips)).to(device)  # weight and mean over flips at once
     logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=stitch_device)
+    # The volume goes to the device once, so window batches are cut there. When the logits stay on the CPU (large
+    # CT), so does the volume, and each batch is gathered into pinned memory and copied asynchronously.
+    image = image.to(stitch_device)
+    staging = None
+    if image.device.type == "cpu" and device.type == "cuda":
+        staging = torch.empty((batch_size, image.shape[0], *patch), pin_memory=True)
     starts = [window_starts(size, side, overlap) for size, side in zip(padded, patch)]
     corners = list(itertools.product(*starts))
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -112,9 +118,10 @@ def sliding_window_logits(
         if stop_requested is not None and stop_requested():
             raise InferenceStopped
         batch_corners = corners[first : first + batch_size]
-        windows = torch.stack(
-            [image[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]] for x, y, z in batch_corners]
-        ).to(device, non_blocking=True)
+        cut = [image[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]] for x, y, z in batch_corners]
+        # The last batch's copy from staging is done: its logits came back to the CPU, which waits for the GPU.
+        windows = torch.stack(cut, out=staging[: len(cut)]) if staging is not None else torch.stack(cut)
+        windows = windows.to(device, non_blocking=True)
         if channels_last:
             windows = as_channels_last(windows)
         out = None

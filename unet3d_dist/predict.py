@@ -42,7 +42,12 @@ class Predictor:
     """A trained model with the preprocessing and patch its training used."""
 
     def __init__(
-        self, checkpoint: dict[str, Any], cfg: Config, device: torch.device, overlap: float | None, batch_size: int
+        self,
+        checkpoint: dict[str, Any],
+        cfg: Config,
+        device: torch.device,
+        overlap: float | None,
+        batch_size: int | None,
     ):
         self.inference = cfg.inference
         self.tta_axes = cfg.inference_tta_axes
@@ -57,7 +62,7 @@ class Predictor:
         self.patch = tuple(cfg.data.crop)
         self.model = inference_model(checkpoint, cfg, device)
         self.channels_last = cfg.train.channels_last
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size = device, batch_size or cfg.inference.batch_size
         self.overlap = cfg.inference.overlap if overlap is None else overlap
         self.amp_dtype = resolve_amp("auto", device)
 
@@ -175,7 +180,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         help="sliding-window overlap as a fraction of the patch (default: the checkpoint's inference.overlap)",
     )
-    parser.add_argument("--batch-size", type=int, default=2, help="windows per forward pass")
+    parser.add_argument(
+        "--batch-size", type=int, help="windows per forward pass (default: the checkpoint's inference.batch_size)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing masks and panels")
     return parser.parse_args(argv)
 

@@ -289,7 +289,7 @@ class Trainer:
             overlap=self.cfg.inference.overlap,
             tta_axes=self.cfg.inference_tta_axes,
             largest_component=self.cfg.inference.largest_component,
-            batch_size=self.cfg.train.batch_size,
+            batch_size=self.cfg.inference.batch_size,
             amp_dtype=self.step.amp_dtype,
             channels_last=self.cfg.train.channels_last,
             distances=distances,
