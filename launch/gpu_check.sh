@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check, under 5 minutes on one GPU: bf16/fp16 training throughput with torch.compile off and on, peak memory,
-# one whole-volume evaluation, and a 1-process torchrun with NCCL. Prints a table and writes
+# GPU check, under 5 minutes on one GPU: bf16/fp16 x channels_last training throughput (--compile adds compiled rows),
+# peak memory, the loader's rate, one whole-volume evaluation, a 1-process torchrun with NCCL and CUDA-only checks. Writes
 # bench-results/gpu.json; copy the table into docs/PERFORMANCE.md with the date, GPU model and torch version.
 #   usage: launch/gpu_check.sh [--repeat N] [--out FILE]
 set -euo pipefail

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
