@@ -18,6 +18,8 @@ Environment:
   MASTER_PORT     its port (default: 29500)
   RDZV_ID         id shared by the nodes of one run (default: unet3d)
   NPROC           worker processes per node (default: the number of visible GPUs, or 1 without GPUs)
+  GLOO_SOCKET_IFNAME  network interface for gloo (default: the one that routes to the rendezvous host)
+  NCCL_SOCKET_IFNAME  NCCL's, where its own choice is wrong (e.g. ib0 or eth0)
   PYTHON          interpreter with unet3d_dist installed (default: the active environment's, else the
                   repository's .venv, else python3)
 No node rank is needed: the c10d rendezvous numbers the nodes itself (torchrun ignores --node_rank with it).
@@ -33,6 +35,18 @@ if [ -z "${NNODES:-}" ] || [ -z "${RDZV_ENDPOINT:-${MASTER_ADDR:-}}" ]; then
   usage >&2
   exit 2
 fi
+endpoint=${RDZV_ENDPOINT:-$MASTER_ADDR:${MASTER_PORT:-29500}}
+# gloo (CPU jobs, and the small host-side agreements of GPU jobs) binds to the interface this host's name resolves
+# to, which on many clusters is not the network that reaches the other nodes; by default it takes the interface that
+# routes to the rendezvous host. NCCL picks its own (InfiniBand first); set NCCL_SOCKET_IFNAME where it picks wrong.
+if [ -z "${GLOO_SOCKET_IFNAME:-}" ] && command -v ip >/dev/null; then
+  head_ip=$(getent ahostsv4 "${endpoint%:*}" | awk 'NR == 1 {print $1}') || true
+  GLOO_SOCKET_IFNAME=$(ip route get "$head_ip" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p') || true
+  if [ -n "$GLOO_SOCKET_IFNAME" ]; then
+    export GLOO_SOCKET_IFNAME
+    echo "launch: GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME (the interface that reaches $head_ip)" >&2
+  fi
+fi
 run_trainer "${TORCHRUN[@]}" --nnodes="$NNODES" --nproc_per_node="${NPROC:-$(default_nproc)}" \
-  --rdzv_backend=c10d --rdzv_endpoint="${RDZV_ENDPOINT:-$MASTER_ADDR:${MASTER_PORT:-29500}}" \
+  --rdzv_backend=c10d --rdzv_endpoint="$endpoint" \
   --rdzv_id="${RDZV_ID:-unet3d}" -m unet3d_dist.train "${trainer_args[@]}"
