@@ -73,11 +73,14 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     train(tmp_path, tiny_dataset, "train.epochs=1", "log.run_name=div")
     good = tmp_path / "div" / "checkpoints" / "ckpt-00000004.pt"
     before = good.read_bytes()
-    # Finite but absurd intensities overflow float32 inside the network: the run diverges on resume.
+    # Finite but absurd intensities overflow float32 inside the network: every step on resume is skipped, and the
+    # third in a row stops the run.
     case = box_case("huge", (24, 24, 16), np.s_[4:12, 4:12, 4:10], "train", 0)
     case.image = case.image * np.float32(1e36)
     write_dataset(tmp_path / "huge", [case], ["background", "box"], name="huge", modality="CT", preprocessing={})
-    result = train(tmp_path, tmp_path / "huge", "train.epochs=3", "log.run_name=div", check=False)
+    result = train(
+        tmp_path, tmp_path / "huge", "train.epochs=3", "train.max_nonfinite=3", "log.run_name=div", check=False
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "non-finite steps in a row" in result.stderr and "the last good checkpoint" in result.stderr
     assert sorted(p.name for p in good.parent.glob("ckpt-*.pt")) == [good.name]

@@ -29,17 +29,7 @@ def training_state() -> dict:
     step(image, (image[:, 0] > 1).long())
     train_state = {"epoch": 1, "step_in_epoch": 3, "global_step": 53, "best_dice": 0.5, "nonfinite_in_row": 0}
     dataset = {"classes": ["background", "foreground"], "modality": "CT", "preprocessing": {}}
-    return training_checkpoint(
-        model,
-        step.optimizer,
-        step.scheduler,
-        step.scaler,
-        train_state,
-        [rng_state(torch.device("cpu"))],
-        cfg,
-        dataset,
-        "bench",
-    )
+    return training_checkpoint(step, train_state, [rng_state(torch.device("cpu"))], cfg, dataset, "bench")
 
 
 def main(argv: list[str]) -> None:
