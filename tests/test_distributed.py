@@ -207,7 +207,9 @@ def test_a_second_job_on_a_held_run_directory_is_refused_and_a_dead_jobs_lock_is
     assert second.stderr.strip().splitlines() == [second.stderr.strip()]
     assert f"is in use by another job (pid {first.pid} on host {socket.gethostname()} since " in second.stderr
     kill_whole_job(first)
-    taken_over = run(trainer(1) + overrides(tiny_dataset, tmp_path, "held", "train.epochs=2", WORKERS))
+    # The first job went on while the second was refused (seconds on a loaded machine): go one epoch past it.
+    epochs = final_state(tmp_path / "held")["train_state"]["epoch"] + 2
+    taken_over = run(trainer(1) + overrides(tiny_dataset, tmp_path, "held", f"train.epochs={epochs}", WORKERS))
     assert taken_over.returncode == 0 and "resumed at epoch" in taken_over.stdout, taken_over.stdout + taken_over.stderr
 
 
