@@ -5,18 +5,18 @@ import json
 import torch
 from conftest import train
 
+TINY_RUN = (
+    "train.epochs=10",
+    "data.samples_per_epoch=16",
+    "optim.lr=0.05",
+    "optim.momentum=0.9",
+    "train.val_every=5",
+    "log.run_name=tiny",
+)
+
 
 def test_tiny_run_learns_and_leaves_checkpoints_and_a_loss_plot(tmp_path, tiny_dataset):
-    result = train(
-        tmp_path,
-        tiny_dataset,
-        "train.epochs=10",
-        "data.samples_per_epoch=16",
-        "optim.lr=0.05",
-        "optim.momentum=0.9",
-        "train.val_every=5",
-        "log.run_name=tiny",
-    )
+    result = train(tmp_path, tiny_dataset, *TINY_RUN)
     run = tmp_path / "tiny"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
@@ -38,16 +38,7 @@ def test_tiny_run_learns_and_leaves_checkpoints_and_a_loss_plot(tmp_path, tiny_d
         return {path: path.read_bytes() for path in run.rglob("*") if path.is_file() and path.name != "run.lock"}
 
     before = files()
-    again = train(
-        tmp_path,
-        tiny_dataset,
-        "train.epochs=10",
-        "data.samples_per_epoch=16",
-        "optim.lr=0.05",
-        "optim.momentum=0.9",
-        "train.val_every=5",
-        "log.run_name=tiny",
-    )
+    again = train(tmp_path, tiny_dataset, *TINY_RUN)
     assert f"run {run} is already complete (80 steps, 10 epochs; best validation Dice" in again.stdout
     assert "resumed" not in again.stdout
     assert files() == before

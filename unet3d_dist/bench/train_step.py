@@ -193,32 +193,15 @@ def main(argv: list[str]) -> None:
         {"crop": crop, "batch": args.batch, "peak_format": peak_format, "peak_gflops": peak, "results": measured},
     )
     for r in measured:
+        variant = [r["model"], r["heap"], r["amp"], r["channels_last"], r["compile"]]
         if "failed" in r:
-            rows.append(
-                [
-                    r["model"],
-                    r["heap"],
-                    r["amp"],
-                    r["channels_last"],
-                    r["compile"],
-                    f"failed: {r['failed']}",
-                    "",
-                    "",
-                    "",
-                    "",
-                    "",
-                ]
-            )
+            rows.append([*variant, f"failed: {r['failed']}", "", "", "", "", ""])
             continue
         compared_with = r["peak_gflops"] if r["heap"] != "glibc" or peak is None else peak
         r["fraction_of_peak"] = r["gflops"] / compared_with
         rows.append(
             [
-                r["model"],
-                r["heap"],
-                r["amp"],
-                r["channels_last"],
-                r["compile"],
+                *variant,
                 r["ms_per_step"],
                 r["voxels_per_s"] / 1e6,
                 r["gflop_per_step"],
