@@ -28,6 +28,13 @@ def test_exponent_notation_is_a_number_in_files_and_overrides(tmp_path):
     assert cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 3e-5
 
 
+def test_a_bare_off_is_the_choice_off_not_yamls_false(tmp_path):
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  amp: off\n")
+    assert load_config(recipe).train.amp == "off"
+
+
 def test_round_trip_through_dict_and_dump(tmp_path):
     cfg = load_config(None, ["train.amp=bf16", "log.run_name=x"])
     cfg.dump(tmp_path / "config.yaml")

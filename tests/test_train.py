@@ -121,7 +121,7 @@ def test_a_dataset_prepared_before_checksums_trains_with_a_one_line_note(tmp_pat
 
 
 def test_a_resume_in_another_precision_starts_the_loss_scaler_afresh(tmp_path, tiny_dataset):
-    train(tmp_path, tiny_dataset, "train.epochs=1", "log.run_name=precision")
+    train(tmp_path, tiny_dataset, "train.epochs=1", "train.amp=off", "log.run_name=precision")
     resumed = train(tmp_path, tiny_dataset, "train.epochs=2", "train.amp=fp16", "log.run_name=precision")
     assert "precision: off -> fp16; the loss scaler starts afresh" in resumed.stdout
     ckpt = torch.load(tmp_path / "precision" / "checkpoints" / "ckpt-00000008.pt", weights_only=True)

@@ -124,7 +124,8 @@ class TrainConfig:
         "auto", "where to train; auto takes the GPU of the local rank if present"
     )
     amp: Literal["auto", "bf16", "fp16", "off"] = setting(
-        "auto", "mixed precision; auto is bf16 on capable GPUs, fp16 on others, off on CPU"
+        "auto",
+        "mixed precision; auto is bf16 on capable GPUs, fp16 on others, bf16 on CPUs with AVX512-BF16 or AMX, else off",
     )
     channels_last: bool = setting(True, "channels_last_3d memory format (faster convolutions)")
     compile: bool = setting(False, "wrap the model in torch.compile")
@@ -283,6 +284,8 @@ def _coerce(key: str, value: Any, hint: Any, meta: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
+        if isinstance(value, bool) and ("off" if not value else "on") in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean: train.amp=off
         if value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, not {value!r}")
         return value

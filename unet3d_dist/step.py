@@ -26,7 +26,7 @@ class TrainStep:
         self.model = self.net = model
         self.device = device
         self.channels_last = cfg.train.channels_last
-        self.amp_dtype = resolve_amp(cfg.train.amp, device)
+        self.amp_dtype = resolve_amp(cfg.train.amp, device, crop=cfg.data.crop)
         self.loss_fn = build_loss(cfg.loss, cfg.model.deep_supervision)
         self.optimizer = build_optimizer(list(model.parameters()), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total_steps)
