@@ -20,9 +20,12 @@ from medpy.metric import binary as medpy
 from unet3d_dist.checkpoint import dataset_entry, inference_checkpoint, inference_model, read_checkpoint
 from unet3d_dist.config import load_config
 from unet3d_dist.data.shards import ShardedDataset, write_dataset
+from unet3d_dist.ensemble import build_members, read_checkpoints
 from unet3d_dist.evaluate import UNFINISHED, main
+from unet3d_dist.inference import resample_to_shape, sliding_window_logits
 from unet3d_dist.masks import load_mask
 from unet3d_dist.model import build_model
+from unet3d_dist.precision import resolve_amp
 from unet3d_dist.scoring import ScoringOptions, predict_case
 
 CASES = ["big", "border", "empty", "small", "wide"]
@@ -45,16 +48,20 @@ def five_cases(tmp_path_factory) -> Path:
     return root
 
 
+def write_checkpoint(path: Path, dataset: Path, seed: int, *overrides: str, **entry: object) -> Path:
+    """An inference checkpoint as the Trainer writes it, of a fresh tiny model (the tests check plumbing, not skill);
+    ``entry`` replaces items of its dataset entry (classes, preprocessing)."""
+    cfg = load_config(None, [f"data.dataset={dataset}", *TINY, *overrides])
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, 1, len(CLASSES))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(inference_checkpoint(model, cfg, dataset_entry(ShardedDataset(dataset)) | entry), path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, five_cases) -> Path:
-    """An inference checkpoint as the Trainer writes it (of a fresh tiny model: the tests check plumbing, not skill)."""
-    cfg = load_config(None, [f"data.dataset={five_cases}", *TINY])
-    torch.manual_seed(3)
-    model = build_model(cfg.model, 1, len(CLASSES))
-    path = tmp_path_factory.mktemp("run") / "tiny" / "checkpoints" / "best.pt"
-    path.parent.mkdir(parents=True)
-    torch.save(inference_checkpoint(model, cfg, dataset_entry(ShardedDataset(five_cases))), path)
-    return path
+    return write_checkpoint(tmp_path_factory.mktemp("run") / "tiny" / "checkpoints" / "best.pt", five_cases, 3)
 
 
 def evaluate_command(*args: str, world: int = 1) -> list[str]:
@@ -107,9 +114,7 @@ def test_every_test_case_is_scored_once_and_matches_medpy_on_the_saved_masks(sin
 
 def test_masks_carry_the_scan_geometry_and_the_prediction(single_process, five_cases, checkpoint):
     dataset = ShardedDataset(five_cases)
-    saved, cfg = read_checkpoint(checkpoint)
-    model = inference_model(saved, cfg, torch.device("cpu"))  # as the command builds it
-    options = ScoringOptions(patch=cfg.data.crop, channels_last=True)
+    members = build_members(read_checkpoints([checkpoint]), torch.device("cpu"))  # as the command builds them
     for case_id in ("small", "border"):
         image = sitk.ReadImage(str(single_process / "masks" / f"{case_id}.nii.gz"))
         record = dataset.records[case_id]
@@ -117,7 +122,8 @@ def test_masks_carry_the_scan_geometry_and_the_prediction(single_process, five_c
         assert image.GetSpacing() == pytest.approx(record["spacing"]) and image.GetOrigin() == pytest.approx(
             record["origin"]
         )
-        expected = predict_case(model, dataset, case_id, options, torch.device("cpu"))
+        options = ScoringOptions(amp_dtype=resolve_amp("auto", torch.device("cpu")))  # the command's --amp auto
+        expected = predict_case(members, dataset, case_id, options, torch.device("cpu"))
         assert np.array_equal(sitk.GetArrayFromImage(image).transpose(2, 1, 0), expected)
 
 
@@ -311,3 +317,95 @@ def test_training_validation_can_score_surface_distances(tmp_path, tiny_dataset)
     validation = next(r for r in rows if "val/dice" in r)
     assert {"val/jaccard", "val/hd95_mm", "val/assd_mm", "val/hd_vox"} <= set(validation)
     assert 0 <= validation["val/dice"] <= 1
+
+
+@pytest.fixture(scope="module")
+def other_member(tmp_path_factory, five_cases) -> Path:
+    """A second member that looks at volumes its own way: another seed, crop and flips, trained at 2 mm spacing."""
+    path = tmp_path_factory.mktemp("run") / "other" / "checkpoints" / "best.pt"
+    return write_checkpoint(
+        path,
+        five_cases,
+        5,
+        "data.crop=[24,16,16]",
+        "data.flip_axes=x",
+        "inference.tta_flips=true",
+        preprocessing={"spacing": [2.0, 2.0, 2.0]},
+    )
+
+
+def member_probabilities(checkpoint: Path, image: torch.Tensor, record: dict) -> torch.Tensor:
+    """One member's softmax on the case's grid, built from the sliding window alone (the ensemble's oracle)."""
+    saved, cfg = read_checkpoint(checkpoint)
+    model = inference_model(saved, cfg, torch.device("cpu"))
+    own, spacing = saved["dataset"]["preprocessing"].get("spacing"), record["spacing"]
+    shape = tuple(image.shape[1:])
+    seen = resample_to_shape(image, [round(n * s / o) for n, s, o in zip(shape, spacing, own)]) if own else image
+    axes = cfg.data.flip_axis_indices if cfg.inference.tta_flips else ()
+    amp = resolve_amp("auto", torch.device("cpu"))  # the command's --amp auto
+    logits = sliding_window_logits(
+        model,
+        seen,
+        tuple(cfg.data.crop),
+        2,
+        pad_value=record["image_min"],
+        tta_axes=axes,
+        amp_dtype=amp,
+        channels_last=cfg.train.channels_last,
+    )
+    return (resample_to_shape(logits, shape) if own else logits).softmax(0)
+
+
+def test_an_ensemble_averages_its_members_softmax_each_at_its_own_spacing_on_two_ranks(
+    tmp_path, five_cases, checkpoint, other_member
+):
+    out = tmp_path / "ensemble"
+    command = evaluate_command(
+        "--checkpoint", str(checkpoint), str(other_member), "--out", str(out), "--panels", "0", world=2
+    )
+    result = run(command, WANDB_MODE="disabled")
+    assert "ensemble of 2 checkpoints" in result.stdout and "patch=16x16x8,24x16x16" in result.stdout
+    rows = read_csv(out / "results.csv")
+    assert [r["case"] for r in rows] == CASES
+    assert json.loads((out / "results.json").read_text())["checkpoints"] == [str(checkpoint), str(other_member)]
+    dataset = ShardedDataset(five_cases)
+    differs_from_a_member = False
+    for case_id in ("big", "wide"):
+        image = torch.from_numpy(dataset.image(case_id))[None]
+        record = dataset.records[case_id]
+        first, second = (member_probabilities(path, image, record) for path in (checkpoint, other_member))
+        expected = ((first + second) / 2).argmax(0).numpy()
+        assert np.array_equal(load_mask(out / "masks" / f"{case_id}.nii.gz"), expected)
+        differs_from_a_member |= any(not np.array_equal(expected, p.argmax(0).numpy()) for p in (first, second))
+    assert differs_from_a_member  # else the test could not tell an ensemble from one member
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"classes": ["background", "organ"]}, "they segment different classes (['background', 'box'] and"),
+        (
+            {"preprocessing": {"normalization": {"kind": "zscore"}}},
+            "prepared differently (preprocessing.normalization: None and {'kind': 'zscore'})",
+        ),
+    ],
+)
+def test_an_ensemble_of_checkpoints_that_disagree_is_refused_in_one_sentence(
+    tmp_path, five_cases, checkpoint, capsys, entry, message
+):
+    stranger = write_checkpoint(tmp_path / "stranger.pt", five_cases, 4, **entry)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(checkpoint), str(stranger), "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1
+    assert f"checkpoints {checkpoint} and {stranger} cannot form an ensemble: " in error and message in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_ensemble_of_folds_is_not_scored_on_a_folds_held_out_cases(tmp_path, five_cases, capsys):
+    folds = [
+        write_checkpoint(tmp_path / f"fold{k}.pt", five_cases, k, "data.folds=2", f"data.fold={k}") for k in (0, 1)
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", *map(str, folds), "--split", "val", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "which the other members trained on" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from conftest import SHARED_DATA, TINY, free_port, recipe, small_cases
 from rich.console import Console
 
@@ -144,3 +145,61 @@ def test_one_process_says_which_input_is_padded_and_writes_into_the_run_by_defau
         f"{image}: prepared shape 30x25x28 is smaller than the patch 32x32x32 along x, y, z, so it is padded there",
         f"wrote {out / 'image_mask.nii.gz'} and {out / 'image_panel.png'}",
     ]
+
+
+@pytest.fixture(scope="module")
+def coarser_member(checkpoint, tmp_path_factory) -> Path:
+    """A second member trained at 16 mm instead of 12 (the fixture's weights, another seed's head)."""
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["dataset"]["preprocessing"]["spacing"] = [16.0, 16.0, 16.0]
+    torch.manual_seed(7)
+    for name, value in saved["model"].items():
+        if name.startswith("head"):
+            saved["model"][name] = torch.randn_like(value) if value.is_floating_point() else value
+    path = tmp_path_factory.mktemp("coarser") / "coarse" / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(saved, path)
+    return path
+
+
+def test_an_ensemble_at_two_spacings_predicts_on_each_inputs_grid_from_two_ranks(checkpoint, coarser_member, tmp_path):
+    inputs = [SHARED_DATA / "ct_abdomen/image.nii.gz", SHARED_DATA / "ct_dicom/series"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--master-port={free_port()}", "--nproc_per_node=2"]
+    members = ["--checkpoint", str(checkpoint), "--checkpoint", str(coarser_member)]
+    result = subprocess.run(
+        [*torchrun, "-m", "unet3d_dist.predict", *members, *map(str, inputs), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = checkpoint.parent.parent.parent / "ensemble-predictions"  # beside the first member's run
+    alone = predict(checkpoint, inputs[0], "--out", tmp_path / "alone")
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    source = sitk.ReadImage(str(inputs[0]))
+    ensemble = sitk.ReadImage(str(out / "image_mask.nii.gz"))
+    assert ensemble.GetSize() == source.GetSize() and ensemble.GetSpacing() == pytest.approx(source.GetSpacing())
+    single = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "alone" / "image_mask.nii.gz")))
+    assert not np.array_equal(sitk.GetArrayFromImage(ensemble), single)  # the second member had its say
+    assert (out / "series_mask.nii.gz").is_file() and (out / "series_panel.png").is_file()
+
+
+def test_a_checkpoint_given_as_an_input_or_a_mismatched_member_is_refused_in_one_sentence(checkpoint, tmp_path):
+    image = SHARED_DATA / "ct_abdomen/image.nii.gz"
+    stray = predict(checkpoint, checkpoint, image, "--out", tmp_path / "a")
+    assert stray.returncode == 2
+    assert (
+        stray.stderr
+        == f"error: input {checkpoint} is a checkpoint; give each member of an ensemble its own --checkpoint\n"
+    )
+
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["dataset"]["preprocessing"]["normalization"] = {"kind": "zscore"}
+    other = tmp_path / "zscore.pt"
+    torch.save(saved, other)
+    mismatched = predict(checkpoint, "--checkpoint", other, image, "--out", tmp_path / "b")
+    assert mismatched.returncode == 2 and mismatched.stderr.count("\n") == 1
+    assert f"checkpoints {checkpoint} and {other} cannot form an ensemble: their training data were prepared " in (
+        mismatched.stderr
+    )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -35,6 +35,13 @@ def test_crossval_trains_every_fold_and_scores_each_case_once(tmp_path, tiny_dat
     summary = (tmp_path / "tinycv-cv" / "summary.md").read_text()
     assert "| pooled (4) | box |" in summary and "| fold 0 (2) | box |" in summary and "hd95_vox" in summary
     assert "pooled" in printed
+    # The printed ensemble command scores the two fold models together on the test case, which neither saw.
+    evaluate = next(line for line in printed.splitlines() if "score it on cases no fold trained on" in line)
+    command = evaluate.split(": ", 1)[1].split()
+    assert command[:3] == ["python", "-m", "unet3d_dist.evaluate"] and command.count("--checkpoint") == 2
+    run(*command[2:], "--wandb", "disabled")
+    ensemble = json.loads((tmp_path / "tinycv-cv" / "ensemble-test" / "results.json").read_text())
+    assert [r["case"] for r in ensemble["cases"]] == ["f"] and len(ensemble["checkpoints"]) == 2
     # Running it again skips the finished folds and only rewrites the summary.
     again = run("unet3d_dist.crossval", "--config", str(recipe), "--folds", "2", *overrides).stdout
     assert "unet3d_dist.train" not in again

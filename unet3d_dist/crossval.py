@@ -4,7 +4,8 @@ For each fold it trains ``<run_name>-fold<k>`` (``data.folds``/``data.fold``; un
 which defaults to the visible GPUs) and evaluates that run's last checkpoint on the fold's held-out cases. The last
 checkpoint, not ``best.pt``: best.pt is chosen by Dice on those very cases, which would leak them into the score.
 Finished folds are skipped, so rerunning the command resumes. The pooled per-case table goes to
-``runs/<run_name>-cv/``: ``summary.json`` and ``summary.md`` (per fold and pooled, in mm and in voxels).
+``runs/<run_name>-cv/``: ``summary.json`` and ``summary.md`` (per fold and pooled, in mm and in voxels). At the end
+it prints the commands that predict new scans with the fold ensemble and score it on the test split.
 """
 
 from __future__ import annotations
@@ -135,6 +136,22 @@ def main(argv: list[str] | None = None) -> None:
     (cv_dir / "summary.md").write_text(markdown)
     print(markdown)
     print(f"wrote {cv_dir / 'summary.md'} and {cv_dir / 'summary.json'}")
+    members = [
+        Checkpointer(Path(cfg.log.runs_dir) / f"{cfg.log.run_name}-fold{k}", 1).latest() for k in range(args.folds)
+    ]
+    if all(members):
+        print(ensemble_commands(members, cv_dir))
+
+
+def ensemble_commands(members: list[Path], cv_dir: Path) -> str:
+    """How to use the folds as one model: each fold's last checkpoint, their softmax averaged."""
+    flags = " ".join(f"--checkpoint {path}" for path in members)
+    return (
+        f"the {len(members)}-fold ensemble (each fold's last checkpoint):\n"
+        f"  predict new scans: python -m unet3d_dist.predict {flags} SCAN... --out {cv_dir / 'predictions'}\n"
+        f"  score it on cases no fold trained on: python -m unet3d_dist.evaluate {flags} --split test "
+        f"--out {cv_dir / 'ensemble-test'}"
+    )
 
 
 if __name__ == "__main__":

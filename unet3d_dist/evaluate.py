@@ -1,7 +1,10 @@
-"""Evaluation entry point: ``python -m unet3d_dist.evaluate --checkpoint PATH [--data DATASET] [--split test]``.
+"""Evaluation entry point: ``python -m unet3d_dist.evaluate --checkpoint PATH... [--data DATASET] [--split test]``.
+
+Several checkpoints (the folds of a cross-validation, say) are evaluated as one ensemble (``ensemble.py``): their
+softmax probabilities, each after its own flip averaging and at its own spacing, are averaged before the argmax.
 
 The same command runs under ``torchrun --nproc_per_node=N``: each rank predicts and scores its own volumes, and
-writes into ``--out`` (default ``<run dir>/eval-<split>/``):
+writes into ``--out`` (default ``<run dir>/eval-<split>/``, for an ensemble ``<runs dir>/ensemble-eval-<split>/``):
 
 - ``results.csv`` and ``results.json``: one record per (case, foreground class); the JSON adds the summary.
 - ``masks/<case>.nii.gz`` (or ``.h5``): predicted label maps with the scan's spacing, origin and direction (each
@@ -25,17 +28,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, inference_model, read_checkpoint, run_dir_of
+from .checkpoint import CheckpointError, run_dir_of
 from .config import Config, ConfigError
 from .data.shards import DatasetError, ShardedDataset
 from .data.source import open_dataset
 from .data.splits import run_cases
 from .dist import barrier, default_workers, runtime
+from .ensemble import Loaded, build_members, describe, read_checkpoints
 from .files import atomic_write, atomic_write_text
 from .logger import RunLogger, new_run_id
 from .masks import load_mask, mask_path
 from .model import DIVISOR
-from .precision import resolve_amp
+from .precision import amp_name, resolve_amp
 from .report import slice_panel
 from .results import json_ready, metric_columns, summarize, write_csv, write_json
 from .scoring import ScoringOptions, default_metric_workers, score_cases
@@ -51,7 +55,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="unet3d-evaluate",
         description="Evaluate a checkpoint on whole volumes (single process, torchrun or srun).",
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by unet3d-train")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        nargs="+",
+        action="extend",
+        required=True,
+        help="a checkpoint written by unet3d-train; several (after one --checkpoint, or each after its own) are "
+        "evaluated as an ensemble, their softmax averaged",
+    )
     parser.add_argument(
         "--data", help="prepared dataset folder, or 'synthetic' (default: the checkpoint's data.dataset)"
     )
@@ -69,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ),
     )
     parser.add_argument(
-        "--patch", type=int, nargs=3, metavar=("X", "Y", "Z"), help="window size (default: the training crop)"
+        "--patch", type=int, nargs=3, metavar=("X", "Y", "Z"), help="window size (default: each checkpoint's crop)"
     )
     parser.add_argument(
         "--overlap",
@@ -126,9 +138,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def default_out(checkpoint: Path, split: str) -> Path:
-    """``runs/<name>/eval-<split>`` for ``runs/<name>/checkpoints/<file>``; beside the file otherwise."""
-    return run_dir_of(checkpoint) / f"eval-{split}"
+def default_out(checkpoints: list[Path], split: str) -> Path:
+    """``runs/<name>/eval-<split>`` for ``runs/<name>/checkpoints/<file>`` (beside the file otherwise); for an
+    ensemble ``runs/ensemble-eval-<split>``, beside its first member's run."""
+    if len(checkpoints) > 1:
+        return run_dir_of(checkpoints[0]).parent / f"ensemble-eval-{split}"
+    return run_dir_of(checkpoints[0]) / f"eval-{split}"
 
 
 def check_arguments(args: argparse.Namespace, out: Path) -> None:
@@ -167,8 +182,8 @@ def claim_out(out: Path, args: argparse.Namespace) -> None:
     run left, so the folder never mixes two evaluations."""
     out.mkdir(parents=True, exist_ok=True)
     note = (
-        f"unet3d-evaluate of {args.checkpoint} on split {args.split!r} is writing this folder; this file is removed "
-        f"once {RESULTS_JSON} is written. If that run stopped, rerun it to finish.\n"
+        f"unet3d-evaluate of {' '.join(map(str, args.checkpoint))} on split {args.split!r} is writing this folder; "
+        f"this file is removed once {RESULTS_JSON} is written. If that run stopped, rerun it to finish.\n"
     )
     atomic_write_text(out / UNFINISHED, note)
     for path in (out / name for name in OUTPUTS):
@@ -227,11 +242,18 @@ def draw_panels(
 class Request:
     """What was evaluated and where it goes: recorded in results.json and in the wandb run's config."""
 
-    checkpoint: Path
+    checkpoints: list[Path]
     dataset: Path
     split: str
     out: Path
     panels: int
+
+
+def plain(value: Any) -> Any:
+    """Paths (and lists of them) as strings, for JSON and wandb."""
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    return str(value) if isinstance(value, Path) else value
 
 
 def write_outputs(
@@ -264,7 +286,7 @@ def write_outputs(
             for row in summary
         ],
     )
-    record = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(request).items()}
+    record = {key: plain(value) for key, value in asdict(request).items()}
     logger.start_wandb(wandb_mode, cfg.log.wandb_project, f"{cfg.log.run_name}-eval-{split}", new_run_id(), record)
     columns = list(records[0])
     logger.log_table(0, f"eval/{split}/cases", columns, [[json_ready(r.get(c)) for c in columns] for r in records])
@@ -279,43 +301,53 @@ def write_outputs(
     )
 
 
+def check_ensemble_split(loaded: list[Loaded], split: str) -> None:
+    """A fold's 'val' cases are the other folds' training cases: an ensemble of folds scored there would be scored
+    on what its members learnt from."""
+    folds = [item.path for item in loaded if item.cfg.data.folds]
+    if len(loaded) > 1 and split == "val" and folds:
+        raise ConfigError(
+            f"--split val of cross-validation checkpoints such as {folds[0]} is one fold's held-out cases, which the "
+            "other members trained on; evaluate an ensemble on cases none of its members saw (--split test)"
+        )
+
+
 def evaluate(args: argparse.Namespace) -> None:
-    checkpoint, cfg = read_checkpoint(args.checkpoint)
+    loaded = read_checkpoints(args.checkpoint)
+    checkpoint, cfg = loaded[0].checkpoint, loaded[0].cfg
     if args.data:
         cfg.data.dataset = args.data
     out = args.out or default_out(args.checkpoint, args.split)
     check_arguments(args, out)
+    check_ensemble_split(loaded, args.split)
     with runtime(args.device) as env:
         dataset = open_dataset(cfg.data, env)
-        case_ids = check_dataset(dataset, args.split, checkpoint, args.checkpoint, cfg)
+        case_ids = check_dataset(dataset, args.split, checkpoint, loaded[0].path, cfg)
         if env.is_main:
             claim_out(out, args)
         barrier()  # no rank writes a mask before the folder is claimed and cleared
         options = ScoringOptions(
-            patch=tuple(args.patch or cfg.data.crop),
             overlap=cfg.inference.overlap if args.overlap is None else args.overlap,
             batch_size=args.batch_size or cfg.inference.batch_size,
-            tta_axes=cfg.data.flip_axis_indices if (cfg.inference.tta_flips if args.tta is None else args.tta) else (),
             largest_component=cfg.inference.largest_component
             if args.largest_component is None
             else args.largest_component,
-            model_spacing=checkpoint["dataset"].get("preprocessing", {}).get("spacing"),
             amp_dtype=resolve_amp(args.amp, env.device),
-            channels_last=cfg.train.channels_last,
             stitch_device="cpu" if args.stitch_device == "cpu" else None,
             distances=True,
             metric_workers=args.workers if args.workers >= 0 else default_metric_workers(default_workers(env)),
             masks_dir=out / "masks",
             mask_format=args.mask_format,
         )
+        members = build_members(loaded, env.device, args.patch, args.tta)
         logger = RunLogger(env.is_main, out)
+        patches = sorted({"x".join(map(str, member.patch)) for member in members})
         logger.info(
-            f"[bold]unet3d-evaluate[/] {args.checkpoint} on {len(case_ids)} {args.split!r} cases of {dataset.root}  "
-            f"world={env.world_size}  device={env.device.type}  patch={'x'.join(map(str, options.patch))}  "
-            f"overlap={options.overlap}  metric workers/rank={options.metric_workers}"
+            f"[bold]unet3d-evaluate[/] {describe(loaded)} on {len(case_ids)} {args.split!r} cases of {dataset.root}  "
+            f"world={env.world_size}  device={env.device.type}  patch={','.join(patches)}  overlap={options.overlap}  "
+            f"amp={amp_name(options.amp_dtype)}  metric workers/rank={options.metric_workers}"
         )
-        model = inference_model(checkpoint, cfg, env.device)
-        records = score_cases(model, dataset, case_ids, env, options)
+        records = score_cases(members, dataset, case_ids, env, options)
         if records is not None:
             request = Request(args.checkpoint, dataset.root, args.split, out, args.panels)
             write_outputs(records, dataset, options, request, cfg, args.wandb or cfg.log.wandb, logger)

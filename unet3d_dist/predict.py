@@ -1,4 +1,4 @@
-"""Prediction on new scans: ``python -m unet3d_dist.predict --checkpoint CKPT INPUT... [--out DIR]``.
+"""Prediction on new scans: ``python -m unet3d_dist.predict --checkpoint CKPT [--checkpoint ...] INPUT... [--out DIR]``.
 
 Each input (a NIfTI/NRRD/MHA file or a DICOM series folder, no label) goes through the preprocessing its training
 data had (the manifest's ``preprocessing``, stored in the checkpoint): reorientation, resampling, normalisation. The
@@ -8,6 +8,10 @@ says so), and the class map is moved back onto the input's own grid by nearest n
 ``DIR/<name>_mask.nii.gz`` has the input's exact size, spacing, origin and direction. Voxel values are indices into
 the checkpoint's classes. ``DIR/<name>_panel.png`` shows three slices. ``DIR`` defaults to ``<run dir>/predictions``
 (``runs/<name>/predictions`` for ``runs/<name>/checkpoints/<file>``).
+
+Several checkpoints predict as one ensemble (``ensemble.py``): each member on the input prepared at its own
+spacing, with its own patch and flips; their softmax probabilities, on the first member's grid, are averaged before
+the argmax.
 
 Under torchrun every rank takes a disjoint, size-balanced share of the inputs. A bad input (unreadable, or with NaN
 or infinite voxels, refused as ``prepare`` refuses it) is reported with one sentence and skipped (exit status 3);
@@ -24,13 +28,14 @@ from typing import Any
 import SimpleITK as sitk
 import torch
 
-from .checkpoint import CheckpointError, inference_model, read_checkpoint, run_dir_of
-from .config import Config, ConfigError
+from .checkpoint import CheckpointError, run_dir_of
+from .config import ConfigError
 from .data.preprocess import CANONICAL_ORIENTATION, axes_smaller, dims, model_input, onto_grid, reorient
 from .data.readers import CaseError, array_xyz, check_finite, image_xyz, read_image, strip_suffix
 from .dist import gather_to_main, runtime
+from .ensemble import Loaded, Member, build_members, mean_probabilities, read_checkpoints
 from .files import atomic_write
-from .inference import keep_largest_component, predict_labels, sliding_window_logits
+from .inference import keep_largest_component, predict_labels, resample_to_shape, sliding_window_logits
 from .precision import resolve_amp
 from .report import DISPLAY_WINDOWS, slice_panel
 from .scoring import balanced_shards
@@ -39,54 +44,54 @@ EXIT_SKIPPED = 3
 
 
 class Predictor:
-    """A trained model with the preprocessing and patch its training used."""
+    """Trained models (one, or an ensemble) with the preprocessing and patches their training used."""
 
-    def __init__(
-        self,
-        checkpoint: dict[str, Any],
-        cfg: Config,
-        device: torch.device,
-        overlap: float | None,
-        batch_size: int | None,
-    ):
+    def __init__(self, loaded: list[Loaded], device: torch.device, overlap: float | None, batch_size: int | None):
+        first, cfg = loaded[0], loaded[0].cfg
         self.inference = cfg.inference
-        self.tta_axes = cfg.inference_tta_axes
-        self.classes: list[str] = checkpoint["dataset"]["classes"]
-        self.preprocessing: dict[str, Any] = checkpoint["dataset"]["preprocessing"]
-        self.modality: str = checkpoint["dataset"].get("modality", "")
-        if "normalization" not in self.preprocessing:
+        self.classes: list[str] = first.dataset["classes"]
+        self.modality: str = first.dataset.get("modality", "")
+        self.preprocessing: list[dict[str, Any]] = [item.dataset["preprocessing"] for item in loaded]
+        if "normalization" not in self.preprocessing[0]:
             raise CheckpointError(
-                "the checkpoint's dataset records no preprocessing.normalization, so new scans cannot be prepared "
-                "like its training data"
+                f"checkpoint {first.path}'s dataset records no preprocessing.normalization, so new scans cannot be "
+                "prepared like its training data"
             )
-        self.patch = tuple(cfg.data.crop)
-        self.model = inference_model(checkpoint, cfg, device)
-        self.channels_last = cfg.train.channels_last
+        self.members = build_members(loaded, device)
+        self.patch = self.members[0].patch
         self.device, self.batch_size = device, batch_size or cfg.inference.batch_size
         self.overlap = cfg.inference.overlap if overlap is None else overlap
         self.amp_dtype = resolve_amp("auto", device)
 
     def prepare(self, image: sitk.Image) -> sitk.Image:
-        """``image`` on the grid and scale the network was trained on."""
-        return model_input(image, self.preprocessing)
+        """``image`` on the grid and scale the (first) network was trained on."""
+        return model_input(image, self.preprocessing[0])
 
     def mask(self, image: sitk.Image, prepared: sitk.Image) -> sitk.Image:
-        """Class map on ``image``'s own grid (uint8), predicted on ``prepared`` (``self.prepare(image)``)."""
-        voxels = torch.from_numpy(array_xyz(prepared))
-        logits = sliding_window_logits(
-            self.model,
-            voxels[None],
-            self.patch,
-            len(self.classes),
-            overlap=self.overlap,
-            batch_size=self.batch_size,
-            pad_value=float(voxels.min()),
-            amp_dtype=self.amp_dtype,
-            device=self.device,
-            tta_axes=self.tta_axes,
-            channels_last=self.channels_last,
-        )
-        labels = predict_labels(logits)
+        """Class map on ``image``'s own grid (uint8), predicted on ``prepared`` (``self.prepare(image)``); a member
+        trained at another spacing predicts on the image prepared at its spacing, resampled onto ``prepared``."""
+        shape = tuple(array_xyz(prepared).shape)
+
+        def member_logits(member: Member, preprocessing: dict[str, Any]) -> torch.Tensor:
+            same_grid = preprocessing.get("spacing") == self.preprocessing[0].get("spacing")
+            voxels = torch.from_numpy(array_xyz(prepared if same_grid else model_input(image, preprocessing)))
+            logits = sliding_window_logits(
+                member.model,
+                voxels[None],
+                member.patch,
+                len(self.classes),
+                overlap=self.overlap,
+                batch_size=self.batch_size,
+                pad_value=float(voxels.min()),
+                amp_dtype=self.amp_dtype,
+                device=self.device,
+                tta_axes=member.tta_axes,
+                channels_last=member.channels_last,
+            )
+            return resample_to_shape(logits, shape) if tuple(logits.shape[1:]) != shape else logits
+
+        probabilities = mean_probabilities(map(member_logits, self.members, self.preprocessing))
+        labels = predict_labels(probabilities)
         if self.inference.largest_component:
             labels = keep_largest_component(labels)
         return onto_grid(image_xyz(labels, like=prepared), image)
@@ -165,12 +170,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "runs/ct_liver/checkpoints/best.pt scans/*.nii.gz --out predictions"
         ),
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by unet3d_dist.train")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        required=True,
+        help="a checkpoint written by unet3d_dist.train; repeat --checkpoint for each member of an ensemble (their "
+        "softmax averaged)",
+    )
     parser.add_argument(
         "inputs", type=Path, nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA files or DICOM series folders"
     )
     parser.add_argument(
-        "--out", type=Path, help="folder for <name>_mask.nii.gz and <name>_panel.png (default: <run dir>/predictions)"
+        "--out",
+        type=Path,
+        help="folder for <name>_mask.nii.gz and <name>_panel.png (default: <run dir>/predictions; for an ensemble "
+        "<runs dir>/ensemble-predictions)",
     )
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the local rank's GPU if there is one"
@@ -187,20 +202,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def default_out(checkpoint: Path) -> Path:
-    """``runs/<name>/predictions`` for ``runs/<name>/checkpoints/<file>``, beside evaluate's ``eval-<split>``."""
-    return run_dir_of(checkpoint) / "predictions"
+def default_out(checkpoints: list[Path]) -> Path:
+    """``runs/<name>/predictions`` for ``runs/<name>/checkpoints/<file>``, beside evaluate's ``eval-<split>``; for an
+    ensemble ``runs/ensemble-predictions``, beside its first member's run."""
+    if len(checkpoints) > 1:
+        return run_dir_of(checkpoints[0]).parent / "ensemble-predictions"
+    return run_dir_of(checkpoints[0]) / "predictions"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if stray := [path for path in args.inputs if path.suffix == ".pt"]:
+        print(
+            f"error: input {stray[0]} is a checkpoint; give each member of an ensemble its own --checkpoint",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     out = args.out or default_out(args.checkpoint)
     try:
-        checkpoint, cfg = read_checkpoint(args.checkpoint)
+        loaded = read_checkpoints(args.checkpoint)
         paths = output_paths(args.inputs, out, args.overwrite)
         out.mkdir(parents=True, exist_ok=True)
         with runtime(args.device) as env:
-            predictor = Predictor(checkpoint, cfg, env.device, args.overlap, args.batch_size)
+            predictor = Predictor(loaded, env.device, args.overlap, args.batch_size)
             rank_prefix = f"rank {env.rank} " if env.world_size > 1 else ""
             failures = []
             for name in balanced_shards({str(p): input_bytes(p) for p in args.inputs}, env.world_size)[env.rank]:

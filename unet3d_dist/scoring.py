@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from .data.shards import ShardedDataset
 from .dist import DistEnv, gather_to_main
+from .ensemble import Member, mean_probabilities
 from .inference import (
     InferenceStopped,
     keep_largest_component,
@@ -36,21 +36,18 @@ from .stop import STOP_SIGNALS
 
 @dataclass(frozen=True)
 class ScoringOptions:
-    """How volumes are predicted, scored and kept; the defaults are validation's: Dice only, scored in-process."""
+    """How volumes are predicted, scored and kept; the defaults are validation's: Dice only, scored in-process. How
+    each network looks at a volume (patch, flips, spacing) is its ``Member``'s."""
 
-    patch: tuple[int, int, int]
     overlap: float = 0.5
     batch_size: int = 2
-    tta_axes: tuple[int, ...] = ()  # flip test-time augmentation along these axes (training's flip axes)
     amp_dtype: torch.dtype | None = None
-    channels_last: bool = False
     stitch_device: str | None = None  # None: stitch on the inference device; "cpu" for large CT volumes
     distances: bool = False  # ASD, ASSD, HD95 and HD besides Dice and Jaccard
     metric_workers: int = 0  # processes per rank that score (and save) volumes; 0 scores in the rank's own process
     masks_dir: Path | None = None  # where predicted label maps are written; None keeps none
     mask_format: str = "nifti"
     largest_component: bool = False  # keep each class's largest connected component only
-    model_spacing: tuple[float, float, float] | None = None  # the training data's spacing, where it was resampled
     stop_requested: Callable[[], bool] | None = None  # asked before each window batch: a stopping run ends early
 
 
@@ -109,49 +106,54 @@ def wait_for_room(jobs: list[Future], limit: int) -> None:
 
 
 def predict_case(
-    model: nn.Module, dataset: ShardedDataset, case_id: str, options: ScoringOptions, device: torch.device
+    members: list[Member], dataset: ShardedDataset, case_id: str, options: ScoringOptions, device: torch.device
 ) -> np.ndarray:
-    """Label map (x, y, z) of one whole volume, on the case's own grid, from the gaussian sliding window.
+    """Label map (x, y, z) of one whole volume, on the case's own grid, from the gaussian sliding window of each
+    member, their softmax probabilities averaged.
 
-    A model trained at another spacing sees the volume resampled to that spacing; its logits are resampled back
-    (trilinear) before the argmax, so the scores are those of the case's own grid.
+    A member trained at another spacing sees the volume resampled to that spacing; its logits are resampled back
+    (trilinear) before the softmax, so the scores are those of the case's own grid.
     """
     record = dataset.records[case_id]
-    image = torch.from_numpy(dataset.image(case_id))[None]
-    shape = tuple(image.shape[1:])
-    if options.model_spacing and any(abs(a - b) > 1e-6 for a, b in zip(record["spacing"], options.model_spacing)):
-        image = resample_to_shape(
-            image, [max(1, round(n * s / m)) for n, s, m in zip(shape, record["spacing"], options.model_spacing)]
+    volume = torch.from_numpy(dataset.image(case_id))[None]
+    shape = tuple(volume.shape[1:])
+
+    def member_logits(member: Member) -> torch.Tensor:
+        image = volume
+        if member.spacing and any(abs(a - b) > 1e-6 for a, b in zip(record["spacing"], member.spacing)):
+            image = resample_to_shape(
+                volume, [max(1, round(n * s / m)) for n, s, m in zip(shape, record["spacing"], member.spacing)]
+            )
+        logits = sliding_window_logits(
+            member.model,
+            image,
+            member.patch,
+            dataset.num_classes,
+            overlap=options.overlap,
+            batch_size=options.batch_size,
+            pad_value=record.get("image_min", 0.0),
+            tta_axes=member.tta_axes,
+            amp_dtype=options.amp_dtype,
+            device=device,
+            stitch_device=options.stitch_device,
+            channels_last=member.channels_last,
+            stop_requested=options.stop_requested,
         )
-    logits = sliding_window_logits(
-        model,
-        image,
-        options.patch,
-        dataset.num_classes,
-        overlap=options.overlap,
-        batch_size=options.batch_size,
-        pad_value=record.get("image_min", 0.0),
-        tta_axes=options.tta_axes,
-        amp_dtype=options.amp_dtype,
-        device=device,
-        stitch_device=options.stitch_device,
-        channels_last=options.channels_last,
-        stop_requested=options.stop_requested,
-    )
-    if tuple(logits.shape[1:]) != shape:
-        logits = resample_to_shape(logits, shape)
-    labels = predict_labels(logits)
+        return resample_to_shape(logits, shape) if tuple(logits.shape[1:]) != shape else logits
+
+    labels = predict_labels(mean_probabilities(member_logits(member) for member in members))
     return keep_largest_component(labels) if options.largest_component else labels
 
 
 def score_cases(
-    model: nn.Module, dataset: ShardedDataset, case_ids: list[str], env: DistEnv, options: ScoringOptions
+    members: list[Member], dataset: ShardedDataset, case_ids: list[str], env: DistEnv, options: ScoringOptions
 ) -> list[dict[str, Any]] | None:
     """Per-volume, per-class records of ``case_ids``, sorted by case, on rank 0 (None on other ranks)."""
     sizes = {c: int(np.prod(dataset.records[c]["shape"])) for c in case_ids}
     mine = balanced_shards(sizes, env.world_size)[env.rank]
-    was_training = model.training
-    model.eval()
+    was_training = [member.model.training for member in members]
+    for member in members:
+        member.model.eval()
     scored: list[tuple[str, float, Future]] = []
     jobs: list[Future] = []
     try:
@@ -159,7 +161,7 @@ def score_cases(
             for case_id in mine:
                 start = time.perf_counter()
                 try:
-                    prediction = predict_case(model, dataset, case_id, options, env.device)
+                    prediction = predict_case(members, dataset, case_id, options, env.device)
                 except InferenceStopped:
                     break  # the records so far are gathered as usual; the caller knows it asked to stop
                 seconds = time.perf_counter() - start
@@ -181,7 +183,8 @@ def score_cases(
             for job in jobs:
                 job.result()  # raises a worker's error here, on the rank that hit it
     finally:
-        model.train(was_training)
+        for member, training in zip(members, was_training):
+            member.model.train(training)
     records = [{"case": case_id, **r, "infer_s": seconds} for case_id, seconds, job in scored for r in job.result()]
     gathered = gather_to_main(records)
     return None if gathered is None else sorted((r for part in gathered for r in part), key=lambda r: r["case"])
