@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from .checkpoint import (
     Checkpointer,
@@ -28,9 +27,8 @@ from .checkpoint import (
     training_checkpoint,
 )
 from .config import Config, ConfigError
-from .data.augment import Augmentation
-from .data.crops import CropDataset, EpochSampler
-from .data.device_augment import collate_parts, finish_batch
+from .data.crops import EpochSampler, training_loader
+from .data.device_augment import finish_batch
 from .data.shards import DatasetError
 from .data.source import open_dataset
 from .data.splits import run_cases
@@ -44,6 +42,7 @@ from .dist import (
     gather_to_main,
     mean_over_ranks,
 )
+from .ensemble import Member
 from .logger import RunLogger, new_run_id
 from .model import build_model, count_parameters, forward_flops, to_channels_last
 from .precision import amp_name
@@ -125,32 +124,20 @@ class Trainer:
         workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_workers(env)
         mode = cfg.data.augment_device
         self.finish_on_device = mode == "device" or (mode == "auto" and env.device.type == "cuda")
-        self.loader = DataLoader(
-            CropDataset(
-                self.dataset,
-                self.train_ids,
-                cfg.data.crop,
-                cfg.data.samples_per_epoch,
-                cfg.train.seed,
-                cfg.data.foreground_fraction,
-                cfg.data.flip_axis_indices,
-                Augmentation(cfg.data.rotate_deg, cfg.data.scale, cfg.data.spatial_prob, cfg.data.intensity_aug),
-                self.finish_on_device,
-            ),
-            collate_fn=collate_parts if self.finish_on_device else None,
-            batch_size=cfg.train.batch_size,
-            sampler=self.sampler,
-            num_workers=workers,
-            pin_memory=env.device.type == "cuda",
-            drop_last=True,
-            persistent_workers=workers > 0,
-            worker_init_fn=self.stop.worker_init,
+        self.loader = training_loader(
+            self.dataset,
+            self.train_ids,
+            cfg,
+            self.sampler,
+            workers,
+            self.finish_on_device,
+            env.device.type == "cuda",
+            self.stop.worker_init,
         )
         self.logger = RunLogger(env.is_main, self.run_dir, resumed_step=self.state.global_step)
         if not self.complete:
             self.logger.start_wandb(cfg.log.wandb, cfg.log.wandb_project, cfg.log.run_name, self.run_id, cfg.to_dict())
 
-    # ----------------------------------------------------------------- the loop
     @property
     def complete(self) -> bool:
         """The run's last epoch is trained, validated and checkpointed: there is nothing left to do."""
@@ -217,7 +204,6 @@ class Trainer:
         for batch in self.loader:
             yield finish_batch(batch, self.cfg.data.crop, self.env.device) if self.finish_on_device else batch
 
-    # ------------------------------------------------------------ reporting
     def announce(self) -> None:
         cfg, env = self.cfg, self.env
         if not env.is_main:
@@ -237,8 +223,7 @@ class Trainer:
             self.logger.info(f"resumed at epoch {self.state.epoch + 1}, step {self.state.global_step}")
         if self.resume_changes:
             self.logger.info(
-                "[yellow]settings differ from the checkpoint's; the saved optimizer and LR-scheduler state are "
-                "restored "
+                "[yellow]settings differ from the checkpoint's; the saved optimizer and LR schedule are restored "
                 "as they were (so optim.* changes other than the schedule length do not apply):\n  "
                 + "\n  ".join(self.resume_changes)
             )
@@ -283,20 +268,18 @@ class Trainer:
         """
         if not self.val_ids:
             return False
-        distances = self.cfg.train.val_distances
+        cfg, distances = self.cfg, self.cfg.train.val_distances
         options = ScoringOptions(
-            patch=self.cfg.data.crop,
-            overlap=self.cfg.inference.overlap,
-            tta_axes=self.cfg.inference_tta_axes,
-            largest_component=self.cfg.inference.largest_component,
-            batch_size=self.cfg.inference.batch_size,
+            overlap=cfg.inference.overlap,
+            largest_component=cfg.inference.largest_component,
+            batch_size=cfg.inference.batch_size,
             amp_dtype=self.step.amp_dtype,
-            channels_last=self.cfg.train.channels_last,
             distances=distances,
             metric_workers=default_metric_workers(default_workers(self.env)) if distances else 0,
             stop_requested=lambda: self.stop.requested,
         )
-        records = score_cases(self.model, self.dataset, self.val_ids, self.env, options)
+        member = Member(self.model, tuple(cfg.data.crop), cfg.inference_tta_axes, None, cfg.train.channels_last)
+        records = score_cases([member], self.dataset, self.val_ids, self.env, options)
         if any_rank(self.stop.requested):
             return None
         means = broadcast_from_main(mean_metrics(records) if records is not None else None)
@@ -345,7 +328,6 @@ class Trainer:
             return "no validation cases, so no best.pt"
         return f"best validation Dice {self.state.best_dice:.4f}"
 
-    # ---------------------------------------------------------- checkpoints
     def hold_run_dir(self) -> None:
         """Rank 0 locks the run directory for the whole run (run_lock); every rank refuses if another job has it."""
         refusal = None
@@ -363,9 +345,8 @@ class Trainer:
         self.check_finite()
         rngs = gather_to_main(rng_state(self.env.device))
         if self.env.is_main:
-            step = self.step
-            train_state = asdict(self.state)
-            state = training_checkpoint(step, train_state, rngs, self.cfg, dataset_entry(self.dataset), self.run_id)
+            entry = dataset_entry(self.dataset)
+            state = training_checkpoint(self.step, asdict(self.state), rngs, self.cfg, entry, self.run_id)
             self.checkpointer.save(state, self.state.global_step, is_best)
         barrier()
 

@@ -6,13 +6,14 @@ ranks, and a run resumed in the middle of an epoch sees exactly the crops it wou
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from ..config import Config
 from .augment import (
     Augmentation,
     augment_intensity,
@@ -22,7 +23,7 @@ from .augment import (
     spatial_matrix,
     transformed_crop,
 )
-from .device_augment import crop_parts
+from .device_augment import collate_parts, crop_parts
 from .shards import ShardedDataset
 
 
@@ -158,3 +159,39 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.inner) - self.skip
+
+
+def training_loader(
+    dataset: ShardedDataset,
+    case_ids: list[str],
+    cfg: Config,
+    sampler: EpochSampler,
+    workers: int,
+    finish_on_device: bool,
+    pin_memory: bool,
+    worker_init_fn: Callable[[int], None],
+) -> DataLoader:
+    """The training crops of ``case_ids`` in the sampler's order, from ``workers`` processes kept across epochs;
+    with ``finish_on_device`` the workers leave resampling and intensity changes to the training device."""
+    crops = CropDataset(
+        dataset,
+        case_ids,
+        cfg.data.crop,
+        cfg.data.samples_per_epoch,
+        cfg.train.seed,
+        cfg.data.foreground_fraction,
+        cfg.data.flip_axis_indices,
+        Augmentation(cfg.data.rotate_deg, cfg.data.scale, cfg.data.spatial_prob, cfg.data.intensity_aug),
+        finish_on_device,
+    )
+    return DataLoader(
+        crops,
+        collate_fn=collate_parts if finish_on_device else None,
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=workers > 0,
+        worker_init_fn=worker_init_fn,
+    )
