@@ -18,7 +18,9 @@ from scipy import ndimage
 from .preprocess import ct_window
 from .shards import MANIFEST, Case, write_dataset
 
-GENERATOR_VERSION = 4  # names the cache folder; v4 has the voxels of v3 in shards with chunk checksums
+# Names the cache folder. v4: chunk checksums; v5: the liver label stops at the spine, which v4 painted over up to
+# 5 % of some livers (labelled liver, looking like bone).
+GENERATOR_VERSION = 5
 DATA_SEED = 20240601
 SPACING_MM = 3.0
 HU_WINDOW = (-200.0, 250.0)
@@ -84,6 +86,12 @@ def make_phantom(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple
         lung = _ellipsoid(grid, (side * 80, 15, half_z + 30), (65, 75, half_z + 30 - lung_floor + 40)) < 1
         hu[lung & cavity] = -850
 
+    # Spine (vertebral body and canal): placed first, since no organ reaches into it.
+    spine_y = body_b * 0.72
+    vertebra = np.sqrt(x**2 + (y - spine_y) ** 2)
+    canal = np.sqrt(x**2 + (y - spine_y - 30) ** 2) < 8
+    spine = ((vertebra < 22) & body) | canal
+
     # Liver: deformed union of a right lobe and a smaller left lobe, under the right lung.
     centre = (rng.uniform(-85, -55), rng.uniform(-15, 15), rng.uniform(0.15, 0.4) * half_z)
     radii = (rng.uniform(70, 90), rng.uniform(60, 80), rng.uniform(55, 75))
@@ -91,7 +99,7 @@ def make_phantom(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple
     left_centre = (centre[0] + rng.uniform(60, 90), centre[1] - rng.uniform(15, 35), centre[2] + rng.uniform(0, 20))
     left = _ellipsoid(grid, left_centre, (rng.uniform(35, 55), rng.uniform(25, 40), rng.uniform(30, 45)))
     distance = np.minimum(right, left) + 0.22 * _smooth_noise(rng, shape, 5) + 0.06 * _smooth_noise(rng, shape, 12)
-    liver = _largest_component((distance < 1) & cavity)
+    liver = _largest_component((distance < 1) & cavity & ~spine)
 
     # Neighbours with overlapping intensity.
     spleen = (
@@ -124,12 +132,10 @@ def make_phantom(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple
     hu[spleen] = liver_hu + rng.uniform(15, 35)
     hu[kidneys] = rng.choice([30.0, liver_hu + 80])
 
-    # Spine and ribs.
-    spine_y = body_b * 0.72
-    vertebra = np.sqrt(x**2 + (y - spine_y) ** 2)
+    # Bone: spine and ribs.
     hu[(vertebra < 22) & body] = 300
     hu[(vertebra < 22) & (vertebra > 18) & body] = 750
-    hu[np.sqrt(x**2 + (y - spine_y - 30) ** 2) < 8] = 25  # spinal canal
+    hu[canal] = 25
     rib_band = (body_r > 1 - fat_depth - 0.07) & (body_r < 1 - fat_depth - 0.02) & (z > -0.2 * half_z)
     ribs = rib_band & (np.cos(2 * np.pi * z / rng.uniform(25, 35)) > 0.6) & (y > -0.5 * body_b)
     hu[ribs] = 650
