@@ -3,7 +3,8 @@
 Each volume is built from tissue masks in millimetres, so the liver label is exact by construction; the image is
 painted from those masks with portal-venous-phase HU values, partial-volume blur, a smooth bias field and noise
 (sigma 10-22 HU). The liver is an irregular, randomly deformed and placed shape with brighter vessels; the spleen
-is 15-35 HU brighter and lies on the other side, so the network has to use shape and position as well as intensity.
+is 15-35 HU brighter and lies on the other side, parted from the liver by fat, so the network has to use shape and
+position as well as intensity.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from .preprocess import ct_window
 from .shards import MANIFEST, Case, write_dataset
 
 # Names the cache folder. v4: chunk checksums; v5: the liver label stops at the spine, which v4 painted over up to
-# 5 % of some livers (labelled liver, looking like bone).
+# 5 % of some livers (labelled liver, looking like bone), and a fat plane parts the spleen from the liver, which it
+# touched in some cases (the same HU on both sides of a one-voxel seam).
 GENERATOR_VERSION = 5
 DATA_SEED = 20240601
 SPACING_MM = 3.0
@@ -109,7 +111,7 @@ def make_phantom(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple
             < 1
         )
         & cavity
-        & ~liver
+        & ~ndimage.binary_dilation(liver, iterations=2)  # organs are wrapped in fat: a plane ~2 voxels thick
     )
     kidneys = np.zeros(shape, bool)
     for side in (-1, 1):
