@@ -103,7 +103,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keep each class's largest connected component (default: the checkpoint's inference.largest_component)",
     )
     parser.add_argument(
-        "--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="mixed precision (auto: as in training)"
+        "--amp",
+        choices=["auto", "bf16", "fp16", "off"],
+        default="auto",
+        help="mixed precision; auto: bf16 on GPUs and CPUs that run it in hardware, fp16 on older GPUs, else off",
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument(
