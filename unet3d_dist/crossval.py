@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpointer
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .dist import torchrun_command
 from .results import METRIC_COLUMNS, summarize
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         out = cv_dir / f"fold{fold}"
         if not (out / "results.json").exists():
             train_fold(args, fold, run_name)
-            evaluate_fold(args, Checkpointer(Path(cfg.log.runs_dir) / run_name, 1).latest(), out)
+            evaluate_fold(args, last_checkpoint(cfg, fold), out)
     for results in sorted(cv_dir.glob("fold*/results.json")):
         per_fold[int(results.parent.name[4:])] = json.loads(results.read_text())["cases"]
     rows, markdown = summary_table(per_fold)
@@ -136,11 +136,14 @@ def main(argv: list[str] | None = None) -> None:
     (cv_dir / "summary.md").write_text(markdown)
     print(markdown)
     print(f"wrote {cv_dir / 'summary.md'} and {cv_dir / 'summary.json'}")
-    members = [
-        Checkpointer(Path(cfg.log.runs_dir) / f"{cfg.log.run_name}-fold{k}", 1).latest() for k in range(args.folds)
-    ]
+    members = [last_checkpoint(cfg, fold) for fold in range(args.folds)]
     if all(members):
         print(ensemble_commands(members, cv_dir))
+
+
+def last_checkpoint(cfg: Config, fold: int) -> Path | None:
+    """The fold run's last checkpoint: what the fold is scored with and what the ensemble is made of."""
+    return Checkpointer(Path(cfg.log.runs_dir) / f"{cfg.log.run_name}-fold{fold}", 1).latest()
 
 
 def ensemble_commands(members: list[Path], cv_dir: Path) -> str:

@@ -252,13 +252,6 @@ class Request:
     panels: int
 
 
-def plain(value: Any) -> Any:
-    """Paths (and lists of them) as strings, for JSON and wandb."""
-    if isinstance(value, list):
-        return [plain(item) for item in value]
-    return str(value) if isinstance(value, Path) else value
-
-
 def write_outputs(
     records: list[dict[str, Any]],
     dataset: ShardedDataset,
@@ -289,7 +282,7 @@ def write_outputs(
             for row in summary
         ],
     )
-    record = {key: plain(value) for key, value in asdict(request).items()}
+    record = json_ready(asdict(request))
     logger.start_wandb(wandb_mode, cfg.log.wandb_project, f"{cfg.log.run_name}-eval-{split}", new_run_id(), record)
     columns = list(records[0])
     logger.log_table(0, f"eval/{split}/cases", columns, [[json_ready(r.get(c)) for c in columns] for r in records])

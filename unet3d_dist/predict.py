@@ -212,14 +212,10 @@ def default_out(checkpoints: list[Path]) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if stray := [path for path in args.inputs if path.suffix == ".pt"]:
-        print(
-            f"error: input {stray[0]} is a checkpoint; give each member of an ensemble its own --checkpoint",
-            file=sys.stderr,
-        )
-        sys.exit(2)
     out = args.out or default_out(args.checkpoint)
     try:
+        if stray := [path for path in args.inputs if path.suffix == ".pt"]:
+            raise CaseError(f"input {stray[0]} is a checkpoint; give each member of an ensemble its own --checkpoint")
         loaded = read_checkpoints(args.checkpoint)
         paths = output_paths(args.inputs, out, args.overwrite)
         out.mkdir(parents=True, exist_ok=True)

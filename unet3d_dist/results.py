@@ -61,9 +61,11 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def json_ready(value: Any) -> Any:
-    """NaN becomes None (JSON null) anywhere in nested dicts and lists."""
+    """NaN becomes None (JSON null) and a Path its text, anywhere in nested dicts and lists."""
     if isinstance(value, float) and math.isnan(value):
         return None
+    if isinstance(value, Path):
+        return str(value)
     if isinstance(value, dict):
         return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, list):
