@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_cases
 from torch.utils.data import DataLoader
 
 from unet3d_dist.config import ConfigError, load_config
@@ -28,13 +29,13 @@ def test_crops_lie_inside_the_volume_and_match_it(data):
         assert all(0 <= s and s + c <= n for s, c, n in zip(start, crops.crop, shape))
         window = tuple(slice(s, s + c) for s, c in zip(start, crops.crop))
         assert image.shape == (1, 16, 16, 8) and label.shape == (16, 16, 8)
-        np.testing.assert_array_equal(image[0].numpy(), data.image(case)[window])
+        np.testing.assert_array_equal(image[0].numpy(), data.image(case)[0][window])
         np.testing.assert_array_equal(label.numpy(), data.label(case)[window])
 
 
 def test_small_volumes_are_padded_with_their_minimum_and_background(data):
     crops = make(data, crop=(24, 24, 16), flip=(), ids=("c",))
-    full_image, full_label = data.image("c"), data.label("c")
+    full_image, full_label = data.image("c")[0], data.label("c")
     for index in range(10):
         image, label = crops[(0, index)]
         start = crops.crop_start(np.random.default_rng([7, 0, index]), "c", [20, 18, 12])
@@ -160,12 +161,12 @@ def test_spatial_transform_is_exact_for_identity_and_quarter_turns(data):
     crop = (16, 16, 8)
     centre = start + (np.array(crop) - 1) / 2
     plain = tuple(slice(s, s + c) for s, c in zip(start, crop))
-    image, label = transformed_crop(read, shape, centre, crop, np.eye(3), pad=-5.0)
-    np.testing.assert_allclose(image, data.image("a")[plain], atol=1e-5)
+    image, label = transformed_crop(read, shape, centre, crop, np.eye(3), pad=[-5.0])
+    np.testing.assert_allclose(image[0], data.image("a")[0][plain], atol=1e-5)
     np.testing.assert_array_equal(label, data.label("a")[plain])
     quarter = rotation(np.deg2rad([0.0, 0.0, 90.0]))  # about z; the crop is square in x-y
-    image, label = transformed_crop(read, shape, centre, crop, quarter, pad=-5.0)
-    np.testing.assert_allclose(image, np.rot90(data.image("a")[plain], k=-1, axes=(0, 1)), atol=1e-5)
+    image, label = transformed_crop(read, shape, centre, crop, quarter, pad=[-5.0])
+    np.testing.assert_allclose(image[0], np.rot90(data.image("a")[0][plain], k=-1, axes=(0, 1)), atol=1e-5)
     np.testing.assert_array_equal(label, np.rot90(data.label("a")[plain], k=-1, axes=(0, 1)))
 
 
@@ -192,7 +193,7 @@ def device_crop(data, case_id, centre, crop, matrix, flips=()):
     matrix, offset = flipped_affine(matrix, offset, flips, crop)
     affine = torch.from_numpy(np.concatenate([matrix, offset[:, None]], 1))
     image, label = torch.from_numpy(data.image(case_id, region)), torch.from_numpy(data.label(case_id, region))
-    return [t.numpy() for t in resample(image, label, affine, crop, pad=-5.0)]
+    return [t.numpy() for t in resample(image, label, affine, crop, pad=[-5.0])]
 
 
 @pytest.mark.parametrize(
@@ -203,7 +204,7 @@ def test_device_resampling_gives_the_workers_crop(data, angles, zoom, exact):
     centre = np.array([10, 8, 6]) + (np.array(crop) - 1) / 2
     matrix = rotation(np.deg2rad(angles)) / zoom
     read = lambda region: (data.image("a", region), data.label("a", region))  # noqa: E731
-    cpu_image, cpu_label = transformed_crop(read, shape, centre, crop, matrix, pad=-5.0)
+    cpu_image, cpu_label = transformed_crop(read, shape, centre, crop, matrix, pad=[-5.0])
     image, label = device_crop(data, "a", centre, crop, matrix)
     if exact:  # identity and quarter turns: whole voxels, as the workers' resampling gives them
         np.testing.assert_allclose(image, cpu_image, atol=1e-5)
@@ -211,13 +212,18 @@ def test_device_resampling_gives_the_workers_crop(data, angles, zoom, exact):
     else:  # other angles: the same within interpolation rounding
         assert np.abs(image - cpu_image).mean() < 1e-3 and (label == cpu_label).mean() > 0.99
     flipped_image, flipped_label = device_crop(data, "a", centre, crop, matrix, flips=(0, 2))
-    np.testing.assert_allclose(flipped_image, np.flip(image, (0, 2)), atol=1e-5)  # flips folded into the map
+    np.testing.assert_allclose(flipped_image, np.flip(image, (1, 3)), atol=1e-5)  # flips folded into the map
     np.testing.assert_array_equal(flipped_label, np.flip(label, (0, 2)))
 
 
-def test_crops_finished_on_the_device_are_the_workers_crops_and_repeat(data):
+@pytest.mark.parametrize("dataset", ["data", "two_channel"])
+def test_crops_finished_on_the_device_are_the_workers_crops_and_repeat(dataset, request):
+    """Both paths draw the same spatial and intensity changes (per channel) and give the same crops; with two
+    channels some crop changes one channel's intensity and not the other's."""
     from unet3d_dist.data.device_augment import collate_parts, finish_batch
 
+    data = request.getfixturevalue(dataset)
+    channels = len(data.channels)
     aug = Augmentation(rotate_deg=20, scale=0.2, spatial_prob=0.5, intensity=True)
     workers = CropDataset(data, ["a", "b", "c"], (16, 16, 8), 24, 3, 0.5, (1, 2), aug)
     device = CropDataset(data, ["a", "b", "c"], (16, 16, 8), 24, 3, 0.5, (1, 2), aug, finish_on_device=True)
@@ -225,8 +231,36 @@ def test_crops_finished_on_the_device_are_the_workers_crops_and_repeat(data):
     images, labels = finish_batch(collate_parts([device[k] for k in keys]), (16, 16, 8), torch.device("cpu"))
     again, _ = finish_batch(collate_parts([device[k] for k in keys]), (16, 16, 8), torch.device("cpu"))
     assert torch.equal(images, again)  # a pure function of (seed, epoch, index) on this path too
+    assert images.shape == (24, channels, 16, 16, 8)
+    apart = 0
     for i, key in enumerate(keys):
         image, label = workers[key]
-        noise = not np.isnan(device[key]["intensity"][3].item())  # noise values come from torch's generator
+        noise = not np.isnan(device[key]["intensity"][:, 3].numpy()).all()  # noise values come from torch's generator
         close = torch.allclose(images[i], image, atol=1e-4) if not noise else (images[i] - image).abs().mean() < 0.2
         assert close and (labels[i] == label).float().mean() > 0.99, key
+        apart += channels == 2 and not torch.allclose(image[1], 3 * image[0] - 1, atol=1e-3)
+    assert apart > 0 or channels == 1
+
+
+@pytest.fixture(scope="module")
+def two_channel(tmp_path_factory):
+    """The tiny cases with a second channel that is an affine copy of the first (3 x - 1)."""
+    cases = [
+        Case(c.id, np.stack([c.image, 3 * c.image - 1]), c.label, c.spacing, c.origin, split=c.split)
+        for c in tiny_cases()
+    ]
+    root = tmp_path_factory.mktemp("two") / "dataset"
+    preprocessing = {"normalization": {"kind": "none"}, "channels": ["first", "second"]}
+    write_dataset(root, cases, ["background", "box"], name="two", modality="MR", preprocessing=preprocessing)
+    return ShardedDataset(root)
+
+
+def test_channels_share_crop_flips_and_rotation_and_each_pads_with_its_own_minimum(two_channel):
+    aug = Augmentation(rotate_deg=20, scale=0.2, spatial_prob=0.5)
+    crops = CropDataset(two_channel, ["a", "c"], (24, 24, 16), 12, 3, 0.5, (0, 1, 2), aug)
+    for index in range(12):
+        image, label = crops[(0, index)]
+        assert image.shape == (2, 24, 24, 16) and label.shape == (24, 24, 16)
+        torch.testing.assert_close(image[1], 3 * image[0] - 1, atol=1e-4, rtol=0)  # one transform for both
+    low = two_channel.pad_values("c")
+    assert low[1] == pytest.approx(3 * low[0] - 1, abs=1e-5)

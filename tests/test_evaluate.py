@@ -371,7 +371,7 @@ def test_an_ensemble_averages_its_members_softmax_each_at_its_own_spacing_on_two
     dataset = ShardedDataset(five_cases)
     differs_from_a_member = False
     for case_id in ("big", "wide"):
-        image = torch.from_numpy(dataset.image(case_id))[None]
+        image = torch.from_numpy(dataset.image(case_id))
         record = dataset.records[case_id]
         first, second = (member_probabilities(path, image, record) for path in (checkpoint, other_member))
         expected = ((first + second) / 2).argmax(0).numpy()

@@ -70,7 +70,7 @@ def test_la_mri_hdf5_cases_become_zscored_shards(tmp_path, capsys):
     for path in sources:
         with h5py.File(path, "r") as h5:
             image, label = h5["image"][()], h5["label"][()]
-        record, prepared = data.records[path.stem], data.image(path.stem)
+        record, prepared = data.records[path.stem], data.image(path.stem)[0]
         assert record["shape"] == list(image.shape) and record["spacing"] == [0.625] * 3
         assert abs(float(prepared.mean())) < 1e-4 and abs(float(prepared.std()) - 1) < 1e-4
         np.testing.assert_allclose(prepared, zscore(image), atol=1e-5)
@@ -110,7 +110,7 @@ def test_abdominal_ct_liver_at_3mm_with_hu_window_and_geometry_round_trip(tmp_pa
 
     # Back on the source grid, the prepared voxels are the windowed HU and the liver mask, voxel for voxel.
     back = sitk.Resample(
-        as_image(data.image("ct_abdomen"), record), source, sitk.Transform(), sitk.sitkNearestNeighbor, -5.0
+        as_image(data.image("ct_abdomen")[0], record), source, sitk.Transform(), sitk.sitkNearestNeighbor, -5.0
     )
     inside = array_xyz(back) != -5.0
     np.testing.assert_allclose(array_xyz(back)[inside], ct_window(array_xyz(source), -200, 250)[inside], atol=1e-6)
@@ -136,7 +136,7 @@ def test_jpeg2000_dicom_series_is_paired_with_its_flipped_label_volume(tmp_path,
     assert record["class_voxels"][1] == int((array_xyz(labels) == 5).sum()) == 366_708
     assert record["source_geometry"]["size"] == [512, 512, 20]
     assert record["spacing"] == pytest.approx([0.9765625, 0.9765625, 2.0])
-    hu = data.image("ct_dicom") * 225 + 25  # undo the [-200, 250] window
+    hu = data.image("ct_dicom")[0] * 225 + 25  # undo the [-200, 250] window
     liver = data.label("ct_dicom") == 1
     assert 60 < hu[liver].mean() < 130  # soft tissue: the mask lies on the liver, not on its mirror image
 

@@ -18,7 +18,7 @@ def test_round_trip_keeps_arrays_geometry_and_manifest(tmp_path):
     data = ShardedDataset(tmp_path)
     assert data.case_ids("val") == ["c3", "c4"] and data.num_classes == 2
     for case in cases:
-        np.testing.assert_array_equal(data.image(case.id), case.image)
+        np.testing.assert_array_equal(data.image(case.id), case.image[None])  # (C, X, Y, Z)
         np.testing.assert_array_equal(data.label(case.id), case.label)
         record = data.records[case.id]
         assert record["shape"] == list(case.image.shape)
@@ -28,7 +28,7 @@ def test_round_trip_keeps_arrays_geometry_and_manifest(tmp_path):
         np.testing.assert_array_equal(group.attrs["spacing"], [1.5, 1.0, 2.5])
         assert group["image"].chunks is not None
     crop = data.image("c2", np.s_[1:5, 2:6, 3:7])
-    np.testing.assert_array_equal(crop, cases[2].image[1:5, 2:6, 3:7])
+    np.testing.assert_array_equal(crop, cases[2].image[None, 1:5, 2:6, 3:7])
     fg = data.foreground("c0")
     assert len(fg) == 144 and (fg[:, 0] == 1).all()
     assert all(cases[0].label[x, y, z] == 1 for _, x, y, z in fg)
@@ -142,7 +142,7 @@ def test_missing_manifest_and_bad_version(tmp_path):
 @pytest.mark.parametrize(
     "image, label, message",
     [
-        (np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 3), np.uint8), "same shape"),
+        (np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 3), np.uint8), "same spatial shape"),
         (np.full((4, 4, 4), np.nan, np.float32), np.zeros((4, 4, 4), np.uint8), "NaN"),
         (np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 4), np.int64), "uint8"),
         (np.zeros((4, 4, 4), np.float32), np.full((4, 4, 4), 3, np.uint8), "outside the 2 classes"),

@@ -77,8 +77,31 @@ def test_generated_once_through_the_shard_writer_with_exact_labels(tmp_path):
     hu, liver = make_phantom(rng, shape)
     assert case["shape"] == list(shape) and case["spacing"] == [3.0, 3.0, 3.0]
     assert np.array_equal(dataset.label(case["id"]), liver)
-    assert np.allclose(dataset.image(case["id"]), ct_window(hu, *HU_WINDOW))
+    assert np.allclose(dataset.image(case["id"])[0], ct_window(hu, *HU_WINDOW))
     assert (
         ensure_synthetic(tmp_path, 6) == root and (root / MANIFEST).stat().st_mtime_ns == stamp
     )  # cached, not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [root.name]  # no temporary folder left behind
+
+
+def test_the_arterial_phase_is_a_second_channel_of_the_same_anatomy_that_tells_spleen_from_liver():
+    rng_one, rng_two = np.random.default_rng([7, 3]), np.random.default_rng([7, 3])
+    portal, liver = make_phantom(rng_one, SHAPE)
+    both, liver_again = make_phantom(rng_two, SHAPE, phases=2)
+    assert both.shape == (2, *SHAPE) and np.array_equal(liver, liver_again)
+    assert np.array_equal(both[0], portal)  # the first channel is the single-channel phantom itself
+    inner_liver = ndimage.binary_erosion(liver, iterations=2)
+    arterial_liver, portal_liver = np.median(both[1][inner_liver]), np.median(portal[inner_liver])
+    assert 55 <= arterial_liver <= 95 and portal_liver - arterial_liver > 10  # barely enhanced yet
+    bright = (both[1] > 115) & (both[1] < 200) & ~ndimage.binary_dilation(liver, iterations=3)
+    assert bright.sum() > 2000  # spleen and kidney cortex light up in the arterial phase
+
+
+def test_a_two_channel_phantom_is_cached_beside_the_single_channel_one_and_names_its_phases(tmp_path):
+    two = ShardedDataset(ensure_synthetic(tmp_path, 3, channels=2))
+    assert two.channels == ["portal_venous", "arterial"] and two.root.name.endswith("-c2")
+    one = ShardedDataset(ensure_synthetic(tmp_path, 3))
+    assert one.channels == ["image"] and one.root != two.root
+    case_id = one.case_ids()[0]
+    assert two.image(case_id).shape == (2, *one.records[case_id]["shape"])
+    np.testing.assert_array_equal(two.image(case_id)[0], one.image(case_id)[0])

@@ -72,7 +72,7 @@ def test_split_assignment_from_fractions_keeps_a_training_case_and_is_seeded():
 
 
 def test_shard_planning_groups_by_split_then_id():
-    sources = [Source(i, Path(i), Path(i), "folders") for i in ("e", "d", "c", "b", "a")]
+    sources = [Source(i, (Path(i),), Path(i), "folders") for i in ("e", "d", "c", "b", "a")]
     splits = {"a": "test", "b": "train", "c": "val", "d": "train", "e": "extra"}
     plan = plan_shards(sources, splits, per_shard=2)
     assert [[s.id for s in shard] for shard in plan] == [["b", "d"], ["c", "a"], ["e"]]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .config import Config, ConfigError, config_from_dict
-from .data.shards import ShardedDataset
+from .data.shards import ShardedDataset, channel_names
 from .files import atomic_write, remove_unfinished
 from .model import build_model, to_channels_last
 from .precision import amp_name
@@ -127,7 +127,8 @@ def read_checkpoint(path: Path, resume: bool = False) -> tuple[dict[str, Any], C
 
 def inference_model(checkpoint: dict[str, Any], cfg: Config, device: torch.device) -> nn.Module:
     """The checkpoint's model on ``device``, in eval mode and the memory format it was trained in."""
-    model = build_model(cfg.model, in_channels=1, num_classes=len(checkpoint["dataset"]["classes"]))
+    channels = len(channel_names(checkpoint["dataset"].get("preprocessing", {})))
+    model = build_model(cfg.model, in_channels=channels, num_classes=len(checkpoint["dataset"]["classes"]))
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
     return to_channels_last(model) if cfg.train.channels_last else model

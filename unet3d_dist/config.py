@@ -35,6 +35,9 @@ class DataConfig:
     dataset: str = setting("synthetic", "'synthetic' for the built-in CT phantom, or the folder of a prepared dataset")
     synthetic_dir: str = setting("~/.cache/unet3d_dist/synthetic", "where the synthetic phantom is generated once")
     synthetic_cases: int = setting(24, "number of phantom volumes (2/3 train, 1/6 val, 1/6 test)", min=3)
+    synthetic_channels: int = setting(
+        1, "phantom channels: 1 (portal-venous CT) or 2 (adds an arterial phase of the same anatomy)", min=1, max=2
+    )
     crop: tuple[int, int, int] = setting(
         (64, 64, 48), "training crop (x, y, z) in voxels; configs/default.yaml has the full-size 112x112x80"
     )

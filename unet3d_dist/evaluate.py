@@ -236,7 +236,7 @@ def draw_panels(
         spacing = tuple(dataset.records[case_id]["spacing"])
         title = f"{case_id}  " + "; ".join(scores)
         draw = functools.partial(
-            slice_panel, dataset.image(case_id), dataset.label(case_id), prediction, spacing, title=title
+            slice_panel, dataset.image(case_id)[0], dataset.label(case_id), prediction, spacing, title=title
         )
         atomic_write(folder / f"{case_id}.png", draw)
 

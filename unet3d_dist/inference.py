@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -76,7 +76,7 @@ def sliding_window_logits(
     *,
     overlap: float = 0.5,
     batch_size: int = 4,
-    pad_value: float = 0.0,
+    pad_value: float | Sequence[float] = 0.0,
     tta_axes: tuple[int, ...] = (),
     amp_dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
@@ -86,7 +86,8 @@ def sliding_window_logits(
 ) -> torch.Tensor:
     """Logits (num_classes, X, Y, Z) for ``image`` (C, X, Y, Z), as float32 on ``stitch_device`` (default: ``device``).
 
-    Volumes smaller than the patch are padded with ``pad_value`` and the padding is cut off again. ``tta_axes``
+    Volumes smaller than the patch are padded with ``pad_value`` (one value, or one per channel) and the padding is
+    cut off again. ``tta_axes``
     averages the logits over every flip along those axes (0, 1, 2 = x, y, z): the ones training mirrored, since a
     model that never saw left and right swapped would be wrong on a left-right mirror. ``stop_requested``
     is asked before every window batch, so that a stopping run does not wait for a whole large volume; when it says
@@ -97,8 +98,10 @@ def sliding_window_logits(
     shape = tuple(image.shape[1:])
     padded = [max(s, p) for s, p in zip(shape, patch)]
     if padded != list(shape):
-        pad = [(0, p - s) for s, p in zip(shape, padded)]
-        image = torch.nn.functional.pad(image, [v for pair in reversed(pad) for v in pair], value=pad_value)
+        values = torch.as_tensor(pad_value, dtype=image.dtype).reshape(-1, 1, 1, 1)
+        filled = values.expand(image.shape[0], *padded).clone()
+        filled[:, : shape[0], : shape[1], : shape[2]] = image
+        image = filled
     # Every combination of flips along the (x, y, z) axes in tta_axes, the identity included.
     flips = [
         tuple(2 + a for a in axes) for n in range(len(tta_axes) + 1) for axes in itertools.combinations(tta_axes, n)

@@ -1,13 +1,14 @@
 """Prediction on new scans: ``python -m unet3d_dist.predict --checkpoint CKPT [--checkpoint ...] INPUT... [--out DIR]``.
 
-Each input (a NIfTI/NRRD/MHA file or a DICOM series folder, no label) goes through the preprocessing its training
-data had (the manifest's ``preprocessing``, stored in the checkpoint): reorientation, resampling, normalisation. The
-gaussian sliding window runs with the training crop as its patch (overlap, flip averaging and largest-component
-post-processing as the checkpoint's ``inference`` section says; an input smaller than the patch is padded, and a line
-says so), and the class map is moved back onto the input's own grid by nearest neighbour, so
-``DIR/<name>_mask.nii.gz`` has the input's exact size, spacing, origin and direction. Voxel values are indices into
-the checkpoint's classes. ``DIR/<name>_panel.png`` shows three slices. ``DIR`` defaults to ``<run dir>/predictions``
-(``runs/<name>/predictions`` for ``runs/<name>/checkpoints/<file>``).
+Each input (a NIfTI/NRRD/MHA file or a DICOM series folder, no label; for a model trained on several channels, one
+file per channel joined by commas in the checkpoint's channel order, or one 4-D file) goes through the preprocessing
+its training data had (the manifest's ``preprocessing``, stored in the checkpoint): reorientation, resampling,
+normalisation of each channel. The gaussian sliding window runs with the training crop as its patch (overlap, flip
+averaging and largest-component post-processing as the checkpoint's ``inference`` section says; an input smaller than
+the patch is padded, and a line says so), and the class map is moved back onto the input's own grid by nearest
+neighbour, so ``DIR/<name>_mask.nii.gz`` has the input's exact size, spacing, origin and direction. Voxel values
+are indices into the checkpoint's classes. ``DIR/<name>_panel.png`` shows three slices (of the first channel).
+``DIR`` defaults to ``<run dir>/predictions`` (``runs/<name>/predictions`` for ``runs/<name>/checkpoints/<file>``).
 
 Several checkpoints predict as one ensemble (``ensemble.py``): each member on the input prepared at its own
 spacing, with its own patch and flips; their softmax probabilities, on the first member's grid, are averaged before
@@ -25,13 +26,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import SimpleITK as sitk
 import torch
 
 from .checkpoint import CheckpointError, run_dir_of
 from .config import ConfigError
 from .data.preprocess import CANONICAL_ORIENTATION, axes_smaller, dims, model_input, onto_grid, reorient
-from .data.readers import CaseError, array_xyz, check_finite, image_xyz, read_image, strip_suffix
+from .data.readers import CaseError, array_xyz, check_finite, image_xyz, read_channels, strip_suffix
+from .data.shards import channel_names
 from .dist import gather_to_main, runtime
 from .ensemble import Loaded, Member, build_members, mean_probabilities, read_checkpoints
 from .files import atomic_write
@@ -52,6 +55,7 @@ class Predictor:
         self.classes: list[str] = first.dataset["classes"]
         self.modality: str = first.dataset.get("modality", "")
         self.preprocessing: list[dict[str, Any]] = [item.dataset["preprocessing"] for item in loaded]
+        self.channels = channel_names(self.preprocessing[0])
         if "normalization" not in self.preprocessing[0]:
             raise CheckpointError(
                 f"checkpoint {first.path}'s dataset records no preprocessing.normalization, so new scans cannot be "
@@ -63,26 +67,27 @@ class Predictor:
         self.overlap = cfg.inference.overlap if overlap is None else overlap
         self.amp_dtype = resolve_amp("auto", device)
 
-    def prepare(self, image: sitk.Image) -> sitk.Image:
-        """``image`` on the grid and scale the (first) network was trained on."""
-        return model_input(image, self.preprocessing[0])
+    def prepare(self, channels: list[sitk.Image]) -> list[sitk.Image]:
+        """The scan's channels on the grid and scale the (first) network was trained on."""
+        return model_input(channels, self.preprocessing[0])
 
-    def mask(self, image: sitk.Image, prepared: sitk.Image) -> sitk.Image:
-        """Class map on ``image``'s own grid (uint8), predicted on ``prepared`` (``self.prepare(image)``); a member
-        trained at another spacing predicts on the image prepared at its spacing, resampled onto ``prepared``."""
-        shape = tuple(array_xyz(prepared).shape)
+    def mask(self, channels: list[sitk.Image], prepared: list[sitk.Image]) -> sitk.Image:
+        """Class map on the scan's own grid (uint8), predicted on ``prepared`` (``self.prepare(channels)``); a member
+        trained at another spacing predicts on the scan prepared at its spacing, resampled onto ``prepared``."""
+        shape = tuple(array_xyz(prepared[0]).shape)
 
         def member_logits(member: Member, preprocessing: dict[str, Any]) -> torch.Tensor:
             same_grid = preprocessing.get("spacing") == self.preprocessing[0].get("spacing")
-            voxels = torch.from_numpy(array_xyz(prepared if same_grid else model_input(image, preprocessing)))
+            grid = prepared if same_grid else model_input(channels, preprocessing)
+            voxels = torch.from_numpy(np.stack([array_xyz(channel) for channel in grid]))
             logits = sliding_window_logits(
                 member.model,
-                voxels[None],
+                voxels,
                 member.patch,
                 len(self.classes),
                 overlap=self.overlap,
                 batch_size=self.batch_size,
-                pad_value=float(voxels.min()),
+                pad_value=voxels.flatten(1).min(1).values.tolist(),
                 amp_dtype=self.amp_dtype,
                 device=self.device,
                 tta_axes=member.tta_axes,
@@ -94,22 +99,31 @@ class Predictor:
         labels = predict_labels(probabilities)
         if self.inference.largest_component:
             labels = keep_largest_component(labels)
-        return onto_grid(image_xyz(labels, like=prepared), image)
+        return onto_grid(image_xyz(labels, like=prepared[0]), channels[0])
 
 
-def output_paths(inputs: list[Path], out: Path, overwrite: bool) -> dict[Path, tuple[Path, Path]]:
-    """Input -> (mask, panel) paths; refuses name clashes and, without ``overwrite``, existing files."""
-    paths: dict[Path, tuple[Path, Path]] = {}
+Scan = tuple[Path, ...]  # one input: its channels' files (or one file holding them all)
+
+
+def parse_scan(argument: str) -> Scan:
+    """``t1.nii.gz,t2.nii.gz`` -> the files of one scan's channels."""
+    return tuple(Path(part) for part in argument.split(","))
+
+
+def output_paths(inputs: list[Scan], out: Path, overwrite: bool) -> dict[Scan, tuple[Path, Path]]:
+    """Input -> (mask, panel) paths, named after its first file; refuses name clashes and, without ``overwrite``,
+    existing files."""
+    paths: dict[Scan, tuple[Path, Path]] = {}
     by_name: dict[str, Path] = {}
-    for path in inputs:
-        name = strip_suffix(path)
+    for scan in inputs:
+        name = strip_suffix(scan[0])
         if name in by_name:
             raise CaseError(
-                f"inputs {by_name[name]} and {path} would both write {name}_mask.nii.gz; predict them into "
+                f"inputs {by_name[name]} and {scan[0]} would both write {name}_mask.nii.gz; predict them into "
                 "different --out folders"
             )
-        by_name[name] = path
-        paths[path] = (out / f"{name}_mask.nii.gz", out / f"{name}_panel.png")
+        by_name[name] = scan[0]
+        paths[scan] = (out / f"{name}_mask.nii.gz", out / f"{name}_panel.png")
     existing = [str(p) for pair in paths.values() for p in pair if p.exists()]
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more files)" if len(existing) > 1 else ""
@@ -117,7 +131,7 @@ def output_paths(inputs: list[Path], out: Path, overwrite: bool) -> dict[Path, t
     return paths
 
 
-def padding_line(path: Path, prepared: sitk.Image, patch: tuple[int, int, int]) -> str | None:
+def padding_line(path: object, prepared: sitk.Image, patch: tuple[int, int, int]) -> str | None:
     """The line that tells the user an input is smaller than the patch, so the sliding window pads it."""
     axes = axes_smaller(prepared.GetSize(), patch)
     if not axes:
@@ -128,14 +142,18 @@ def padding_line(path: Path, prepared: sitk.Image, patch: tuple[int, int, int]) 
     )
 
 
-def predict_file(predictor: Predictor, path: Path, mask_path: Path, panel_path: Path) -> None:
+def predict_file(predictor: Predictor, scan: Scan, mask_path: Path, panel_path: Path) -> None:
     """Write the mask NIfTI and the slice panel of one input (each file atomically); say if the input is padded."""
-    image = read_image(path)
-    check_finite(image, path)
-    prepared = predictor.prepare(image)
-    if line := padding_line(path, prepared, predictor.patch):
+    whose = "the checkpoint was trained on" if len(predictor.members) == 1 else "the ensemble was trained on"
+    channels = read_channels(scan, predictor.channels, whose)
+    for name, channel in zip(predictor.channels, channels):
+        check_finite(channel, scan[0] if len(channels) == 1 else f"{scan[0]} (channel {name})")
+    path = scan[0]
+    prepared = predictor.prepare(channels)
+    if line := padding_line(path, prepared[0], predictor.patch):
         print(line, flush=True)
-    mask = predictor.mask(image, prepared)
+    image = channels[0]  # the panel shows the first channel
+    mask = predictor.mask(channels, prepared)
     atomic_write(mask_path, lambda tmp: sitk.WriteImage(mask, str(tmp), useCompression=True))
     # report.slice_panel draws LPS arrays the radiological way
     shown_image, shown_mask = reorient(image, CANONICAL_ORIENTATION), array_xyz(reorient(mask, CANONICAL_ORIENTATION))
@@ -154,11 +172,15 @@ def predict_file(predictor: Predictor, path: Path, mask_path: Path, panel_path: 
     )
 
 
-def input_bytes(path: Path) -> int:
+def input_bytes(scan: Scan) -> int:
     """Size on disk, the load measure for sharing inputs among ranks (a missing input weighs nothing)."""
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    return path.stat().st_size if path.is_file() else 0
+    total = 0
+    for path in scan:
+        if path.is_dir():
+            total += sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        elif path.is_file():
+            total += path.stat().st_size
+    return total
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -179,7 +201,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "softmax averaged)",
     )
     parser.add_argument(
-        "inputs", type=Path, nargs="+", metavar="INPUT", help="NIfTI/NRRD/MHA files or DICOM series folders"
+        "inputs",
+        type=parse_scan,
+        nargs="+",
+        metavar="INPUT",
+        help="NIfTI/NRRD/MHA files or DICOM series folders; for several channels, one file per channel joined by "
+        "commas (t1.nii.gz,t2.nii.gz) in the checkpoint's channel order, or one 4-D file",
     )
     parser.add_argument(
         "--out",
@@ -214,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = args.out or default_out(args.checkpoint)
     try:
-        if stray := [path for path in args.inputs if path.suffix == ".pt"]:
+        if stray := [path for scan in args.inputs for path in scan if path.suffix == ".pt"]:
             raise CaseError(f"input {stray[0]} is a checkpoint; give each member of an ensemble its own --checkpoint")
         loaded = read_checkpoints(args.checkpoint)
         paths = output_paths(args.inputs, out, args.overwrite)
@@ -223,10 +250,12 @@ def main(argv: list[str] | None = None) -> None:
             predictor = Predictor(loaded, env.device, args.overlap, args.batch_size)
             rank_prefix = f"rank {env.rank} " if env.world_size > 1 else ""
             failures = []
-            for name in balanced_shards({str(p): input_bytes(p) for p in args.inputs}, env.world_size)[env.rank]:
-                mask_file, panel_file = paths[Path(name)]
+            scans = {",".join(map(str, scan)): scan for scan in args.inputs}
+            shares = balanced_shards({key: input_bytes(scan) for key, scan in scans.items()}, env.world_size)
+            for key in shares[env.rank]:
+                mask_file, panel_file = paths[scans[key]]
                 try:
-                    predict_file(predictor, Path(name), mask_file, panel_file)
+                    predict_file(predictor, scans[key], mask_file, panel_file)
                     print(f"{rank_prefix}wrote {mask_file} and {panel_file}", flush=True)
                 except CaseError as err:
                     failures.append(str(err))

@@ -204,14 +204,19 @@ def prepare(
     """Build the dataset; returns the exit status (0, or EXIT_SKIPPED when some cases were skipped)."""
     start = time.perf_counter()
     spec = recipe.input
-    sources = find_cases(inputs, spec.layout, spec.image, spec.label)
+    sources = find_cases(inputs, spec.layout, spec.image_patterns, spec.label)
     splits = assign_splits([s.id for s in sources], recipe.splits, split_file)
     shards = plan_shards(sources, splits, recipe.shards.cases_per_shard)
     plan = {
         "recipe": recipe.to_dict(),
         "shards": [
             [
-                {"id": s.id, "split": splits[s.id], "image": str(s.image.resolve()), "label": str(s.label.resolve())}
+                {
+                    "id": s.id,
+                    "split": splits[s.id],
+                    "images": [str(p.resolve()) for p in s.images],
+                    "label": str(s.label.resolve()),
+                }
                 for s in shard
             ]
             for shard in shards
@@ -243,7 +248,8 @@ def prepare(
                 len(classes),
                 recipe.shards.compression,
                 tuple(recipe.shards.chunks),
-                {"skipped": skipped, "warnings": warnings},
+                channels=len(recipe.channel_names),
+                notes={"skipped": skipped, "warnings": warnings},
             )
 
     entries, records, skipped, warnings = [], [], [], {}
@@ -261,7 +267,14 @@ def prepare(
     if not records:
         shutil.rmtree(partial)
         raise DatasetError(f"no case of {', '.join(map(str, inputs))} could be prepared; nothing was written")
-    manifest = new_manifest(recipe.name, recipe.modality, classes, recipe.manifest_preprocessing(), entries, records)
+    manifest = new_manifest(
+        recipe.name,
+        recipe.modality,
+        classes,
+        recipe.manifest_preprocessing(),
+        entries,
+        records,
+    )
     write_manifest(partial, {**manifest, "skipped": skipped, "warnings": warnings})
     publish(partial, out)
     console.print(f"[bold green]wrote[/] {out}: {len(records)} cases in {len(entries)} shards")

@@ -115,7 +115,7 @@ def predict_case(
     (trilinear) before the softmax, so the scores are those of the case's own grid.
     """
     record = dataset.records[case_id]
-    volume = torch.from_numpy(dataset.image(case_id))[None]
+    volume = torch.from_numpy(dataset.image(case_id))
     shape = tuple(volume.shape[1:])
 
     def member_logits(member: Member) -> torch.Tensor:
@@ -131,7 +131,7 @@ def predict_case(
             dataset.num_classes,
             overlap=options.overlap,
             batch_size=options.batch_size,
-            pad_value=record.get("image_min", 0.0),
+            pad_value=dataset.pad_values(case_id),
             tta_axes=member.tta_axes,
             amp_dtype=options.amp_dtype,
             device=device,

@@ -91,7 +91,9 @@ class Trainer:
             )
 
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg.model, in_channels=1, num_classes=self.dataset.num_classes).to(env.device)
+        self.model = build_model(
+            cfg.model, in_channels=len(self.dataset.channels), num_classes=self.dataset.num_classes
+        ).to(env.device)
         if cfg.model.norm == "batch" and env.multi_rank:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if cfg.train.channels_last:
@@ -208,7 +210,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         if not env.is_main:
             return
-        flops = forward_flops(self.model, cfg.data.crop)
+        flops = forward_flops(self.model, cfg.data.crop, len(self.dataset.channels))
         self.logger.info(
             f"[bold]unet3d-dist[/] run [cyan]{self.run_dir}[/]  world={env.world_size}  device={env.device.type}  "
             f"amp={amp_name(self.step.amp_dtype)}\n"

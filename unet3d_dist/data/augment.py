@@ -1,7 +1,10 @@
 """Augmentations beyond flips: rotation and scaling of the crop, and nnU-Net-style intensity changes.
 
 Every draw comes from the crop's own generator, so a crop stays a function of (seed, epoch, sample index). When an
-augmentation is off it draws nothing, so turning features off reproduces the plain crops exactly.
+augmentation is off it draws nothing, so turning features off reproduces the plain crops exactly. Images are
+(C, X, Y, Z): the channels share one spatial transform, and each gets its own intensity draws, all drawn before any
+noise (so both augmentation paths draw the same values, and a single-channel crop is what it was before channels
+existed).
 """
 
 from __future__ import annotations
@@ -57,20 +60,30 @@ def crop_region(
     return tuple(slice(lo, hi) for lo, hi in zip(low, high)), centre - low - matrix @ half
 
 
+def padding(pad: list[float], crop: tuple[int, ...]) -> np.ndarray:
+    """A (C, *crop) image holding each channel's pad value."""
+    return np.broadcast_to(np.asarray(pad, np.float32)[:, None, None, None], (len(pad), *crop)).copy()
+
+
 def transformed_crop(
-    read, shape: list[int], centre: np.ndarray, crop: tuple[int, ...], matrix: np.ndarray, pad: float
+    read, shape: list[int], centre: np.ndarray, crop: tuple[int, ...], matrix: np.ndarray, pad: list[float]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Resample the rotated/scaled crop around ``centre`` (volume coordinates) from the smallest region that holds it.
 
-    ``read(slices)`` returns (image, label) of a region. Image: linear interpolation; label: nearest; outside the
-    volume: ``pad`` and background.
+    ``read(slices)`` returns (image (C, ...), label) of a region. Image: linear interpolation; label: nearest;
+    outside the volume: each channel's ``pad`` and background.
     """
     found = crop_region(shape, centre, crop, matrix)
     if found is None:
-        return np.full(crop, pad, np.float32), np.zeros(crop, np.uint8)
+        return padding(pad, crop), np.zeros(crop, np.uint8)
     region, offset = found
     image, label = read(region)
-    image = ndimage.affine_transform(image, matrix, offset, output_shape=crop, order=1, mode="constant", cval=pad)
+    image = np.stack(
+        [
+            ndimage.affine_transform(channel, matrix, offset, output_shape=crop, order=1, mode="constant", cval=value)
+            for channel, value in zip(image, pad)
+        ]
+    )
     label = ndimage.affine_transform(label, matrix, offset, output_shape=crop, order=0, mode="constant", cval=0)
     return image.astype(np.float32), label
 
@@ -105,8 +118,13 @@ def draw_intensity(rng: np.random.Generator) -> IntensityDraw:
 
 
 def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The crop's intensity changes, drawn and applied here (the loader workers' way); noise from the same ``rng``."""
-    draw = draw_intensity(rng)
+    """The crop's intensity changes, drawn and applied here (the loader workers' way), channel by channel, each on
+    its own statistics; noise from the same ``rng``."""
+    draws = [draw_intensity(rng) for _ in image]
+    return np.stack([_change_channel(channel, draw, rng) for channel, draw in zip(image, draws)])
+
+
+def _change_channel(image: np.ndarray, draw: IntensityDraw, rng: np.random.Generator) -> np.ndarray:
     if draw.brightness is not None:
         image = image * draw.brightness
     if draw.contrast is not None:

@@ -55,16 +55,20 @@ def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list
     """The prepared case and its warnings; raises CaseError for input that cannot be used."""
     if source.layout == "hdf5":
         image, label = read_hdf5_pair(source.image, tuple(recipe.input.spacing))
+        channels = [image]
     else:
-        image, label = read_pair(source.image, source.label)
-    check_finite(image, source.image)
+        channels, label = read_pair(source.images, source.label, recipe.channel_names)
+        image = channels[0]
+    for name, channel in zip(recipe.channel_names, channels):
+        check_finite(channel, source.image if len(channels) == 1 else f"{source.image} (channel {name})")
     mapped = sitk.GetImageFromArray(
         map_labels(sitk.GetArrayViewFromImage(label), recipe.labels.classes, recipe.labels.unmapped, source.label)
     )
     mapped.CopyInformation(label)
 
     spec = recipe.preprocessing
-    prepared = model_input(image, recipe.manifest_preprocessing())
+    prepared_channels = model_input(channels, recipe.manifest_preprocessing())
+    prepared = prepared_channels[0]
     prepared_label = onto_grid(reorient(mapped, spec.orientation), prepared)
     warnings = []
     if not sitk.GetArrayViewFromImage(prepared_label).any():
@@ -78,17 +82,22 @@ def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list
         if box is None:
             warnings.append(f"{source.image}: nothing to crop to ({spec.crop.to}), the whole volume is kept")
         else:
-            prepared, prepared_label = prepared[box], prepared_label[box]
+            prepared_channels, prepared_label = [c[box] for c in prepared_channels], prepared_label[box]
+            prepared = prepared_channels[0]
     warnings += _smaller_than_default_crop(prepared)
     case = Case(
         id=source.id,
-        image=array_xyz(prepared),
+        image=np.stack([array_xyz(c) for c in prepared_channels]),
         label=array_xyz(prepared_label),
         spacing=prepared.GetSpacing(),
         origin=prepared.GetOrigin(),
         direction=prepared.GetDirection(),
         split=split,
         source=str(source.image.resolve()),
-        extra={"label_source": str(source.label.resolve()), "source_geometry": geometry(image)},
+        extra={
+            "label_source": str(source.label.resolve()),
+            "source_geometry": geometry(image),
+            **({"channel_sources": [str(p.resolve()) for p in source.images]} if len(source.images) > 1 else {}),
+        },
     )
     return case, warnings

@@ -18,12 +18,12 @@ from .augment import (
     Augmentation,
     augment_intensity,
     crop_region,
-    draw_intensity,
     flipped_affine,
+    padding,
     spatial_matrix,
     transformed_crop,
 )
-from .device_augment import collate_parts, crop_parts
+from .device_augment import collate_parts, crop_parts, draw_for_device
 from .shards import ShardedDataset
 
 
@@ -32,7 +32,7 @@ class CropDataset(Dataset):
     optionally rotation/scaling and intensity changes (see augment.py).
 
     Items are addressed by ``(epoch, index)``; index ``i`` reads case ``i % len(case_ids)``, so every epoch visits all
-    cases evenly. Volumes smaller than the crop are padded with their minimum intensity and label 0.
+    cases evenly. Volumes smaller than the crop are padded with each channel's minimum intensity and label 0.
     """
 
     def __init__(
@@ -63,14 +63,14 @@ class CropDataset(Dataset):
         return self.samples_per_epoch
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | dict[str, Any]:
-        """The crop (image (1, X, Y, Z), label); with ``finish_on_device``, its parts for the training device."""
+        """The crop (image (C, X, Y, Z), label); with ``finish_on_device``, its parts for the training device."""
         epoch, index = key
         rng = np.random.default_rng([self.seed, epoch, index])
         case_id = self.case_ids[index % len(self.case_ids)]
         record = self.dataset.records[case_id]
         shape = record["shape"]
         start = self.crop_start(rng, case_id, shape)
-        pad = record.get("image_min", 0.0)
+        pad = self.dataset.pad_values(case_id)
         matrix = spatial_matrix(rng, self.augmentation)
         affine = None  # on the device path: how to sample the crop from the region read
         if matrix is None:
@@ -88,23 +88,22 @@ class CropDataset(Dataset):
             if axes and affine is not None:
                 affine = flipped_affine(*affine, axes, self.crop)
             elif axes:
-                image, label = np.flip(image, axes), np.flip(label, axes)
+                image, label = np.flip(image, tuple(a + 1 for a in axes)), np.flip(label, axes)
         if self.finish_on_device:
-            draw = draw_intensity(rng) if self.augmentation.intensity else None
-            noise_seed = int(rng.integers(2**62)) if draw is not None and draw.noise_sigma is not None else 0
-            return crop_parts(image, label, affine, pad, draw, noise_seed)
+            draws = draw_for_device(rng, len(pad)) if self.augmentation.intensity else None
+            return crop_parts(image, label, affine, pad, draws)
         if self.augmentation.intensity:
             image = augment_intensity(image, rng)
-        return torch.from_numpy(np.ascontiguousarray(image)[None]), torch.from_numpy(np.ascontiguousarray(label))
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label))
 
     def read_region(
-        self, case_id: str, shape: list[int], centre: np.ndarray, matrix: np.ndarray, pad: float
+        self, case_id: str, shape: list[int], centre: np.ndarray, matrix: np.ndarray, pad: list[float]
     ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
         """The region a rotated/scaled crop reads, and the affine map the device samples it with; a crop wholly
         outside the volume is the padding itself (no map)."""
         found = crop_region(shape, centre, self.crop, matrix)
         if found is None:
-            return np.full(self.crop, pad, np.float32), np.zeros(self.crop, np.uint8), None
+            return padding(pad, self.crop), np.zeros(self.crop, np.uint8), None
         region, offset = found
         return self.dataset.image(case_id, region), self.dataset.label(case_id, region), (matrix, offset)
 
@@ -123,17 +122,17 @@ class CropDataset(Dataset):
         return [int(rng.integers(lo, hi + 1)) for lo, hi in zip(low, high)]
 
     def read_padded(
-        self, case_id: str, shape: list[int], start: list[int], pad_value: float
+        self, case_id: str, shape: list[int], start: list[int], pad: list[float]
     ) -> tuple[np.ndarray, np.ndarray]:
         src = tuple(slice(max(b, 0), min(b + c, s)) for b, c, s in zip(start, self.crop, shape))
         image = self.dataset.image(case_id, src)
         label = self.dataset.label(case_id, src)
-        if image.shape == self.crop:
+        if label.shape == self.crop:
             return image, label
         dst = tuple(slice(sl.start - b, sl.stop - b) for sl, b in zip(src, start))
-        padded_image = np.full(self.crop, pad_value, np.float32)
+        padded_image = padding(pad, self.crop)
         padded_label = np.zeros(self.crop, np.uint8)
-        padded_image[dst], padded_label[dst] = image, label
+        padded_image[(slice(None), *dst)], padded_label[dst] = image, label
         return padded_image, padded_label
 
 

@@ -18,23 +18,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import IntensityDraw
+from .augment import IntensityDraw, draw_intensity
 
 NO_VALUE = float("nan")  # an intensity change that was not drawn
+
+
+def draw_for_device(rng: np.random.Generator, channels: int) -> list[tuple[IntensityDraw, int]]:
+    """Each channel's intensity changes and the seed of its noise: the changes drawn first, as the CPU path draws
+    them, then a seed where the CPU path draws noise."""
+    draws = [draw_intensity(rng) for _ in range(channels)]
+    return [(draw, int(rng.integers(2**62)) if draw.noise_sigma is not None else 0) for draw in draws]
 
 
 def crop_parts(
     image: np.ndarray,
     label: np.ndarray,
     affine: tuple[np.ndarray, np.ndarray] | None,
-    pad: float,
-    draw: IntensityDraw | None,
-    noise_seed: int,
+    pad: list[float],
+    draws: list[tuple[IntensityDraw, int]] | None,
 ) -> dict[str, Any]:
-    """What a worker hands on: the crop itself (``affine`` None) or the region to resample it from, with the
-    affine map from crop indices to region coordinates, and the intensity changes to apply."""
+    """What a worker hands on: the crop itself (``affine`` None) or the region to resample it from, (C, ...) with
+    the affine map from crop indices to region coordinates, and each channel's intensity changes to apply."""
     matrix, offset = affine if affine is not None else (np.zeros((3, 3)), np.zeros(3))
-    values = [NO_VALUE] * 4 if draw is None else [NO_VALUE if v is None else v for v in vars(draw).values()]
+    draws = draws or [(IntensityDraw(), 0)] * len(pad)
+    values = [[NO_VALUE if v is None else v for v in vars(draw).values()] for draw, _ in draws]
     return {
         "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
         "label": torch.from_numpy(np.ascontiguousarray(label)),
@@ -42,7 +49,7 @@ def crop_parts(
         "affine": torch.from_numpy(np.concatenate([matrix, offset[:, None]], 1)),
         "pad": torch.tensor(pad, dtype=torch.float32),
         "intensity": torch.tensor(values, dtype=torch.float64),
-        "noise_seed": torch.tensor(noise_seed, dtype=torch.int64),
+        "noise_seed": torch.tensor([seed for _, seed in draws], dtype=torch.int64),
     }
 
 
@@ -57,15 +64,19 @@ def collate_parts(items: list[dict[str, Any]]) -> dict[str, Any]:
 def finish_batch(
     batch: dict[str, Any], crop: tuple[int, int, int], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's crops on ``device``: images (N, 1, X, Y, Z) float32 and labels (N, X, Y, Z) uint8."""
+    """The batch's crops on ``device``: images (N, C, X, Y, Z) float32 and labels (N, X, Y, Z) uint8."""
     images, labels = [], []
     for i, (image, label) in enumerate(zip(batch["image"], batch["label"])):
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
         if batch["resample"][i]:
-            image, label = resample(image, label, batch["affine"][i], crop, float(batch["pad"][i]))
-        images.append(change_intensity(image, batch["intensity"][i].tolist(), int(batch["noise_seed"][i])))
+            image, label = resample(image, label, batch["affine"][i], crop, batch["pad"][i].tolist())
+        changed = [
+            change_intensity(channel, values, int(seed))
+            for channel, values, seed in zip(image, batch["intensity"][i].tolist(), batch["noise_seed"][i])
+        ]
+        images.append(torch.stack(changed))
         labels.append(label)
-    return torch.stack(images)[:, None], torch.stack(labels)
+    return torch.stack(images), torch.stack(labels)
 
 
 def region_coordinates(affine: torch.Tensor, crop: tuple[int, int, int], device: torch.device) -> torch.Tensor:
@@ -77,18 +88,20 @@ def region_coordinates(affine: torch.Tensor, crop: tuple[int, int, int], device:
 
 
 def resample(
-    image: torch.Tensor, label: torch.Tensor, affine: torch.Tensor, crop: tuple[int, int, int], pad: float
+    image: torch.Tensor, label: torch.Tensor, affine: torch.Tensor, crop: tuple[int, int, int], pad: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The crop from its region: trilinear for the image, nearest for the label; a point outside the region (which
-    ends where the volume does) is ``pad`` and background, as in scipy's constant mode on the workers."""
+    """The crop from its region: trilinear for the image (C, ...), nearest for the label; a point outside the region
+    (which ends where the volume does) is each channel's ``pad`` and background, as in scipy's constant mode on the
+    workers."""
     coords = region_coordinates(affine, crop, image.device)
-    sizes = torch.tensor(image.shape, dtype=torch.float64, device=image.device)
+    sizes = torch.tensor(label.shape, dtype=torch.float64, device=image.device)
     outside = ((coords < -1e-6) | (coords > sizes - 1 + 1e-6)).any(-1)
     grid = (2 * coords / (sizes - 1).clamp(min=1) - 1).flip(-1)[None]  # grid_sample's (z, y, x), align_corners
     dtype = torch.float64 if image.device.type == "cpu" else torch.float32  # the GPU samples in float32
-    out = F.grid_sample(image.to(dtype)[None, None], grid.to(dtype), mode="bilinear", align_corners=True)[0, 0]
+    out = F.grid_sample(image.to(dtype)[None], grid.to(dtype), mode="bilinear", align_corners=True)[0]
     nearest = F.grid_sample(label.to(dtype)[None, None], grid.to(dtype), mode="nearest", align_corners=True)[0, 0]
-    image = torch.where(outside, pad, out).float()
+    pad_values = torch.tensor(pad, dtype=out.dtype, device=out.device)[:, None, None, None]
+    image = torch.where(outside, pad_values, out).float()
     return image, torch.where(outside, 0, nearest.round()).to(torch.uint8)
 
 

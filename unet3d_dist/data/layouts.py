@@ -1,8 +1,10 @@
 """Finding image/label pairs in the folder layouts that ``prepare`` accepts.
 
 - ``folders``: one folder per case holding an image (a file, or a DICOM series folder) and a label file, found by
-  glob patterns (``image*`` and ``label*`` by default). An input may be such a case folder or a folder of them.
-- ``decathlon``: the Medical Segmentation Decathlon / LiTS layout: ``dataset.json``, ``imagesTr/``, ``labelsTr/``.
+  glob patterns (``image*`` and ``label*`` by default); with several channels, one glob per channel
+  (``input.channels: {t1: "t1*", t2: "t2*"}``). An input may be such a case folder or a folder of them.
+- ``decathlon``: the Medical Segmentation Decathlon / LiTS layout: ``dataset.json``, ``imagesTr/``, ``labelsTr/``;
+  a case's channels are one 4-D image or nnU-Net's ``<case>_0000``, ``<case>_0001``, ... files.
 - ``hdf5``: the original project's layout: one ``.h5`` file per case with ``image`` and ``label`` datasets.
 - ``auto``: decathlon if the input has a ``dataset.json``, hdf5 if it holds ``.h5`` files, folders otherwise.
 
@@ -25,12 +27,18 @@ HDF5_SUFFIXES = (".h5", ".hdf5")
 
 @dataclass(frozen=True)
 class Source:
-    """Where one case's image and label come from; ``label`` is the image file itself for the hdf5 layout."""
+    """Where one case's image channels and label come from: one file per channel, or one file holding them all (a
+    4-D image); ``label`` is the image file itself for the hdf5 layout."""
 
     id: str
-    image: Path
+    images: tuple[Path, ...]
     label: Path
     layout: str
+
+    @property
+    def image(self) -> Path:
+        """The (first) image file, the one messages name."""
+        return self.images[0]
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -52,7 +60,7 @@ def _detect(folder: Path) -> str:
 
 def _hdf5_cases(folder: Path) -> list[Source]:
     return [
-        Source(strip_suffix(p), p, p, "hdf5") for p in _visible(folder) if p.is_file() and p.suffix in HDF5_SUFFIXES
+        Source(strip_suffix(p), (p,), p, "hdf5") for p in _visible(folder) if p.is_file() and p.suffix in HDF5_SUFFIXES
     ]
 
 
@@ -65,19 +73,18 @@ def _decathlon_cases(folder: Path) -> list[Source]:
     if training:
         pairs = [(folder / item["image"], folder / item["label"]) for item in training]
     else:
-        pairs = []
-        for label in _visible(folder / "labelsTr"):
-            stem, suffix = strip_suffix(label), label.name[len(strip_suffix(label)) :]
-            image = next(
-                (
-                    p
-                    for p in (folder / "imagesTr" / label.name, folder / "imagesTr" / f"{stem}_0000{suffix}")
-                    if p.exists()
-                ),
-                None,
-            )
-            pairs.append((image or folder / "imagesTr" / label.name, label))
-    return [Source(strip_suffix(label), image, label, "decathlon") for image, label in pairs]
+        pairs = [(folder / "imagesTr" / label.name, label) for label in _visible(folder / "labelsTr")]
+    return [Source(strip_suffix(label), _channel_files(image), label, "decathlon") for image, label in pairs]
+
+
+def _channel_files(image: Path) -> tuple[Path, ...]:
+    """``image`` itself if it exists (one file, perhaps 4-D), else nnU-Net's ``<case>_0000``, ``_0001``, ... files
+    beside it (a missing image stays ``image``, for the reader to name)."""
+    if image.exists():
+        return (image,)
+    stem, suffix = strip_suffix(image), image.name[len(strip_suffix(image)) :]
+    numbered = sorted(image.parent.glob(f"{stem}_[0-9][0-9][0-9][0-9]{suffix}"))
+    return tuple(numbered) or (image,)
 
 
 def _single(folder: Path, pattern: str, what: str) -> Path:
@@ -90,19 +97,29 @@ def _single(folder: Path, pattern: str, what: str) -> Path:
     return found[0]
 
 
-def _folder_cases(folder: Path, image_pattern: str, label_pattern: str) -> list[Source]:
-    """``folder`` is a case if it matches the image pattern itself, otherwise each subfolder is a case."""
-    case_folders = [folder] if _match(folder, image_pattern) else [p for p in _visible(folder) if p.is_dir()]
+def _folder_cases(folder: Path, image_patterns: dict[str, str], label_pattern: str) -> list[Source]:
+    """``folder`` is a case if it matches the first image pattern itself, otherwise each subfolder is a case."""
+    first = next(iter(image_patterns.values()))
+    case_folders = [folder] if _match(folder, first) else [p for p in _visible(folder) if p.is_dir()]
     return [
-        Source(case.name, _single(case, image_pattern, "image"), _single(case, label_pattern, "label"), "folders")
+        Source(
+            case.name,
+            tuple(_single(case, pattern, f"{name} image") for name, pattern in image_patterns.items()),
+            _single(case, label_pattern, "label"),
+            "folders",
+        )
         for case in case_folders
     ]
 
 
 def find_cases(
-    inputs: list[Path], layout: str = "auto", image_pattern: str = "image*", label_pattern: str = "label*"
+    inputs: list[Path],
+    layout: str = "auto",
+    image_patterns: dict[str, str] | None = None,
+    label_pattern: str = "label*",
 ) -> list[Source]:
-    """Every case under the input folders, sorted by id; case ids must be unique across inputs."""
+    """Every case under the input folders, sorted by id; case ids must be unique across inputs. ``image_patterns``
+    (channel name -> glob) finds the images of the folders layout; ``{"image": "image*"}`` by default."""
     sources: list[Source] = []
     for folder in map(Path, inputs):
         if not folder.is_dir():
@@ -113,7 +130,7 @@ def find_cases(
         elif kind == "decathlon":
             found = _decathlon_cases(folder)
         else:
-            found = _folder_cases(folder, image_pattern, label_pattern)
+            found = _folder_cases(folder, image_patterns or {"image": "image*"}, label_pattern)
         if not found:
             raise DatasetError(
                 f"input {folder} holds no {kind} cases (image suffixes read: {', '.join(IMAGE_SUFFIXES)} or DICOM "

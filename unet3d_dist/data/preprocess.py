@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .readers import CaseError
+from .shards import channel_names
 
 INTERPOLATORS = {"linear": sitk.sitkLinear, "cubic": sitk.sitkBSpline}
 CANONICAL_ORIENTATION = "LPS"  # identity direction; the synthetic phantom is built in it
@@ -39,13 +40,29 @@ def zscore(image: np.ndarray, nonzero: bool = False) -> np.ndarray:
 
 
 def check_normalization(spec: Any) -> None:
-    """Raise ValueError unless ``spec`` is a valid ``normalization`` entry."""
+    """Raise ValueError unless ``spec`` is a valid ``normalization`` entry: one spec, or {channel name: spec}."""
+    if isinstance(spec, dict) and spec and "kind" not in spec and all(isinstance(v, dict) for v in spec.values()):
+        for name, one in spec.items():
+            try:
+                check_normalization(one)
+            except ValueError as err:
+                raise ValueError(str(err).replace("normalization", f"normalization.{name}", 1)) from None
+        return
     if not isinstance(spec, dict) or spec.get("kind") not in NORMALIZATIONS:
         raise ValueError(f"normalization must be a mapping with kind {', '.join(NORMALIZATIONS)}, not {spec!r}")
     if spec["kind"] == "ct_window":
         window = spec.get("window")
         if not (isinstance(window, list) and len(window) == 2 and window[0] < window[1]):
             raise ValueError(f"normalization.window must be [low, high] in HU with low < high, not {window!r}")
+
+
+def channel_normalization(spec: dict[str, Any], channel: str) -> dict[str, Any]:
+    """The normalization of one channel: the spec itself, or its entry for ``channel``."""
+    if "kind" in spec:
+        return spec
+    if channel not in spec:
+        raise ValueError(f"normalization has no entry for channel {channel!r}; it names {', '.join(spec)}")
+    return spec[channel]
 
 
 def normalize(image: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
@@ -97,17 +114,23 @@ def onto_grid(label: sitk.Image, reference: sitk.Image) -> sitk.Image:
     return sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
 
 
-def model_input(image: sitk.Image, preprocessing: dict[str, Any]) -> sitk.Image:
-    """Reoriented, resampled and normalised float32 image, the grid the network sees; cut-off edges get the minimum.
+def model_input(channels: list[sitk.Image], preprocessing: dict[str, Any]) -> list[sitk.Image]:
+    """Each channel reoriented, resampled and normalised on its own (float32), on the grid the network sees;
+    cut-off edges get the channel's minimum.
 
-    A dataset that records no orientation (the synthetic phantom) is LPS by construction.
+    ``channels`` are the images in ``channel_names(preprocessing)`` order, on one grid. A dataset that records no
+    orientation (the synthetic phantom) is LPS by construction.
     """
-    image = reorient(image, preprocessing.get("orientation", CANONICAL_ORIENTATION))
-    lowest = float(sitk.GetArrayViewFromImage(image).min())
-    image = resample(image, preprocessing.get("spacing"), preprocessing.get("interpolation", "linear"), lowest)
-    normalized = sitk.GetImageFromArray(normalize(sitk.GetArrayFromImage(image), preprocessing["normalization"]))
-    normalized.CopyInformation(image)
-    return normalized
+    out = []
+    for name, image in zip(channel_names(preprocessing), channels, strict=True):
+        image = reorient(image, preprocessing.get("orientation", CANONICAL_ORIENTATION))
+        lowest = float(sitk.GetArrayViewFromImage(image).min())
+        image = resample(image, preprocessing.get("spacing"), preprocessing.get("interpolation", "linear"), lowest)
+        spec = channel_normalization(preprocessing["normalization"], name)
+        normalized = sitk.GetImageFromArray(normalize(sitk.GetArrayFromImage(image), spec))
+        normalized.CopyInformation(image)
+        out.append(normalized)
+    return out
 
 
 def map_labels(label: np.ndarray, classes: dict[str, list[int]], unmapped: str, where: object) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Reading scans as SimpleITK images: NIfTI, NRRD, MHA, DICOM series folders and the original project's HDF5 files.
 
-Every reader returns complete, single-channel 3-D images or raises ``CaseError`` naming the file and what was
-expected. ITK itself reads a truncated NIfTI file without complaint and silently drops unreadable DICOM slices, so
-completeness is checked here before any voxel is trusted.
+Every reader returns complete, single-channel 3-D images (a 4-D file is split into its channels) or raises
+``CaseError`` naming the file and what was expected. ITK itself reads a truncated NIfTI file without complaint and
+silently drops unreadable DICOM slices, so completeness is checked here before any voxel is trusted.
 
 Arrays follow the project's convention: (x, y, z) order, so ``spacing[i]`` belongs to array axis ``i``
 (``sitk.GetArrayFromImage`` gives (z, y, x); the helpers below transpose).
@@ -130,9 +130,20 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     return image
 
 
+def read_volumes(path: str | Path) -> list[sitk.Image]:
+    """The 3-D volumes of a file: one, or each volume of a 4-D image (the Decathlon stores channels so)."""
+    image = _read_any(Path(path))
+    if image.GetDimension() == 4 and image.GetNumberOfComponentsPerPixel() == 1:
+        return [image[:, :, :, t] for t in range(image.GetSize()[3])]
+    return [_single_channel(image, path)]
+
+
 def read_image(path: str | Path) -> sitk.Image:
     """A single-channel 3-D image from a NIfTI/NRRD/MHA file or a DICOM series folder."""
-    path = Path(path)
+    return _single_channel(_read_any(Path(path)), path)
+
+
+def _read_any(path: Path) -> sitk.Image:
     if path.is_dir():
         image = _read_dicom_series(path)
     elif not path.is_file():
@@ -144,6 +155,10 @@ def read_image(path: str | Path) -> sitk.Image:
             image = sitk.ReadImage(str(path))
         except RuntimeError as err:
             raise CaseError(f"cannot read {path}: {_itk_reason(err)}") from None
+    return image
+
+
+def _single_channel(image: sitk.Image, path: object) -> sitk.Image:
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
@@ -162,8 +177,11 @@ def check_finite(image: sitk.Image, path: object) -> None:
         raise CaseError(f"image {path} holds {np.count_nonzero(~np.isfinite(voxels))} NaN or infinite voxels")
 
 
-def check_same_grid(image: sitk.Image, label: sitk.Image, image_path: object, label_path: object) -> None:
-    """Refuse a label that does not lie voxel for voxel on the image's grid (to 1/100 of a voxel)."""
+def check_same_grid(
+    image: sitk.Image, label: sitk.Image, image_path: object, label_path: object, what: str = "label"
+) -> None:
+    """Refuse a label (or another channel: ``what``) that does not lie voxel for voxel on the image's grid (to 1/100
+    of a voxel)."""
     spacing = np.array(image.GetSpacing())
     problems = []
     if image.GetSize() != label.GetSize():
@@ -175,17 +193,39 @@ def check_same_grid(image: sitk.Image, label: sitk.Image, image_path: object, la
     if not np.allclose(label.GetDirection(), image.GetDirection(), atol=DIRECTION_TOLERANCE):
         problems.append(f"direction {label.GetDirection()} vs {image.GetDirection()}")
     if problems:
-        raise CaseError(f"label {label_path} is not on the grid of image {image_path}: {'; '.join(problems)}")
+        raise CaseError(f"{what} {label_path} is not on the grid of image {image_path}: {'; '.join(problems)}")
 
 
-def read_pair(image_path: Path, label_path: Path) -> tuple[sitk.Image, sitk.Image]:
-    """Image and label files (or a DICOM folder and a label file) on one grid; a label stored with flipped or
-    permuted axes is reoriented to the image's axes first."""
-    image, label = read_image(image_path), read_image(label_path)
-    orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
-    label = sitk.DICOMOrient(label, orientation)
-    check_same_grid(image, label, image_path, label_path)
-    return image, label
+def read_channels(paths: tuple[Path, ...], names: list[str], whose: str) -> list[sitk.Image]:
+    """The channels ``names`` (``whose`` they are, for the message) from one file per channel, or from one 4-D file
+    holding them all, on one grid; a channel stored with flipped or permuted axes is reoriented to the first's
+    axes."""
+    volumes = [(path, volume) for path in paths for volume in read_volumes(path)]
+    if len(volumes) != len(names):
+        files = " and ".join(map(str, paths))
+        raise CaseError(
+            f"{files} hold{'s' if len(paths) == 1 else ''} {len(volumes)} image channel(s); {whose} "
+            f"{len(names)} ({', '.join(names)}), one file per channel in that order or one 4-D file"
+        )
+    (first_path, first), channels = volumes[0], [volumes[0][1]]
+    for name, (path, volume) in zip(names[1:], volumes[1:]):
+        volume = sitk.DICOMOrient(volume, _orientation(first))
+        check_same_grid(first, volume, first_path, path, what=f"channel {name}")
+        channels.append(volume)
+    return channels
+
+
+def _orientation(image: sitk.Image) -> str:
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def read_pair(image_paths: tuple[Path, ...], label_path: Path, names: list[str]) -> tuple[list[sitk.Image], sitk.Image]:
+    """Image channels and label file (or a DICOM folder and a label file) on one grid; a label stored with flipped
+    or permuted axes is reoriented to the image's axes first."""
+    channels, label = read_channels(image_paths, names, "the recipe's input.channels names"), read_image(label_path)
+    label = sitk.DICOMOrient(label, _orientation(channels[0]))
+    check_same_grid(channels[0], label, image_paths[0], label_path)
+    return channels, label
 
 
 def read_hdf5_pair(path: Path, spacing: tuple[float, float, float]) -> tuple[sitk.Image, sitk.Image]:

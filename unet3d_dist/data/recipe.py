@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import ConfigError, read_yaml
 from .layouts import LAYOUTS
-from .preprocess import CANONICAL_ORIENTATION, INTERPOLATORS, check_normalization
+from .preprocess import CANONICAL_ORIENTATION, INTERPOLATORS, channel_normalization, check_normalization
 from .shards import COMPRESSIONS, DEFAULT_CHUNKS, DEFAULT_COMPRESSION
 
 AXIS_LETTERS = ({"L", "R"}, {"P", "A"}, {"S", "I"})
@@ -27,10 +27,36 @@ class InputSpec:
     image: str = "image*"  # folders layout: glob of the image (file or DICOM folder) inside a case folder
     label: str = "label*"  # folders layout: glob of the label file
     spacing: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # hdf5 layout: the files carry no geometry
+    # Several image channels, in the order the network sees them: {name: glob} (folders layout, one file per
+    # channel) or [names] (a 4-D image per case, or the Decathlon's <case>_0000, _0001, ... files). None: one channel.
+    channels: dict[str, str] | list[str] | None = None
 
     def check(self) -> None:
         _one_of("input.layout", self.layout, LAYOUTS)
         _triple("input.spacing", self.spacing)
+        names = list(self.channels or [])
+        if self.channels is not None and not (
+            names
+            and all(isinstance(n, str) and n for n in names)
+            and len(set(names)) == len(names)
+            and (not isinstance(self.channels, dict) or all(isinstance(g, str) and g for g in self.channels.values()))
+        ):
+            raise ConfigError(
+                "input.channels must name the image channels, as a mapping {name: glob} or a list of distinct names, "
+                f"not {self.channels!r}"
+            )
+        if self.layout == "hdf5" and len(names) > 1:
+            raise ConfigError("input.channels: the hdf5 layout holds one image per case; it cannot have channels")
+
+    @property
+    def names(self) -> list[str]:
+        """The channels' names in order; one channel is called ``image``."""
+        return list(self.channels) if self.channels else ["image"]
+
+    @property
+    def image_patterns(self) -> dict[str, str]:
+        """Channel name -> glob of its file in a case folder (one glob for a single file, perhaps 4-D)."""
+        return dict(self.channels) if isinstance(self.channels, dict) else {self.names[0]: self.image}
 
 
 @dataclass
@@ -63,6 +89,7 @@ class CropSpec:
 
 @dataclass
 class PreprocessSpec:
+    # one spec for every channel (each normalised on its own statistics), or {channel name: spec}
     normalization: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
     spacing: list[float] | None = None  # target spacing in mm per axis; null keeps the source spacing
     interpolation: str = "linear"  # images: linear | cubic (labels always nearest)
@@ -138,13 +165,27 @@ class Recipe:
                 raise ConfigError(f"the recipe needs a non-empty string '{key}'")
         for section in (self.input, self.labels, self.preprocessing, self.splits, self.shards):
             section.check()
+        try:
+            for name in self.channel_names:
+                channel_normalization(self.preprocessing.normalization, name)
+        except ValueError as err:
+            raise ConfigError(f"preprocessing.{err}") from None
+
+    @property
+    def channel_names(self) -> list[str]:
+        return self.input.names
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def manifest_preprocessing(self) -> dict[str, Any]:
-        """What the manifest records under ``preprocessing``: everything prediction must repeat, plus the label map."""
-        return {**dataclasses.asdict(self.preprocessing), "labels": dataclasses.asdict(self.labels)}
+        """What the manifest records under ``preprocessing``: everything prediction must repeat (the channels in their
+        order included), plus the label map."""
+        return {
+            **dataclasses.asdict(self.preprocessing),
+            "channels": self.channel_names,
+            "labels": dataclasses.asdict(self.labels),
+        }
 
 
 def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -3,7 +3,7 @@
 Layout of a dataset folder::
 
     manifest.json            cases, splits, geometry, class voxel counts, shard sha256 and size
-    shard-00000.h5           /<case id>/image   float32 (X, Y, Z), normalised
+    shard-00000.h5           /<case id>/image   float32 (X, Y, Z), normalised; (C, X, Y, Z) for C > 1 channels
                              /<case id>/label   uint8   (X, Y, Z), class ids
                              /<case id>/foreground int32 (N, 4): (class, x, y, z) samples for oversampling
                              case attributes: spacing, origin, direction (ITK physical geometry)
@@ -13,7 +13,9 @@ Every dataset carries HDF5's fletcher32 checksum per chunk (manifest ``chunk_che
 a read error naming the shard and case instead of silently changed voxels. Datasets prepared before checksums
 still read; ``ShardedDataset.checksum_note`` says their corruption would go unnoticed.
 
-Arrays are stored in (x, y, z) order, so ``spacing[i]`` belongs to array axis ``i``. Every file is written to a
+Arrays are stored in (x, y, z) order, so ``spacing[i]`` belongs to array axis ``i``. A single-channel image is
+stored as a 3-D array (as before channels existed); ``ShardedDataset.image`` always returns (C, X, Y, Z), and the
+manifest's ``channels`` names the channels in their order. Every file is written to a
 temporary name in the same folder, fsynced and renamed, so a reader never sees half a shard or half a manifest.
 Readers open shard files lazily, once per process, so DataLoader workers each get their own handle.
 """
@@ -43,6 +45,7 @@ COMPRESSIONS = ("lzf", "gzip", "none")
 DEFAULT_COMPRESSION = "lzf"
 DEFAULT_CHUNKS = (16, 16, 16)
 CHUNK_CHECKSUM = "fletcher32"
+DEFAULT_CHANNELS = ("image",)
 
 
 class DatasetError(RuntimeError):
@@ -60,7 +63,8 @@ class DatasetError(RuntimeError):
 
 @dataclass
 class Case:
-    """One volume ready to be written: normalised image, integer label and its physical geometry."""
+    """One volume ready to be written: normalised image ((X, Y, Z), or (C, X, Y, Z) for several channels), integer
+    label (X, Y, Z) and its physical geometry."""
 
     id: str
     image: np.ndarray
@@ -81,12 +85,26 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_case(case: Case, num_classes: int) -> None:
-    if case.image.ndim != 3 or case.image.shape != case.label.shape:
+def channel_names(preprocessing: dict[str, Any]) -> list[str]:
+    """The image channels a dataset (or checkpoint) was prepared with, in order, from its ``preprocessing``; one,
+    ``image``, for data prepared before channels existed."""
+    return list(preprocessing.get("channels", DEFAULT_CHANNELS))
+
+
+def channels_first(image: np.ndarray) -> np.ndarray:
+    """(C, X, Y, Z) for a 3-D (one channel) or 4-D image."""
+    return image[None] if image.ndim == 3 else image
+
+
+def _check_case(case: Case, num_classes: int, channels: int) -> None:
+    image = channels_first(case.image)
+    if image.ndim != 4 or image.shape[1:] != case.label.shape:
         raise DatasetError(
-            f"case {case.id}: image {case.image.shape} and label {case.label.shape} must be 3-D arrays of the same "
-            "shape"
+            f"case {case.id}: image {case.image.shape} must be (X, Y, Z) or (C, X, Y, Z) and label {case.label.shape} "
+            "(X, Y, Z) of the same spatial shape"
         )
+    if len(image) != channels:
+        raise DatasetError(f"case {case.id}: image has {len(image)} channel(s); the dataset has {channels}")
     if not np.isfinite(case.image).all():
         raise DatasetError(f"case {case.id}: image contains NaN or infinite values")
     if case.label.dtype != np.uint8:
@@ -113,12 +131,12 @@ def case_record(case: Case, shard: str, num_classes: int) -> dict[str, Any]:
         "id": case.id,
         "shard": shard,
         "split": case.split,
-        "shape": list(case.image.shape),
+        "shape": list(case.label.shape),
         "spacing": [float(v) for v in case.spacing],
         "origin": [float(v) for v in case.origin],
         "direction": [float(v) for v in case.direction],
         "class_voxels": [int(v) for v in np.bincount(case.label.ravel(), minlength=num_classes)],
-        "image_min": float(case.image.min()),
+        "image_min": [float(channel.min()) for channel in channels_first(case.image)],
         "source": case.source,
         **case.extra,
     }
@@ -130,8 +148,9 @@ def write_shard(
     num_classes: int,
     compression: str = DEFAULT_COMPRESSION,
     chunks: tuple[int, int, int] = DEFAULT_CHUNKS,
-    notes: dict[str, Any] | None = None,
     checksums: bool = True,
+    channels: int = 1,
+    notes: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Write cases to one shard atomically and return their manifest records.
 
@@ -141,7 +160,7 @@ def write_shard(
     """
     cases = list(cases)
     for case in cases:
-        _check_case(case, num_classes)
+        _check_case(case, num_classes, channels)
     records = [case_record(case, path.name, num_classes) for case in cases]
     filters = {"compression": None if compression == "none" else compression, "fletcher32": checksums}
 
@@ -149,8 +168,10 @@ def write_shard(
         with h5py.File(tmp, "w") as h5:
             for case in cases:
                 group = h5.create_group(case.id)
-                chunk = tuple(min(c, s) for c, s in zip(chunks, case.image.shape))
-                group.create_dataset("image", data=case.image.astype(np.float32), chunks=chunk, **filters)
+                chunk = tuple(min(c, s) for c, s in zip(chunks, case.label.shape))
+                image = channels_first(case.image).astype(np.float32)
+                image, image_chunk = (image[0], chunk) if channels == 1 else (image, (1, *chunk))
+                group.create_dataset("image", data=image, chunks=image_chunk, **filters)
                 group.create_dataset("label", data=case.label, chunks=chunk, **filters)
                 group.create_dataset(
                     "foreground", data=foreground_samples(case.label, num_classes), fletcher32=checksums
@@ -194,7 +215,7 @@ def new_manifest(
         "name": name,
         "modality": modality,
         "classes": list(classes),
-        "channels": 1,
+        "channels": channel_names(preprocessing),
         **({"chunk_checksums": CHUNK_CHECKSUM} if checksums else {}),
         "preprocessing": preprocessing,
         "shards": shards,
@@ -222,9 +243,11 @@ def write_dataset(
     root.mkdir(parents=True, exist_ok=True)
     shards, records, batch = [], [], []
 
+    channels = len(channel_names(preprocessing))
+
     def flush() -> None:
         path = root / f"shard-{len(shards):05d}.h5"
-        records.extend(write_shard(path, batch, len(classes), compression, chunks, checksums=checksums))
+        records.extend(write_shard(path, batch, len(classes), compression, chunks, checksums, channels))
         shards.append(shard_entry(path, [c.id for c in batch]))
         batch.clear()
 
@@ -257,6 +280,16 @@ class ShardedDataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def channels(self) -> list[str]:
+        """The image channels' names, in order."""
+        return channel_names(self.manifest.get("preprocessing", {}))
+
+    def pad_values(self, case_id: str) -> list[float]:
+        """Each channel's minimum: what crops and sliding windows pad it with (one float in older manifests)."""
+        low = self.records[case_id].get("image_min", 0.0)
+        return [float(v) for v in np.broadcast_to(np.asarray(low, np.float64), (len(self.channels),))]
 
     @property
     def checksum_note(self) -> str | None:
@@ -314,7 +347,10 @@ class ShardedDataset:
             ) from None
 
     def image(self, case_id: str, index: Any = ()) -> np.ndarray:
-        return self._read(case_id, "image", index)
+        """(C, X, Y, Z) voxels; ``index`` selects in (x, y, z) only."""
+        if len(self.channels) == 1:
+            return self._read(case_id, "image", index)[None]
+        return self._read(case_id, "image", (slice(None), *(index if isinstance(index, tuple) else (index,))))
 
     def label(self, case_id: str, index: Any = ()) -> np.ndarray:
         return self._read(case_id, "label", index)

@@ -19,7 +19,8 @@ def open_dataset(cfg: DataConfig, env: DistEnv) -> ShardedDataset:
         return dataset
     if env.local_rank == 0:
         console = Console(quiet=not env.is_main)
-        with console.status(f"preparing the synthetic CT phantom ({cfg.synthetic_cases} cases)"):
-            ensure_synthetic(cfg.synthetic_dir, cfg.synthetic_cases)
+        phases = f", {cfg.synthetic_channels} phases" if cfg.synthetic_channels > 1 else ""
+        with console.status(f"preparing the synthetic CT phantom ({cfg.synthetic_cases} cases{phases})"):
+            ensure_synthetic(cfg.synthetic_dir, cfg.synthetic_cases, cfg.synthetic_channels)
     barrier()
-    return ShardedDataset(ensure_synthetic(cfg.synthetic_dir, cfg.synthetic_cases))  # cached by now
+    return ShardedDataset(ensure_synthetic(cfg.synthetic_dir, cfg.synthetic_cases, cfg.synthetic_channels))  # cached

@@ -5,6 +5,10 @@ painted from those masks with portal-venous-phase HU values, partial-volume blur
 (sigma 10-22 HU). The liver is an irregular, randomly deformed and placed shape with brighter vessels; the spleen
 is 15-35 HU brighter and lies on the other side, parted from the liver by fat, so the network has to use shape and
 position as well as intensity.
+
+With two channels (``data.synthetic_channels: 2``) each volume also has an arterial phase of the same anatomy, as
+a second channel: there the liver is still dim (60-80 HU) and the spleen and kidney cortex bright, so the pair tells
+liver from spleen where the portal phase alone may not. The first channel is the single-channel phantom itself.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ DATA_SEED = 20240601
 SPACING_MM = 3.0
 HU_WINDOW = (-200.0, 250.0)
 CLASSES = ["background", "liver"]
+PHASES = ("portal_venous", "arterial")  # the channels of the two-channel phantom
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], coarse: int = 6) -> np.ndarray:
@@ -56,8 +61,11 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
 
 
-def make_phantom(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """One abdominal CT volume in HU (float32) and its liver label (uint8), both (x, y, z) at SPACING_MM."""
+def make_phantom(
+    rng: np.random.Generator, shape: tuple[int, int, int], phases: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """One abdominal CT volume in HU (float32) and its liver label (uint8), both (x, y, z) at SPACING_MM; with
+    ``phases=2`` the HU are (2, x, y, z), portal-venous then arterial (its draws come after all of the first's)."""
     axes = [(np.arange(n) - (n - 1) / 2) * SPACING_MM for n in shape]
     x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
     grid = (x, y, z)
@@ -142,21 +150,35 @@ def make_phantom(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple
     ribs = rib_band & (np.cos(2 * np.pi * z / rng.uniform(25, 35)) > 0.6) & (y > -0.5 * body_b)
     hu[ribs] = 650
 
-    # Scanner effects: partial volume, smooth bias, noise.
+    portal = _scanned(rng, hu)
+    if phases == 1:
+        return portal, liver.astype(np.uint8)
+    # Arterial phase: the liver, fed mostly by the portal vein, has barely enhanced; spleen and kidney cortex have.
+    arterial_liver = rng.uniform(60, 80)
+    hu[liver] = arterial_liver
+    hu[vessels] = arterial_liver + rng.uniform(5, 20)
+    hu[spleen & ~spine] = rng.uniform(120, 150)
+    hu[kidneys & ~spine & ~ribs] = rng.uniform(150, 190)
+    return np.stack([portal, _scanned(rng, hu)]), liver.astype(np.uint8)
+
+
+def _scanned(rng: np.random.Generator, hu: np.ndarray) -> np.ndarray:
+    """Scanner effects: partial volume, smooth bias, noise."""
     hu = ndimage.gaussian_filter(hu, 0.6)
-    hu += 8 * _smooth_noise(rng, shape, 3)
-    hu += rng.uniform(10, 22) * rng.standard_normal(shape, dtype=np.float32)
-    return hu.astype(np.float32), liver.astype(np.uint8)
+    hu += 8 * _smooth_noise(rng, hu.shape, 3)
+    hu += rng.uniform(10, 22) * rng.standard_normal(hu.shape, dtype=np.float32)
+    return hu.astype(np.float32)
 
 
-def phantom_cases(n_cases: int, seed: int = DATA_SEED):
-    """Yield n_cases phantom Cases with shapes around 128x128x96; 2/3 train, 1/6 val, the rest test."""
+def phantom_cases(n_cases: int, seed: int = DATA_SEED, channels: int = 1):
+    """Yield n_cases phantom Cases with shapes around 128x128x96 and ``channels`` phases; 2/3 train, 1/6 val, the
+    rest test."""
     n_val = max(1, n_cases // 6)
     n_train = n_cases - 2 * n_val
     for i in range(n_cases):
         rng = np.random.default_rng([seed, i])
         shape = (int(rng.integers(120, 137)), int(rng.integers(104, 121)), int(rng.integers(88, 105)))
-        hu, label = make_phantom(rng, shape)
+        hu, label = make_phantom(rng, shape, channels)
         split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
         origin = tuple(-(n - 1) / 2 * SPACING_MM for n in shape)
         yield Case(
@@ -170,13 +192,15 @@ def phantom_cases(n_cases: int, seed: int = DATA_SEED):
         )
 
 
-def ensure_synthetic(parent: str | Path, n_cases: int) -> Path:
-    """Return the folder of the cached phantom set with n_cases, generating it first if it is missing.
+def ensure_synthetic(parent: str | Path, n_cases: int, channels: int = 1) -> Path:
+    """Return the folder of the cached phantom set with n_cases (and ``channels`` phases), generating it first if it
+    is missing.
 
     Generation happens in a private temporary folder that is renamed into place, so concurrent callers and
     interrupted runs never leave a partial dataset behind.
     """
-    root = Path(parent).expanduser() / f"phantom-v{GENERATOR_VERSION}-n{n_cases}"
+    suffix = "" if channels == 1 else f"-c{channels}"
+    root = Path(parent).expanduser() / f"phantom-v{GENERATOR_VERSION}-n{n_cases}{suffix}"
     if (root / MANIFEST).is_file():
         return root
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
@@ -184,13 +208,14 @@ def ensure_synthetic(parent: str | Path, n_cases: int) -> Path:
     try:
         write_dataset(
             tmp,
-            phantom_cases(n_cases),
+            phantom_cases(n_cases, channels=channels),
             CLASSES,
             name="synthetic-abdominal-ct",
             modality="CT",
             preprocessing={
                 "normalization": {"kind": "ct_window", "window": list(HU_WINDOW)},
                 "spacing": [SPACING_MM] * 3,
+                **({"channels": list(PHASES[:channels])} if channels > 1 else {}),
             },
         )
         try:
