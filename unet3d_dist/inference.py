@@ -87,11 +87,10 @@ def sliding_window_logits(
     """Logits (num_classes, X, Y, Z) for ``image`` (C, X, Y, Z), as float32 on ``stitch_device`` (default: ``device``).
 
     Volumes smaller than the patch are padded with ``pad_value`` (one value, or one per channel) and the padding is
-    cut off again. ``tta_axes``
-    averages the logits over every flip along those axes (0, 1, 2 = x, y, z): the ones training mirrored, since a
-    model that never saw left and right swapped would be wrong on a left-right mirror. ``stop_requested``
-    is asked before every window batch, so that a stopping run does not wait for a whole large volume; when it says
-    yes, InferenceStopped is raised.
+    cut off again. ``tta_axes`` averages the logits over every flip along those axes (0, 1, 2 = x, y, z): the ones
+    training mirrored, since a model that never saw left and right swapped would be wrong on a left-right mirror.
+    ``stop_requested`` is asked before every window batch, so that a stopping run does not wait for a whole large
+    volume; when it says yes, InferenceStopped is raised.
     """
     device = torch.device(device)
     stitch_device = torch.device(stitch_device) if stitch_device is not None else device

@@ -33,7 +33,7 @@ import torch
 from .checkpoint import CheckpointError, run_dir_of
 from .config import ConfigError
 from .data.preprocess import CANONICAL_ORIENTATION, axes_smaller, dims, model_input, onto_grid, reorient
-from .data.readers import CaseError, array_xyz, check_finite, image_xyz, read_channels, strip_suffix
+from .data.readers import CaseError, array_xyz, image_xyz, read_channels, strip_suffix
 from .data.shards import channel_names
 from .dist import gather_to_main, runtime
 from .ensemble import Loaded, Member, build_members, mean_probabilities, read_checkpoints
@@ -146,8 +146,6 @@ def predict_file(predictor: Predictor, scan: Scan, mask_path: Path, panel_path: 
     """Write the mask NIfTI and the slice panel of one input (each file atomically); say if the input is padded."""
     whose = "the checkpoint was trained on" if len(predictor.members) == 1 else "the ensemble was trained on"
     channels = read_channels(scan, predictor.channels, whose)
-    for name, channel in zip(predictor.channels, channels):
-        check_finite(channel, scan[0] if len(channels) == 1 else f"{scan[0]} (channel {name})")
     path = scan[0]
     prepared = predictor.prepare(channels)
     if line := padding_line(path, prepared[0], predictor.patch):

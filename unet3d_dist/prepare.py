@@ -248,7 +248,7 @@ def prepare(
                 len(classes),
                 recipe.shards.compression,
                 tuple(recipe.shards.chunks),
-                channels=len(recipe.channel_names),
+                channels=len(recipe.input.names),
                 notes={"skipped": skipped, "warnings": warnings},
             )
 

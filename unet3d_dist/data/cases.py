@@ -55,12 +55,11 @@ def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list
     """The prepared case and its warnings; raises CaseError for input that cannot be used."""
     if source.layout == "hdf5":
         image, label = read_hdf5_pair(source.image, tuple(recipe.input.spacing))
+        check_finite(image, source.image)
         channels = [image]
     else:
-        channels, label = read_pair(source.images, source.label, recipe.channel_names)
+        channels, label = read_pair(source.images, source.label, recipe.input.names)
         image = channels[0]
-    for name, channel in zip(recipe.channel_names, channels):
-        check_finite(channel, source.image if len(channels) == 1 else f"{source.image} (channel {name})")
     mapped = sitk.GetImageFromArray(
         map_labels(sitk.GetArrayViewFromImage(label), recipe.labels.classes, recipe.labels.unmapped, source.label)
     )

@@ -39,21 +39,19 @@ def zscore(image: np.ndarray, nonzero: bool = False) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def check_normalization(spec: Any) -> None:
-    """Raise ValueError unless ``spec`` is a valid ``normalization`` entry: one spec, or {channel name: spec}."""
+def check_normalization(spec: Any, key: str = "normalization") -> None:
+    """Raise ValueError (naming ``key``) unless ``spec`` is a valid ``normalization`` entry: one spec, or {channel
+    name: spec}."""
     if isinstance(spec, dict) and spec and "kind" not in spec and all(isinstance(v, dict) for v in spec.values()):
         for name, one in spec.items():
-            try:
-                check_normalization(one)
-            except ValueError as err:
-                raise ValueError(str(err).replace("normalization", f"normalization.{name}", 1)) from None
+            check_normalization(one, f"{key}.{name}")
         return
     if not isinstance(spec, dict) or spec.get("kind") not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be a mapping with kind {', '.join(NORMALIZATIONS)}, not {spec!r}")
+        raise ValueError(f"{key} must be a mapping with kind {', '.join(NORMALIZATIONS)}, not {spec!r}")
     if spec["kind"] == "ct_window":
         window = spec.get("window")
         if not (isinstance(window, list) and len(window) == 2 and window[0] < window[1]):
-            raise ValueError(f"normalization.window must be [low, high] in HU with low < high, not {window!r}")
+            raise ValueError(f"{key}.window must be [low, high] in HU with low < high, not {window!r}")
 
 
 def channel_normalization(spec: dict[str, Any], channel: str) -> dict[str, Any]:

@@ -177,29 +177,27 @@ def check_finite(image: sitk.Image, path: object) -> None:
         raise CaseError(f"image {path} holds {np.count_nonzero(~np.isfinite(voxels))} NaN or infinite voxels")
 
 
-def check_same_grid(
-    image: sitk.Image, label: sitk.Image, image_path: object, label_path: object, what: str = "label"
-) -> None:
-    """Refuse a label (or another channel: ``what``) that does not lie voxel for voxel on the image's grid (to 1/100
-    of a voxel)."""
+def check_same_grid(image: sitk.Image, other: sitk.Image, image_path: object, other_path: object, what: str) -> None:
+    """Refuse a label or another channel (``what`` it is) that does not lie voxel for voxel on the image's grid (to
+    1/100 of a voxel)."""
     spacing = np.array(image.GetSpacing())
     problems = []
-    if image.GetSize() != label.GetSize():
-        problems.append(f"size {label.GetSize()} vs {image.GetSize()}")
-    if not np.allclose(label.GetSpacing(), spacing, rtol=SPACING_TOLERANCE, atol=0):
-        problems.append(f"spacing {label.GetSpacing()} vs {image.GetSpacing()}")
-    if np.abs(np.subtract(label.GetOrigin(), image.GetOrigin())).max() > ORIGIN_TOLERANCE * spacing.min():
-        problems.append(f"origin {label.GetOrigin()} vs {image.GetOrigin()}")
-    if not np.allclose(label.GetDirection(), image.GetDirection(), atol=DIRECTION_TOLERANCE):
-        problems.append(f"direction {label.GetDirection()} vs {image.GetDirection()}")
+    if image.GetSize() != other.GetSize():
+        problems.append(f"size {other.GetSize()} vs {image.GetSize()}")
+    if not np.allclose(other.GetSpacing(), spacing, rtol=SPACING_TOLERANCE, atol=0):
+        problems.append(f"spacing {other.GetSpacing()} vs {image.GetSpacing()}")
+    if np.abs(np.subtract(other.GetOrigin(), image.GetOrigin())).max() > ORIGIN_TOLERANCE * spacing.min():
+        problems.append(f"origin {other.GetOrigin()} vs {image.GetOrigin()}")
+    if not np.allclose(other.GetDirection(), image.GetDirection(), atol=DIRECTION_TOLERANCE):
+        problems.append(f"direction {other.GetDirection()} vs {image.GetDirection()}")
     if problems:
-        raise CaseError(f"{what} {label_path} is not on the grid of image {image_path}: {'; '.join(problems)}")
+        raise CaseError(f"{what} {other_path} is not on the grid of image {image_path}: {'; '.join(problems)}")
 
 
 def read_channels(paths: tuple[Path, ...], names: list[str], whose: str) -> list[sitk.Image]:
     """The channels ``names`` (``whose`` they are, for the message) from one file per channel, or from one 4-D file
-    holding them all, on one grid; a channel stored with flipped or permuted axes is reoriented to the first's
-    axes."""
+    holding them all, on one grid and finite; a channel stored with flipped or permuted axes is reoriented to the
+    first's axes."""
     volumes = [(path, volume) for path in paths for volume in read_volumes(path)]
     if len(volumes) != len(names):
         files = " and ".join(map(str, paths))
@@ -207,10 +205,12 @@ def read_channels(paths: tuple[Path, ...], names: list[str], whose: str) -> list
             f"{files} hold{'s' if len(paths) == 1 else ''} {len(volumes)} image channel(s); {whose} "
             f"{len(names)} ({', '.join(names)}), one file per channel in that order or one 4-D file"
         )
-    (first_path, first), channels = volumes[0], [volumes[0][1]]
-    for name, (path, volume) in zip(names[1:], volumes[1:]):
-        volume = sitk.DICOMOrient(volume, _orientation(first))
-        check_same_grid(first, volume, first_path, path, what=f"channel {name}")
+    (first_path, first), channels = volumes[0], []
+    for name, (path, volume) in zip(names, volumes):
+        if channels:
+            volume = sitk.DICOMOrient(volume, _orientation(first))
+            check_same_grid(first, volume, first_path, path, f"channel {name}")
+        check_finite(volume, path if len(names) == 1 else f"{path} (channel {name})")
         channels.append(volume)
     return channels
 
@@ -224,7 +224,7 @@ def read_pair(image_paths: tuple[Path, ...], label_path: Path, names: list[str])
     or permuted axes is reoriented to the image's axes first."""
     channels, label = read_channels(image_paths, names, "the recipe's input.channels names"), read_image(label_path)
     label = sitk.DICOMOrient(label, _orientation(channels[0]))
-    check_same_grid(channels[0], label, image_paths[0], label_path)
+    check_same_grid(channels[0], label, image_paths[0], label_path, "label")
     return channels, label
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from ..config import ConfigError, read_yaml
 from .layouts import LAYOUTS
 from .preprocess import CANONICAL_ORIENTATION, INTERPOLATORS, channel_normalization, check_normalization
-from .shards import COMPRESSIONS, DEFAULT_CHUNKS, DEFAULT_COMPRESSION
+from .shards import COMPRESSIONS, DEFAULT_CHANNELS, DEFAULT_CHUNKS, DEFAULT_COMPRESSION
 
 AXIS_LETTERS = ({"L", "R"}, {"P", "A"}, {"S", "I"})
 
@@ -51,7 +51,7 @@ class InputSpec:
     @property
     def names(self) -> list[str]:
         """The channels' names in order; one channel is called ``image``."""
-        return list(self.channels) if self.channels else ["image"]
+        return list(self.channels or DEFAULT_CHANNELS)
 
     @property
     def image_patterns(self) -> dict[str, str]:
@@ -166,14 +166,10 @@ class Recipe:
         for section in (self.input, self.labels, self.preprocessing, self.splits, self.shards):
             section.check()
         try:
-            for name in self.channel_names:
+            for name in self.input.names:
                 channel_normalization(self.preprocessing.normalization, name)
         except ValueError as err:
             raise ConfigError(f"preprocessing.{err}") from None
-
-    @property
-    def channel_names(self) -> list[str]:
-        return self.input.names
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -183,7 +179,7 @@ class Recipe:
         order included), plus the label map."""
         return {
             **dataclasses.asdict(self.preprocessing),
-            "channels": self.channel_names,
+            "channels": self.input.names,
             "labels": dataclasses.asdict(self.labels),
         }
 
