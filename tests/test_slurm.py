@@ -59,6 +59,9 @@ PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 """
 # What the tests change in the scripts' defaults: no GPUs, one of the two CPUs of a node per task.
 CPU_JOB = ("--gpus-per-node=0", "--cpus-per-task=1")
+# Long enough that a job is still running when the test signals it right after its second checkpoint: on an idle
+# machine 8 epochs of the tiny run ended in the second or so that polling scontrol and scancel took.
+EPOCHS = 60
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -191,7 +194,7 @@ def preempted_run(slurm, tiny_dataset, tmp_path_factory) -> tuple[dict[str, str]
         tiny_dataset,
         tmp,
         "single",
-        "train.epochs=8",
+        f"train.epochs={EPOCHS}",
         "checkpoint.every_steps=2",
         "checkpoint.keep_last=40",
         "train.val_every=4",
@@ -213,8 +216,8 @@ def test_train_sbatch_checkpoints_on_usr1_requeues_itself_and_resumes_to_the_end
     assert "srun: error: n1: task 0: Exited with exit code 75" in log
     assert "requeueing job" in log
     assert "resumed at epoch" in log and f", step {stopped[1]}\n" in log
-    assert f"done: {8 * 8 // 2} steps" in log
-    assert final_state(run_dir)["train_state"]["global_step"] == 8 * 8 // 2
+    assert f"done: {EPOCHS * 8 // 2} steps" in log
+    assert final_state(run_dir)["train_state"]["global_step"] == EPOCHS * 8 // 2
     assert not (run_dir / "stopped_by_signal.json").exists()
 
 
@@ -244,12 +247,12 @@ def test_evaluate_sbatch_writes_per_volume_results(slurm, preempted_run, tiny_da
 
 
 def test_two_node_job_requeues_on_usr1_to_the_batch_shell_and_resumes(slurm, tiny_dataset, tmp_path):
-    steps = 8 * 8 // (2 * 2)  # 8 epochs of 8 crops, batch 2 on each of 2 ranks
+    steps = EPOCHS * 8 // (2 * 2)  # epochs of 8 crops, batch 2 on each of 2 ranks
     args = overrides(
         tiny_dataset,
         tmp_path,
         "nodes",
-        "train.epochs=8",
+        f"train.epochs={EPOCHS}",
         "checkpoint.every_steps=2",
         "checkpoint.keep_last=40",
         "train.val_every=4",
@@ -278,7 +281,7 @@ def test_scancel_checkpoints_within_killwait_and_a_requeue_ends_bitwise_equal_to
     slurm, tiny_dataset, tmp_path
 ):
     extra = (
-        "train.epochs=4",
+        f"train.epochs={EPOCHS // 4}",
         "data.samples_per_epoch=24",
         "checkpoint.every_steps=2",
         "checkpoint.keep_last=10",
