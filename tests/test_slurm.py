@@ -110,13 +110,15 @@ class Cluster:
     def job(self, job_id: str) -> dict[str, str]:
         return dict(re.findall(r"(\w+)=(\S*)", self.run("scontrol", "show", "job", "--oneliner", job_id)))
 
-    def wait_for_file(self, path: Path, job_id: str) -> None:
+    def wait_for_checkpoint(self, run_dir: Path, job_id: str) -> None:
+        """Until the job's first step checkpoint exists (any: with keep_last the first is pruned later on)."""
+
         def ready() -> bool:
             state = self.job(job_id)["JobState"]
-            assert state not in FINISHED, f"job {job_id} ended ({state}) before {path.name} appeared"
-            return path.exists()
+            assert state not in FINISHED, f"job {job_id} ended ({state}) before it wrote a checkpoint"
+            return any((run_dir / "checkpoints").glob("ckpt-*.pt"))
 
-        wait_until(ready, f"{path} from job {job_id}")
+        wait_until(ready, f"a checkpoint in {run_dir} from job {job_id}")
 
     def wait_until_finished(self, job_id: str, timeout: float = 300) -> dict[str, str]:
         return wait_until(
@@ -201,7 +203,7 @@ def preempted_run(slurm, tiny_dataset, tmp_path_factory) -> tuple[dict[str, str]
         WORKERS,
     )
     job_id = slurm.submit("train.sbatch", *args, logs=tmp)
-    slurm.wait_for_file(tmp / "single" / "checkpoints" / "ckpt-00000002.pt", job_id)
+    slurm.wait_for_checkpoint(tmp / "single", job_id)
     slurm.run("scancel", "--signal=USR1", job_id)  # reaches the step's processes, like --signal=USR1@N
     job = slurm.wait_until_finished(job_id)
     return job, tmp / "single", (tmp / f"unet3d-train-{job_id}.out").read_text()
@@ -259,7 +261,7 @@ def test_two_node_job_requeues_on_usr1_to_the_batch_shell_and_resumes(slurm, tin
         WORKERS,
     )
     job_id = slurm.submit("train_multinode.sbatch", *args, logs=tmp_path)
-    slurm.wait_for_file(tmp_path / "nodes" / "checkpoints" / "ckpt-00000002.pt", job_id)
+    slurm.wait_for_checkpoint(tmp_path / "nodes", job_id)
     slurm.run("scancel", "--batch", "--signal=USR1", job_id)  # only the batch shell, like --signal=B:USR1@N
     job = slurm.wait_until_finished(job_id)
     log = (tmp_path / f"unet3d-train-multinode-{job_id}.out").read_text()
@@ -290,7 +292,7 @@ def test_scancel_checkpoints_within_killwait_and_a_requeue_ends_bitwise_equal_to
     reference = slurm.submit("train.sbatch", *overrides(tiny_dataset, tmp_path, "reference", *extra), logs=tmp_path)
     job_id = slurm.submit("train.sbatch", *overrides(tiny_dataset, tmp_path, "cancelled", *extra), logs=tmp_path)
     run_dir = tmp_path / "cancelled"
-    slurm.wait_for_file(run_dir / "checkpoints" / "ckpt-00000002.pt", job_id)
+    slurm.wait_for_checkpoint(run_dir, job_id)
     slurm.run("scancel", job_id)  # SIGTERM to every process of the job, SIGKILL after KillWait (30 s)
     job = slurm.wait_until_finished(job_id)
     log = (tmp_path / f"unet3d-train-{job_id}.out").read_text()
