@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import SimpleITK as sitk
 import yaml
 from conftest import REPO, SHARED_DATA, TINY
 
@@ -50,54 +51,58 @@ def test_crossval_trains_every_fold_and_scores_each_case_once(tmp_path, tiny_dat
 @pytest.mark.skipif(
     not (SHARED_DATA / "ct_abdomen").is_dir(), reason=f"real scans not found in {SHARED_DATA} (set UNET3D_SHARED_DATA)"
 )
-def test_ct_liver_recipe_prepares_trains_and_scores_the_real_abdominal_ct(tmp_path):
-    data = tmp_path / "ct"
-    splits = tmp_path / "splits.yaml"
-    splits.write_text(yaml.safe_dump({"train": ["ct_abdomen"]}))
-    run(
-        "unet3d_dist.prepare",
-        "--config",
-        str(REPO / "configs/prepare_totalseg_liver.yaml"),
-        "--input",
-        str(SHARED_DATA / "ct_abdomen"),
-        "--out",
-        str(data),
-        "--splits",
-        str(splits),
-        "--jobs",
-        "1",
-    )
+def test_13_organs_of_the_real_abdominal_ct_are_planned_trained_scored_and_predicted_class_by_class(tmp_path):
+    """plan with prepare_totalseg_organs.yaml as the base recipe, its train.yaml with a loader worker, evaluate,
+    predict."""
+    plan, classes = tmp_path / "organs", json.loads((SHARED_DATA / "ct_abdomen/classes.json").read_text())
+    recipe = yaml.safe_load((REPO / "configs/prepare_totalseg_organs.yaml").read_text())["labels"]["classes"]
+    printed = run(
+        "unet3d_dist.plan",
+        *("--input", str(SHARED_DATA / "ct_abdomen"), "--recipe", str(REPO / "configs/prepare_totalseg_organs.yaml")),
+        *("--out", str(plan), "--minutes", "0.5", "--spacing", "3", "3", "3"),
+    ).stdout
+    assert "adrenal_gland_left" in printed and "preprocessing.spacing" in printed
+    data = plan / "data"
     manifest = json.loads((data / "manifest.json").read_text())
     (case,) = manifest["cases"]
-    assert manifest["classes"] == ["background", "liver"] and case["spacing"] == [3.0, 3.0, 3.0]
-    run(
+    organs = manifest["classes"][1:]
+    assert len(organs) == 13 and all(classes[str(recipe[name][0])] == name for name in organs)
+    assert case["spacing"] == [3.0, 3.0, 3.0] and case["class_voxels"][organs.index("liver") + 1] > 1000
+    printed = run(
         "unet3d_dist.train",
-        "--config",
-        str(REPO / "configs/ct_liver.yaml"),
-        f"data.dataset={data}",
-        f"log.runs_dir={tmp_path}",
-        "data.crop=[32,32,32]",
-        "model.widths=[4,8,8,16]",
-        "data.samples_per_epoch=4",
-        "train.epochs=2",
-        "train.val_every=0",
-        "inference.tta_flips=false",
-        "log.wandb=disabled",
-        "data.num_workers=0",
+        *("--config", str(plan / "train.yaml"), f"log.runs_dir={tmp_path / 'runs'}", "train.val_every=0"),
+        *("log.wandb=disabled", "model.widths=[4,8,8,16]", "data.samples_per_epoch=24", "train.epochs=2"),
+        *("data.foreground_fraction=1.0", "inference.tta_flips=false", "data.num_workers=1"),
+    ).stdout
+    # Every crop is centred on a class the scan holds, drawn uniformly: each organ but the absent oesophagus is in
+    # some crops, and the console line (smallest share first) agrees with the logged shares.
+    line = next(line for line in printed.splitlines() if line.startswith("epoch 1: crops holding each class: "))
+    shown = dict(item.rsplit(" ", 1) for item in line.split(": ", 2)[2].split(", "))
+    logged = next(
+        json.loads(row)
+        for row in (tmp_path / "runs" / "organs" / "metrics.jsonl").read_text().splitlines()
+        if "train/crops_with/liver" in row
     )
-    checkpoint = sorted((tmp_path / "ct_liver" / "checkpoints").glob("ckpt-*.pt"))[-1]
-    run(
+    assert set(shown) == set(organs) and shown["esophagus"] == "0%" and list(shown)[0] == "esophagus"
+    assert all(logged[f"train/crops_with/{name}"] > 0 for name in organs if name != "esophagus")
+    assert [f"{logged[f'train/crops_with/{name}']:.0%}" for name in shown] == list(shown.values())
+
+    checkpoint = sorted((tmp_path / "runs" / "organs" / "checkpoints").glob("ckpt-*.pt"))[-1]
+    evaluated = run(
         "unet3d_dist.evaluate",
-        "--checkpoint",
-        str(checkpoint),
-        "--split",
-        "train",
-        "--out",
-        str(tmp_path / "eval"),
-        "--wandb",
-        "disabled",
-    )
-    (record,) = json.loads((tmp_path / "eval" / "results.json").read_text())["cases"]
-    assert record["class"] == "liver" and record["ref_voxels"] == case["class_voxels"][1] > 1000
-    assert 0.0 <= record["dice"] <= 1.0
+        *("--checkpoint", str(checkpoint), "--split", "train", "--out", str(tmp_path / "eval"), "--wandb", "disabled"),
+    ).stdout
+    records = json.loads((tmp_path / "eval" / "results.json").read_text())["cases"]
+    assert [r["class"] for r in records] == organs
+    assert [r["ref_voxels"] for r in records] == case["class_voxels"][1:]
+    assert all(0.0 <= r["dice"] <= 1.0 for r in records)
+    # The console table has one row per organ and the mean over organs, not a row per (organ, metric).
+    assert sum(f"│ {name} " in evaluated for name in organs) == 13 and "mean of 13 classes" in evaluated
     assert (tmp_path / "eval" / "panels" / "ct_abdomen.png").stat().st_size > 10_000
+
+    predicted = run(
+        "unet3d_dist.predict",
+        *("--checkpoint", str(checkpoint), str(SHARED_DATA / "ct_abdomen/image.nii.gz"), "--out", str(tmp_path / "p")),
+    ).stdout
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "p" / "image_mask.nii.gz")))
+    assert mask.shape == (112, 101, 122) and mask.max() <= 13 and "image_panel.png" in predicted

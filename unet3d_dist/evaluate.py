@@ -41,7 +41,7 @@ from .masks import load_mask, mask_path
 from .model import DIVISOR
 from .precision import amp_name, resolve_amp
 from .report import slice_panel
-from .results import json_ready, metric_columns, summarize, write_csv, write_json
+from .results import class_table, json_ready, metric_columns, summarize, write_csv, write_json
 from .scoring import ScoringOptions, default_metric_workers, score_cases
 
 RESULTS_JSON = "results.json"
@@ -227,16 +227,28 @@ def draw_panels(
     worst = sorted(by_case, key=lambda c: (sum(r["dice"] for r in by_case[c]) / len(by_case[c]), c))[:count]
     folder.mkdir(parents=True, exist_ok=True)
     for case_id in worst:
-        scores = [
-            f"{r['class']}: Dice {r['dice']:.3f}"
-            + (f", HD95 {r['hd95_mm']:.1f} mm" if r["empty"] == "none" else f", {r['empty']} empty")
-            for r in by_case[case_id]
-        ]
+        mine = by_case[case_id]
         prediction = load_mask(mask_path(options.masks_dir, case_id, options.mask_format))
         spacing = tuple(dataset.records[case_id]["spacing"])
-        title = f"{case_id}  " + "; ".join(scores)
+        if len(dataset.classes) > 2:  # per-class scores go into the legend, the title gives their mean
+            dice = {r["class"]: r["dice"] for r in mine}
+            names = [dataset.classes[0], *(f"{c} (Dice {dice[c]:.3f})" for c in dataset.classes[1:])]
+            title = f"{case_id}  mean Dice {sum(dice.values()) / len(dice):.3f} over {len(dice)} classes"
+        else:
+            names = None
+            title = f"{case_id}  " + "; ".join(
+                f"{r['class']}: Dice {r['dice']:.3f}"
+                + (f", HD95 {r['hd95_mm']:.1f} mm" if r["empty"] == "none" else f", {r['empty']} empty")
+                for r in mine
+            )
         draw = functools.partial(
-            slice_panel, dataset.image(case_id)[0], dataset.label(case_id), prediction, spacing, title=title
+            slice_panel,
+            dataset.image(case_id)[0],
+            dataset.label(case_id),
+            prediction,
+            spacing,
+            title=title,
+            classes=names,
         )
         atomic_write(folder / f"{case_id}.png", draw)
 
@@ -267,21 +279,7 @@ def write_outputs(
     if request.panels > 0:
         draw_panels(records, dataset, options, out / "panels", request.panels)
     write_csv(out / "results.csv", records)
-    logger.table(
-        f"{split}: {len({r['case'] for r in records})} cases",
-        ["class", "metric", "mean ± std", "median", "n", "undefined"],
-        [
-            [
-                row["class"],
-                row["metric"],
-                f"{row['mean']:.4g} ± {row['std']:.3g}",
-                f"{row['median']:.4g}",
-                row["n"],
-                row["undefined"],
-            ]
-            for row in summary
-        ],
-    )
+    logger.table(f"{split}: {len({r['case'] for r in records})} cases", *class_table(summary))
     record = json_ready(asdict(request))
     logger.start_wandb(wandb_mode, cfg.log.wandb_project, f"{cfg.log.run_name}-eval-{split}", new_run_id(), record)
     columns = list(records[0])

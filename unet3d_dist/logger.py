@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import secrets
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 METRICS_FILE = "metrics.jsonl"
+LOG_WIDTH = 160  # columns of console output redirected to a file
 
 
 def new_run_id() -> str:
@@ -32,7 +34,8 @@ class RunLogger:
         which may write into a folder holding a training's metrics.jsonl) leaves the file alone."""
         self.enabled = enabled
         self.run_dir = Path(run_dir)
-        self.console = Console(stderr=False, highlight=False)
+        # A log file is read in an editor, not an 80-column terminal: lines and tables of many classes stay whole.
+        self.console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else LOG_WIDTH)
         self.wandb_run: Any = None
         self.progress: Progress | None = None
         self._task: Any = None
@@ -163,3 +166,16 @@ class RunLogger:
             if offline:
                 self.info(f"wandb: offline run saved in {run_dir}; upload it with: wandb sync {run_dir}")
         self.wandb_run = None
+
+
+def progress_bar(console: Console) -> Progress:
+    """The bar of work over cases (prepare, plan): done of total, the case at hand, elapsed and remaining time."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[now]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )

@@ -155,7 +155,11 @@ def predict_file(predictor: Predictor, scan: Scan, mask_path: Path, panel_path: 
     atomic_write(mask_path, lambda tmp: sitk.WriteImage(mask, str(tmp), useCompression=True))
     # report.slice_panel draws LPS arrays the radiological way
     shown_image, shown_mask = reorient(image, CANONICAL_ORIENTATION), array_xyz(reorient(mask, CANONICAL_ORIENTATION))
-    found = ", ".join(f"{name} {int((shown_mask == i).sum())} voxels" for i, name in enumerate(predictor.classes) if i)
+    counts = np.bincount(shown_mask.ravel(), minlength=len(predictor.classes))
+    names = [f"{name} ({counts[i]} voxels)" if i else name for i, name in enumerate(predictor.classes)]
+    found = (
+        ", ".join(names[1:]) if len(names) == 2 else f"{int((counts[1:] > 0).sum())} of {len(names) - 1} classes found"
+    )
     atomic_write(
         panel_path,
         lambda tmp: slice_panel(
@@ -166,6 +170,7 @@ def predict_file(predictor: Predictor, scan: Scan, mask_path: Path, panel_path: 
             tmp,
             f"{path.name}: {found}",
             DISPLAY_WINDOWS.get(predictor.modality),
+            names,
         ),
     )
 

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .config import ConfigError, read_yaml
@@ -50,6 +49,7 @@ from .data.shards import (
     write_shard,
 )
 from .files import atomic_write_text, remove_unfinished
+from .logger import progress_bar
 
 EXIT_SKIPPED = 3
 SPLIT_ORDER = ("train", "val", "test")
@@ -179,18 +179,6 @@ def ordered_map(fn: Callable[[Any], Any], jobs: Iterable[Any], processes: int) -
             yield window.popleft().result()
 
 
-def progress_bar(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[now]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
-
-
 def prepare(
     recipe: Recipe,
     inputs: list[Path],
@@ -200,8 +188,10 @@ def prepare(
     overwrite: bool,
     split_file: Path | None,
     console: Console,
+    extra: dict[str, Any] | None = None,
 ) -> int:
-    """Build the dataset; returns the exit status (0, or EXIT_SKIPPED when some cases were skipped)."""
+    """Build the dataset; returns the exit status (0, or EXIT_SKIPPED when some cases were skipped). ``extra``
+    entries (plan's fingerprint) go into the manifest as they are."""
     start = time.perf_counter()
     spec = recipe.input
     sources = find_cases(inputs, spec.layout, spec.image_patterns, spec.label)
@@ -275,7 +265,7 @@ def prepare(
         entries,
         records,
     )
-    write_manifest(partial, {**manifest, "skipped": skipped, "warnings": warnings})
+    write_manifest(partial, {**manifest, "skipped": skipped, "warnings": warnings, **(extra or {})})
     publish(partial, out)
     console.print(f"[bold green]wrote[/] {out}: {len(records)} cases in {len(entries)} shards")
     return EXIT_SKIPPED if skipped else 0

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 
 def plot_loss_curve(metrics_file: Path, out_png: Path) -> None:
@@ -65,13 +66,21 @@ def slice_panel(
     out_png: Path,
     title: str,
     window: tuple[float, float] | None = None,
+    classes: list[str] | None = None,
 ) -> None:
     """Sagittal, coronal and axial slices through the prediction (else the reference); reference green, prediction
     red. Gray values span ``window`` (e.g. ``DISPLAY_WINDOWS["CT"]`` for HU), else the image's 0.5-99.5 percentiles.
 
+    With several foreground classes (``classes`` names each label value, background first) outlines would tangle,
+    so each class is filled in its own colour instead, the reference above the prediction, and a legend names them.
     Arrays are (x, y, z); aspect ratios follow the voxel spacing so anisotropic scans are not distorted.
     """
+    many = classes is not None and len(classes) > 2
+    # Through the prediction (what predict has), but through the reference when there are many classes: a poor
+    # model's prediction may cover the whole scan, and the organs are what the picture is for.
     focus = prediction > 0 if prediction.any() else (reference > 0 if reference is not None else None)
+    if many and reference is not None and reference.any():
+        focus = reference > 0
     centre = focus_slices(focus, image.shape)
     # Radiological display for LPS arrays: superior up in sagittal/coronal views, anterior up in the axial view.
     views = [
@@ -80,16 +89,47 @@ def slice_panel(
         (f"axial (z = {centre[2]})", lambda a: a[:, :, centre[2]].T, (spacing[0], spacing[1]), "upper"),
     ]
     low, high = window or np.percentile(image, [0.5, 99.5])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.4))
-    for ax, (name, take, (sx, sy), origin) in zip(axes, views):
-        ax.imshow(take(image), cmap="gray", vmin=low, vmax=high, origin=origin, aspect=sy / sx, interpolation="nearest")
-        if reference is not None:
-            outline(ax, take(reference) > 0, "lime")
-        outline(ax, take(prediction) > 0, "red")
-        ax.set_title(name)
-        ax.axis("off")
-    legend = "reference: green, prediction: red" if reference is not None else "prediction: red"
-    fig.suptitle(f"{title}\n{legend}")
-    fig.tight_layout()
+    if not many:
+        rows = [("", None)]  # outlines of both in one row
+    elif reference is None:
+        rows = [("prediction", prediction)]
+    else:
+        rows = [("reference", reference), ("prediction", prediction)]
+    fig, axes = plt.subplots(len(rows), 3, figsize=(15, 5.4 * len(rows)), squeeze=False, layout="constrained")
+    for (row_name, labels), row_axes in zip(rows, axes):
+        for ax, (name, take, (sx, sy), origin) in zip(row_axes, views):
+            ax.imshow(
+                take(image), cmap="gray", vmin=low, vmax=high, origin=origin, aspect=sy / sx, interpolation="nearest"
+            )
+            if many:
+                ax.imshow(class_colours(take(labels)), origin=origin, aspect=sy / sx, interpolation="nearest")
+            else:
+                if reference is not None:
+                    outline(ax, take(reference) > 0, "lime")
+                outline(ax, take(prediction) > 0, "red")
+            ax.set_title(f"{row_name}: {name}" if row_name else name)
+            ax.axis("off")
+    if many:
+        shown = np.union1d(np.unique(prediction), np.unique(reference) if reference is not None else [])
+        handles = [
+            Patch(color=CLASS_COLOURS[(int(c) - 1) % len(CLASS_COLOURS)], label=classes[int(c)]) for c in shown if c
+        ]
+        fig.suptitle(title)
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4) or 1, frameon=False)
+    else:
+        legend = "reference: green, prediction: red" if reference is not None else "prediction: red"
+        fig.suptitle(f"{title}\n{legend}")
     fig.savefig(out_png, dpi=90)
     plt.close(fig)
+
+
+CLASS_COLOURS = plt.get_cmap("tab20").colors  # label value c is drawn in colour c - 1 (repeating after 20)
+
+
+def class_colours(labels: np.ndarray) -> np.ndarray:
+    """RGBA overlay of a 2-D label slice: each class in its colour, half transparent; background clear."""
+    rgba = np.zeros((*labels.shape, 4))
+    for value in np.unique(labels):
+        if value:
+            rgba[labels == value] = (*CLASS_COLOURS[(int(value) - 1) % len(CLASS_COLOURS)], 0.55)
+    return rgba

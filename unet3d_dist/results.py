@@ -60,6 +60,34 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+CONSOLE_METRICS = ("dice", "jaccard", "asd_mm", "hd95_mm", "hd_mm")  # the voxel units stay in the CSV and JSON
+
+
+def class_table(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The summary as one console row per class (mean ± std of each metric), so that 10+ classes stay readable;
+    with several classes a last row gives the mean over classes, as multi-organ papers report it."""
+    stats = {(row["class"], row["metric"]): row for row in summary}
+    metrics = [m for m in CONSOLE_METRICS if any(metric == m for _, metric in stats)]
+    classes = list(dict.fromkeys(row["class"] for row in summary))
+    rows = []
+    for cls in classes:
+        mine = [stats[cls, m] for m in metrics]
+        undefined = max(row["undefined"] for row in mine)
+        cells = [cell(row) for row in mine]
+        rows.append([cls, *cells, str(mine[0]["n"] + mine[0]["undefined"]), str(undefined)])
+    if len(classes) > 1:
+        means = [[stats[c, m]["mean"] for c in classes if stats[c, m]["n"]] for m in metrics]
+        rows.append([f"mean of {len(classes)} classes", *(f"{np.mean(v):.4g}" if v else "-" for v in means), "", ""])
+    return ["class", *metrics, "cases", "undefined"], rows
+
+
+def cell(row: dict[str, Any]) -> str:
+    """Mean ± std of one summary row to 4 significant digits; the mean alone for one case; '-' for none."""
+    if not row["n"]:
+        return "-"
+    return f"{row['mean']:.4g}" if row["n"] == 1 else f"{row['mean']:.4g} ± {row['std']:.2g}"
+
+
 def json_ready(value: Any) -> Any:
     """NaN becomes None (JSON null) and a Path its text, anywhere in nested dicts and lists."""
     if isinstance(value, float) and math.isnan(value):

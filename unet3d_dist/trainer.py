@@ -27,6 +27,7 @@ from .checkpoint import (
     training_checkpoint,
 )
 from .config import Config, ConfigError
+from .crop_classes import CropClasses
 from .data.crops import EpochSampler, training_loader
 from .data.device_augment import finish_batch
 from .data.shards import DatasetError
@@ -107,6 +108,7 @@ class Trainer:
             )
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.step = TrainStep(self.model, cfg, env.device, self.total_steps)
+        self.crop_classes = CropClasses(self.dataset.classes, env.device)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
         if env.is_main:
             self.checkpointer.remove_unfinished()
@@ -157,16 +159,16 @@ class Trainer:
             return 0
         self.announce()
         self.logger.begin_progress(self.total_steps, self.state.global_step)
-        for epoch in range(self.state.epoch, cfg.train.epochs):
+        first_epoch = self.state.epoch
+        for epoch in range(first_epoch, cfg.train.epochs):
             if not self.train_epoch(epoch):
                 return self.stop_for_requeue()
+            self.crop_classes.end_epoch(self.logger, self.state.global_step, epoch + 1, show=epoch == first_epoch)
             last = epoch + 1 == cfg.train.epochs
             is_best = False
             if cfg.train.val_every and ((epoch + 1) % cfg.train.val_every == 0 or last):
                 is_best = self.validate()
-                if (
-                    is_best is None
-                ):  # stopped: the checkpoint holds the finished epoch, whose validation the resume runs
+                if is_best is None:  # stopped: the checkpoint holds the epoch, whose validation the resume runs
                     return self.stop_for_requeue()
             self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
             self.save_checkpoint(is_best)
@@ -184,6 +186,7 @@ class Trainer:
         stop_vote = None  # cast after one step, read after the next: the ranks agree without waiting for each other
         for image, label in self.batches():
             loss_sum += self.step(image, label)
+            self.crop_classes.add(label)
             self.state.step_in_epoch += 1
             self.state.global_step += 1
             interval_steps += 1
@@ -379,11 +382,8 @@ class Trainer:
                 + "\nuse the original settings, another log.run_name, or train.resume=never"
             )
         sections = tuple(name for name in ckpt["config"] if name not in INCOMPATIBLE_SECTIONS)
-        self.resume_changes = [
-            line
-            for line in config_differences(ckpt["config"], self.cfg.to_dict(), sections)
-            if not line.startswith("train.resume")
-        ]
+        changes = config_differences(ckpt["config"], self.cfg.to_dict(), sections)
+        self.resume_changes = [line for line in changes if not line.startswith("train.resume")]
         world = ckpt["train_state"].get("world_size") or len(ckpt["rng"])
         if world != self.env.world_size:
             raise CheckpointError(

@@ -213,6 +213,11 @@ def _build(cls: type, values: Any, where: str) -> Any:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a prepare recipe."""
-    recipe = _build(Recipe, read_yaml(path, "recipe") or {}, "")
+    return recipe_from_dict(read_yaml(path, "recipe") or {})
+
+
+def recipe_from_dict(values: dict[str, Any]) -> Recipe:
+    """A validated recipe from its YAML mapping (as ``Recipe.to_dict`` writes it)."""
+    recipe = _build(Recipe, values, "")
     recipe.check()
     return recipe

@@ -1,0 +1,140 @@
+"""``python -m unet3d_dist.plan``: the planning rules on hand-made fingerprints, and plan -> train -> evaluate ->
+predict through the public commands on a two-channel Decathlon task built from the real abdominal CT."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import yaml
+from conftest import SHARED_DATA, TINY
+from test_channels import four_d
+
+from unet3d_dist.planning import cluster, rules
+from unet3d_dist.planning.sources import decathlon_recipe
+
+
+def fingerprint(median, p10=None, extent=(300.0, 300.0, 300.0), classes=None, channels=None) -> dict:
+    return {
+        "spacing": {"median": list(median), "p10": list(p10 or median)},
+        "extent_mm_median": list(extent),
+        "classes": classes or {"organ": {"median_volume_ml": 500.0, "share_of_cases": 1.0}},
+        "channels": channels or {},
+    }
+
+
+def test_the_spacing_is_the_median_the_coarse_axis_its_10th_percentile_and_coarser_when_the_crop_sees_too_little():
+    assert rules.target_spacing(fingerprint((0.8, 0.8, 0.8)), 1e9).value == [0.8, 0.8, 0.8]
+    anisotropic = rules.target_spacing(fingerprint((0.7, 0.7, 5.0), p10=(0.6, 0.6, 3.0)), 1e9)
+    assert anisotropic.value == [0.7, 0.7, 3.0] and "10th percentile" in anisotropic.reason
+    # 300 mm cubed at 1 mm is 27 M voxels: a 1 M-voxel crop covers a quarter of it at 1.5 mm (27 / 1.5^3 / 4 = 2 M).
+    coarse = rules.target_spacing(fingerprint((1.0, 1.0, 1.0)), 27e6 / 4 / 1.5**3)
+    assert coarse.value == pytest.approx([1.5] * 3, abs=1e-3) and "coarsened 1.50x" in coarse.reason
+
+
+def test_the_crop_starts_at_the_median_scan_and_shrinks_its_longest_side_in_mm_by_8_voxels():
+    assert rules.crop_shape([50, 41, 30], [1, 1, 1], 1e9).value == [56, 48, 32]
+    # 160 x 160 x 120 mm: x and y shrink first, then whichever is longest in mm, so the crop stays near a cube in mm
+    shrunk = rules.crop_shape([160, 160, 40], [1.0, 1.0, 3.0], 96 * 96 * 40).value
+    assert shrunk == [104, 104, 32] and math.prod(shrunk) <= 96 * 96 * 40
+    assert rules.crop_shape([400, 400, 400], [1, 1, 1], 10).value == [16, 16, 16]  # never below the network's need
+
+
+def test_ct_is_windowed_to_its_foreground_and_mri_z_scored_inside_a_masked_background():
+    stats = {"foreground_percentiles": {"0.5": -87.04, "50.0": 60.0, "99.5": 212.96}, "zero_share": 0.0}
+    ct = rules.normalization(fingerprint((1, 1, 1), channels={"image": stats}), "CT")
+    assert ct.value == {"kind": "ct_window", "window": [-87.0, 213.0]}
+    mri = {"t1": {**stats, "zero_share": 0.6}, "t2": stats}
+    assert rules.normalization(fingerprint((1, 1, 1), channels=mri), "MRI").value == {
+        "t1": {"kind": "zscore", "nonzero": True},
+        "t2": {"kind": "zscore", "nonzero": False},
+    }
+
+
+def test_a_class_under_1_percent_of_a_crop_gets_half_the_crops_centred_on_foreground():
+    small = {"organ": {"median_volume_ml": 900.0}, "gland": {"median_volume_ml": 0.5}}
+    assert rules.foreground_fraction(fingerprint((1, 1, 1), classes=small), [64, 64, 64], [1, 1, 1]).value == 0.5
+    large = {"organ": {"median_volume_ml": 900.0}}
+    assert rules.foreground_fraction(fingerprint((1, 1, 1), classes=large), [64, 64, 64], [1, 1, 1]).value == 0.33
+
+
+def test_both_dataset_json_styles_give_the_same_base_recipe():
+    decathlon = {"name": "Heart", "labels": {"1": "left atrium", "0": "background"}, "modality": {"0": "MRI"}}
+    nnunet = {"name": "Heart", "labels": {"background": 0, "left atrium": 1}, "channel_names": {"0": "MRI"}}
+    assert decathlon_recipe(decathlon) == decathlon_recipe(nnunet)
+    assert decathlon_recipe(decathlon)["labels"]["classes"] == {"background": [0], "left atrium": [1]}
+    assert decathlon_recipe({"labels": {}, "modality": {"0": "T1", "1": "FLAIR"}})["input"]["channels"] == [
+        "t1",
+        "flair",
+    ]
+
+
+def test_the_all_reduce_model_gives_the_figures_of_docs_performance():
+    parameters = 1_788_706
+    assert cluster.allreduce_seconds(parameters, 4) * 1e3 == pytest.approx(0.10, abs=0.01)
+    assert cluster.allreduce_seconds(parameters, 16) * 1e3 == pytest.approx(1.20, abs=0.01)
+    assert cluster.allreduce_seconds(parameters, 64) * 1e3 == pytest.approx(1.30, abs=0.01)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, f"{args[0]} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
+    print(args[0], f"{time.perf_counter() - start:.1f} s")
+    return result
+
+
+@pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"the real scans are not at {SHARED_DATA} (set UNET3D_SHARED_DATA)"
+)
+def test_a_two_channel_decathlon_task_is_planned_prepared_trained_evaluated_and_predicted(tmp_path):
+    """Two cases of the real CT with a derived second channel (the same HU, the Decathlon's 4-D NIfTI)."""
+    task = tmp_path / "Task99_Liver"
+    (task / "imagesTr").mkdir(parents=True)
+    (task / "labelsTr").mkdir()
+    stacked = four_d(tmp_path / "both.nii.gz")
+    liver = sitk.ReadImage(str(SHARED_DATA / "ct_abdomen/labels.nii.gz")) == 5
+    for case in ("liver_0", "liver_1"):
+        os.symlink(stacked, task / "imagesTr" / f"{case}.nii.gz")
+        sitk.WriteImage(sitk.Cast(liver, sitk.sitkUInt8), str(task / "labelsTr" / f"{case}.nii.gz"))
+    described = {"name": "Liver2", "modality": {"0": "CT", "1": "CT-copy"}, "labels": {"0": "background", "1": "liver"}}
+    (task / "dataset.json").write_text(json.dumps(described))
+
+    out = tmp_path / "plan"
+    printed = run("unet3d_dist.plan", "--input", str(task), "--out", str(out), "--minutes", "0.5").stdout
+    for line in ("fingerprint: 2 cases", "preprocessing.spacing", "data.crop", "schedule", "efficiency"):
+        assert line in printed, printed
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["channels"] == ["ct", "ct-copy"] and manifest["fingerprint"]["cases"] == 2
+    recipe = yaml.safe_load((out / "prepare.yaml").read_text())
+    windows = [spec["window"] for spec in recipe["preprocessing"]["normalization"].values()]
+    # The two channels hold the same HU, so each is windowed to the same foreground percentiles: the liver's.
+    hu = sitk.GetArrayFromImage(sitk.ReadImage(str(SHARED_DATA / "ct_abdomen/image.nii.gz")))[
+        sitk.GetArrayFromImage(liver) > 0
+    ]
+    assert windows[0] == windows[1] == pytest.approx(np.percentile(hu, [0.5, 99.5]), abs=2.0)
+
+    tiny = [o for o in TINY if not o.startswith("data.crop")] + ["train.epochs=1", "data.samples_per_epoch=4"]
+    run(
+        "unet3d_dist.train",
+        "--config",
+        str(out / "train.yaml"),
+        f"log.runs_dir={tmp_path / 'runs'}",
+        *tiny,
+        "data.num_workers=1",
+    )
+    checkpoint = sorted((tmp_path / "runs" / "plan" / "checkpoints").glob("ckpt-*.pt"))[-1]
+    run("unet3d_dist.evaluate", "--checkpoint", str(checkpoint), "--split", "train", "--out", str(tmp_path / "eval"))
+    records = json.loads((tmp_path / "eval" / "results.json").read_text())["cases"]
+    assert [r["case"] for r in records] == ["liver_0", "liver_1"] and all(0 <= r["dice"] <= 1 for r in records)
+    run("unet3d_dist.predict", "--checkpoint", str(checkpoint), str(stacked), "--out", str(tmp_path / "predicted"))
+    mask = sitk.ReadImage(str(tmp_path / "predicted" / "both_mask.nii.gz"))
+    assert mask.GetSize() == liver.GetSize()

@@ -1,0 +1,1 @@
+"""Planning a recipe from a data set's fingerprint (``python -m unet3d_dist.plan``)."""

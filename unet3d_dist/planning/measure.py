@@ -1,0 +1,81 @@
+"""What this machine can afford, measured in the same run: autograd's memory per crop voxel and the step time.
+
+Both are measured on the real network and the real training step (``step.TrainStep``) on random data, so a plan
+made on an AVX2 CPU, an AVX-512 one or a GPU fits that machine. Both grow linearly with the crop's voxels (every
+layer is a convolution over the whole crop), so one small measurement predicts any crop; the plan measures its
+final crop once more to report the step it will really take.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ..config import Config
+from ..model import build_model, to_channels_last
+from ..step import TrainStep
+
+MEMORY_OVERHEAD = 1.5  # allocator slack, workspaces and the transient gradients of activations, over saved tensors
+PROBE_CROP = (48, 48, 32)
+
+
+def saved_bytes_per_voxel(cfg: Config, in_channels: int, num_classes: int, device: torch.device) -> float:
+    """Bytes of tensors autograd saves for backward, per crop voxel of one sample, in the run's precision."""
+    model = build_model(cfg.model, in_channels, num_classes).to(device)
+    step = TrainStep(model, cfg, device, total_steps=1)
+    saved = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    image = torch.randn(1, in_channels, *PROBE_CROP, device=device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device.type, dtype=step.amp_dtype, enabled=step.amp_dtype is not None):
+            model(image)
+    return saved / math.prod(PROBE_CROP)
+
+
+def step_seconds(cfg: Config, in_channels: int, num_classes: int, device: torch.device, steps: int = 3) -> float:
+    """Mean wall time of ``steps`` training steps at cfg's crop and batch, after one warm-up step."""
+    model = build_model(cfg.model, in_channels, num_classes).to(device)
+    if cfg.train.channels_last:
+        to_channels_last(model)
+    step = TrainStep(model, cfg, device, total_steps=steps + 1)
+    shape = (cfg.train.batch_size, *cfg.data.crop)
+    image = torch.randn(shape[0], in_channels, *shape[1:], device=device)
+    label = torch.randint(0, num_classes, shape, device=device)
+    step(image, label)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(image, label)
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_budget_bytes(device: torch.device, given_gb: float | None) -> tuple[float, str]:
+    """The memory a run may use: as given, else 85 % of the GPU's, else half of this machine's RAM."""
+    if given_gb:
+        return given_gb * 2**30, f"{given_gb:g} GiB as given (--memory-gb)"
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return 0.85 * total, f"85 % of the GPU's {total / 2**30:.0f} GiB"
+    total = _ram_bytes()
+    return 0.5 * total, f"half of this machine's {total / 2**30:.0f} GiB RAM (loader workers need the rest)"
+
+
+def _ram_bytes() -> float:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemTotal:"):
+                return float(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemTotal line")

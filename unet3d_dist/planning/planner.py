@@ -1,0 +1,121 @@
+"""From a fingerprint and this machine to a plan: the prepare recipe, the training config and the reasons."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import load_config
+from ..data.preprocess import CANONICAL_ORIENTATION
+from ..data.recipe import Recipe, recipe_from_dict
+from ..model import build_model, count_parameters, forward_flops
+from . import cluster, measure, rules
+from .rules import Choice
+
+MIN_STEPS = 1000  # a poly schedule below this many steps spends too little time at a low LR: the crop shrinks instead
+EPOCHS = 20  # the planned steps are cut into this many epochs, validated every VAL_EVERY
+VAL_EVERY = 4
+
+
+@dataclass
+class Plan:
+    recipe: dict[str, Any]
+    train: dict[str, dict[str, Any]]
+    choices: list[Choice]
+    cluster: list[list[str]]
+
+
+def budget_voxels(
+    recipe: Recipe, device: torch.device, minutes: float, memory_gb: float | None
+) -> tuple[float, float, Choice]:
+    """The most voxels a crop may hold, by memory (measured bytes per voxel) and by time (MIN_STEPS steps in
+    ``minutes`` at the step time measured on a probe crop); also the probe's step time."""
+    cfg = load_config(None, [f"data.crop={list(measure.PROBE_CROP)}"])
+    in_channels, num_classes = len(recipe.input.names), len(recipe.labels.classes)
+    budget, where = measure.memory_budget_bytes(device, memory_gb)
+    per_voxel = measure.saved_bytes_per_voxel(cfg, in_channels, num_classes, device) * measure.MEMORY_OVERHEAD
+    by_memory = budget / (cfg.train.batch_size * per_voxel)
+    probe_s = measure.step_seconds(cfg, in_channels, num_classes, device)
+    by_time = minutes * 60 / MIN_STEPS / probe_s * math.prod(measure.PROBE_CROP)
+    voxels = min(by_memory, by_time)
+    probe = "x".join(map(str, measure.PROBE_CROP))
+    reason = (
+        f"{'memory' if by_memory < by_time else 'time'} binds. Memory ({where}): {by_memory / 1e3:.0f} k at "
+        f"{per_voxel:.0f} B per voxel measured; time: {MIN_STEPS} steps in {minutes:g} min allow "
+        f"{by_time / 1e3:.0f} k (a {probe} step took {probe_s * 1e3:.0f} ms here)"
+    )
+    return voxels, probe_s, Choice("crop budget", f"{voxels / 1e3:.0f} k voxels", reason)
+
+
+def make_plan(
+    fingerprint: dict[str, Any],
+    recipe: Recipe,
+    device: torch.device,
+    minutes: float,
+    memory_gb: float | None,
+    spacing_mm: list[float] | None = None,
+) -> Plan:
+    """The plan for training on ``device`` in ``minutes`` per run; ``spacing_mm`` fixes the target spacing."""
+    voxels, _, budget = budget_voxels(recipe, device, minutes, memory_gb)
+    if spacing_mm:
+        spacing = Choice("preprocessing.spacing", list(spacing_mm), "as given (--spacing)")
+    else:
+        spacing = rules.target_spacing(fingerprint, voxels)
+    normalization = rules.normalization(fingerprint, recipe.modality)
+    scale = [m / t for m, t in zip(fingerprint["spacing"]["median"], spacing.value)]
+    crop = rules.crop_shape([n * f for n, f in zip(fingerprint["shape"]["median"], scale)], spacing.value, voxels)
+    foreground = rules.foreground_fraction(fingerprint, crop.value, spacing.value)
+    augmentation = rules.augmentation(spacing.value)
+
+    in_channels, num_classes = len(recipe.input.names), len(recipe.labels.classes)
+    final = load_config(None, [f"data.crop={crop.value}"])
+    batch = final.train.batch_size
+    step_s = measure.step_seconds(final, in_channels, num_classes, device)
+    steps = max(100, int(minutes * 60 / step_s) // 100 * 100)
+    samples = max(batch, steps * batch // EPOCHS)
+    schedule = Choice(
+        "schedule",
+        f"{steps} steps ({EPOCHS} epochs of {samples} crops, batch {batch})",
+        f"{minutes:g} min at the {step_s:.2f} s step measured here at this crop",
+    )
+    cells = "x".join(str(c // 8) for c in crop.value)
+    model = build_model(final.model, in_channels, num_classes)
+    network = Choice(
+        "model",
+        f"4 levels, widths {list(final.model.widths)}",
+        f"the bottleneck holds the whole crop in {cells} cells of {'x'.join(f'{8 * s:.3g}' for s in spacing.value)} mm",
+    )
+    ct = recipe.modality.upper() == "CT"
+    body = Choice(
+        "preprocessing.crop",
+        {"to": "body", "threshold": -500, "margin_mm": 10} if ct else {"to": "none"},
+        "CT: crop the air around the body (HU above -500, 10 mm margin)" if ct else "whole scans",
+    )
+    planned = recipe.to_dict() | {
+        "preprocessing": {
+            "normalization": normalization.value,
+            "spacing": spacing.value,
+            "interpolation": "linear",
+            "orientation": CANONICAL_ORIENTATION,
+            "crop": body.value,
+        }
+    }
+    recipe_from_dict(planned)  # the planned recipe must pass prepare's own checks
+    train = {
+        "data": {
+            "crop": crop.value,
+            "foreground_fraction": foreground.value,
+            **{c.setting.split(".", 1)[1]: c.value for c in augmentation},
+            "spatial_prob": 0.2,
+            "samples_per_epoch": samples,
+        },
+        "train": {"epochs": EPOCHS, "batch_size": batch, "val_every": VAL_EVERY},
+        "inference": {"tta_flips": True},
+    }
+    flops = forward_flops(model, tuple(crop.value), in_channels)
+    gpu_step = step_s if device.type == "cuda" else cluster.predicted_gpu_step(flops, batch)
+    choices = [budget, spacing, normalization, body, crop, foreground, *augmentation, network, schedule]
+    return Plan(planned, train, choices, cluster.cluster_rows(count_parameters(model), gpu_step, batch, steps))

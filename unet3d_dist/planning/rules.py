@@ -1,0 +1,115 @@
+"""The planning rules: each turns the fingerprint (and what this machine measured) into one setting and a reason.
+
+They follow nnU-Net's published heuristics where it has one: the median spacing, and for anisotropic data the 10th
+percentile along the coarse axis; CT clipped to its foreground's 0.5-99.5 percentiles, other modalities z-scored
+per scan (inside the nonzero region when the background is zero); the crop started at the median scan and shrunk
+along its longest side in mm until it fits; a batch of 2. Where ours differ the reason says why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+ANISOTROPY = 3.0  # nnU-Net: a spacing ratio above this marks an anisotropic data set
+LOW_RES_SHARE = 0.25  # the crop should cover at least this share of the median scan, else coarsen the spacing
+MIN_SIDE = 16  # voxels: the 4-level network's bottleneck then still has 2 cells per side
+SIDE_STEP = 8  # crop sides are multiples of the network's divisor
+SMALL_CLASS = 0.01  # a class under this share of a crop's volume gets more foreground-centred crops
+
+
+@dataclass(frozen=True)
+class Choice:
+    setting: str
+    value: Any
+    reason: str
+
+
+def target_spacing(fingerprint: dict[str, Any], max_voxels: float) -> Choice:
+    """Median spacing (the coarse axis at its 10th percentile when anisotropic), coarsened isotropically when the
+    largest crop that fits would see under LOW_RES_SHARE of the median scan (nnU-Net's low-resolution stage)."""
+    median = fingerprint["spacing"]["median"]
+    spacing, reason = list(median), "the median spacing"
+    if max(median) / min(median) > ANISOTROPY:
+        coarse = median.index(max(median))
+        spacing[coarse] = fingerprint["spacing"]["p10"][coarse]
+        reason = f"median in-plane; axis {'xyz'[coarse]} at its 10th percentile (anisotropic, ratio > {ANISOTROPY:g})"
+    extent = fingerprint["extent_mm_median"]
+    voxels = math.prod(e / s for e, s in zip(extent, spacing))
+    max_voxels = max(max_voxels, MIN_SIDE**3)  # the smallest crop the network takes, whatever the budget
+    if voxels * LOW_RES_SHARE > max_voxels:
+        factor = (voxels * LOW_RES_SHARE / max_voxels) ** (1 / 3)
+        spacing = [s * factor for s in spacing]
+        reason += (
+            f", coarsened {factor:.2f}x so that the largest crop this budget allows covers {LOW_RES_SHARE:.0%} of the "
+            "median scan"
+        )
+    return Choice("preprocessing.spacing", [round(s, 3) for s in spacing], reason)
+
+
+def normalization(fingerprint: dict[str, Any], modality: str) -> Choice:
+    """Per channel: CT clipped to the foreground's 0.5-99.5 percentiles; otherwise z-score per scan."""
+    specs, reasons = {}, []
+    for name, stats in fingerprint["channels"].items():
+        if modality.upper() == "CT":
+            # No labelled voxel in any case (only empty labels): the whole scans' percentiles instead.
+            where = "foreground" if not math.isnan(stats["foreground_percentiles"]["0.5"]) else "whole scans"
+            percentiles = stats["foreground_percentiles" if where == "foreground" else "whole_percentiles"]
+            low, high = (round(percentiles[p], 1) for p in ("0.5", "99.5"))
+            specs[name] = {"kind": "ct_window", "window": [low, high]}
+            reasons.append(f"{name}: CT, clipped to the 0.5-99.5 percentiles of the {where}: [{low:g}, {high:g}] HU")
+        else:
+            nonzero = stats["zero_share"] > 0.25
+            specs[name] = {"kind": "zscore", "nonzero": nonzero}
+            where = "inside the nonzero region (a masked background)" if nonzero else "over the whole scan"
+            reasons.append(f"{name}: {modality}, z-score per scan {where}")
+    value = next(iter(specs.values())) if len(specs) == 1 else specs
+    return Choice("preprocessing.normalization", value, "; ".join(reasons))
+
+
+def crop_shape(median_shape: list[float], spacing: list[float], max_voxels: float) -> Choice:
+    """The median scan (in voxels at the target spacing, rounded up to multiples of 8), shrunk by 8 voxels along its
+    longest side in mm until it holds at most ``max_voxels``."""
+    crop = [max(MIN_SIDE, SIDE_STEP * math.ceil(n / SIDE_STEP)) for n in median_shape]
+    while math.prod(crop) > max_voxels:
+        shrinkable = [i for i in range(3) if crop[i] > MIN_SIDE]
+        if not shrinkable:
+            break
+        longest = max(shrinkable, key=lambda i: crop[i] * spacing[i])
+        crop[longest] -= SIDE_STEP
+    whole = all(c >= n for c, n in zip(crop, median_shape))
+    reason = (
+        "the whole median scan"
+        if whole
+        else f"the median scan ({'x'.join(str(round(n)) for n in median_shape)}) shrunk along its longest side in mm "
+        f"to fit the budget ({max_voxels / 1e3:.0f} k voxels)"
+    )
+    return Choice("data.crop", crop, reason)
+
+
+def foreground_fraction(fingerprint: dict[str, Any], crop: list[int], spacing: list[float]) -> Choice:
+    """nnU-Net's 1/3 of crops centred on a class; 1/2 when the smallest class is under 1 % of a crop."""
+    crop_ml = math.prod(crop) * math.prod(spacing) / 1000.0
+    present = {n: c["median_volume_ml"] for n, c in fingerprint["classes"].items() if c["median_volume_ml"] > 0}
+    smallest = min(present, key=present.get) if present else None
+    if smallest is not None and present[smallest] < SMALL_CLASS * crop_ml:
+        return Choice(
+            "data.foreground_fraction",
+            0.5,
+            f"{smallest} ({present[smallest]:.2g} mL) is under {SMALL_CLASS:.0%} of a crop ({crop_ml:.0f} mL)",
+        )
+    return Choice("data.foreground_fraction", 0.33, "nnU-Net's share; every class is at least 1 % of a crop")
+
+
+def augmentation(spacing: list[float]) -> list[Choice]:
+    """Rotations only on (nearly) isotropic grids, since they rotate in voxel space; scaling and intensity always."""
+    isotropic = max(spacing) / min(spacing) <= 1.5
+    rotate = 15.0 if isotropic else 0.0
+    why = "isotropic grid" if isotropic else "anisotropic grid: a voxel-space rotation would shear"
+    return [
+        Choice("data.rotate_deg", rotate, why),
+        Choice("data.scale", 0.15, "nnU-Net's zoom range [0.85, 1.15]"),
+        Choice("data.intensity_aug", True, "brightness, contrast, gamma and noise per channel"),
+        Choice("data.flip_axes", "yz", "the prepared data are LPS: x flips would swap left and right organs"),
+    ]

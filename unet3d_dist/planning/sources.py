@@ -1,0 +1,91 @@
+"""What planning reads: the base recipe (what the scans cannot say) and every case, for the fingerprint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from rich.console import Console
+
+from ..config import ConfigError
+from ..data.layouts import Source, find_cases
+from ..data.preprocess import CANONICAL_ORIENTATION, map_labels, reorient
+from ..data.readers import CaseError, array_xyz, read_hdf5_pair, read_pair
+from ..data.recipe import Recipe, load_recipe, recipe_from_dict
+from ..data.shards import DatasetError
+from ..logger import progress_bar
+from .fingerprint import case_fingerprint, pool
+
+
+def base_recipe(inputs: list[Path], recipe_path: Path | None, modality: str | None) -> Recipe:
+    """The layout, channels, class map, name and modality: from ``recipe_path``, else from the first input's
+    Decathlon ``dataset.json``; ``modality`` replaces the recipe's."""
+    if recipe_path is not None:
+        recipe = load_recipe(recipe_path)
+    else:
+        described = inputs[0] / "dataset.json"
+        if not described.is_file():
+            raise ConfigError(
+                f"{inputs[0]} has no dataset.json, so give a base recipe with --recipe: its input and labels "
+                "sections say how to find the cases and which label values are which class"
+            )
+        recipe = recipe_from_dict(decathlon_recipe(json.loads(described.read_text())))
+    if modality:
+        recipe.modality = modality
+    return recipe
+
+
+def decathlon_recipe(described: dict[str, Any]) -> dict[str, Any]:
+    """A base recipe from a Decathlon or nnU-Net v2 ``dataset.json``: its name, labels, channels and modality."""
+    labels = described.get("labels", {})
+    if all(str(key).isdigit() for key in labels):  # Decathlon: {"0": "background", "1": "liver"}
+        pairs = [(name, int(value)) for value, name in labels.items()]
+    else:  # nnU-Net v2: {"background": 0, "liver": 1}
+        pairs = [(name, int(value)) for name, value in labels.items()]
+    classes = {name: [value] for name, value in sorted(pairs, key=lambda pair: pair[1])}
+    modalities = described.get("modality") or described.get("channel_names") or {"0": "image"}
+    names = [str(modalities[key]) for key in sorted(modalities, key=int)]
+    return {
+        "name": str(described.get("name") or "dataset"),
+        "modality": names[0],
+        "input": {"layout": "decathlon", "channels": None if len(names) == 1 else [n.lower() for n in names]},
+        "labels": {"classes": classes},
+    }
+
+
+def read_case(source: Source, recipe: Recipe) -> tuple[list[np.ndarray], np.ndarray, tuple[float, ...], str]:
+    """A case's channels and class-index label in the canonical orientation, their spacing, and the orientation
+    the scan was stored in."""
+    if source.layout == "hdf5":
+        image, label = read_hdf5_pair(source.image, tuple(recipe.input.spacing))
+        channels = [image]
+    else:
+        channels, label = read_pair(source.images, source.label, recipe.input.names)
+    stored = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(channels[0].GetDirection())
+    channels = [reorient(c, CANONICAL_ORIENTATION) for c in channels]
+    label = array_xyz(reorient(label, CANONICAL_ORIENTATION))
+    classes = map_labels(label, recipe.labels.classes, recipe.labels.unmapped, source.label)
+    return [array_xyz(c) for c in channels], classes, channels[0].GetSpacing(), stored
+
+
+def fingerprint_of(inputs: list[Path], recipe: Recipe, console: Console) -> dict[str, Any]:
+    """The pooled fingerprint of every readable case; an unreadable one is left out with its reason."""
+    spec = recipe.input
+    sources = find_cases(inputs, spec.layout, spec.image_patterns, spec.label)
+    classes, rng, entries = list(recipe.labels.classes), np.random.default_rng(0), {}
+    with progress_bar(console) as progress:
+        task = progress.add_task("fingerprint", total=len(sources), now="")
+        for source in sources:
+            try:
+                channels, label, spacing, stored = read_case(source, recipe)
+            except CaseError as err:
+                progress.console.print(f"[red]left out[/] {source.id}: {err}")
+            else:
+                entries[source.id] = case_fingerprint(channels, label, spacing, stored, len(classes), rng)
+            progress.update(task, advance=1, now=source.id)
+    if not entries:
+        raise DatasetError(f"no case under {', '.join(map(str, inputs))} could be read")
+    return pool(entries, classes, spec.names)
