@@ -39,15 +39,14 @@ def cluster_rows(parameters: int, step_s: float, batch: int, steps: int) -> list
         per_gpu = batch if gpus <= GPUS_PER_NODE else 2 * batch
         step = step_s * per_gpu / batch
         efficiency = step / (step + allreduce_seconds(parameters, gpus))
-        minutes = steps * (step + allreduce_seconds(parameters, gpus)) / 60
+        wall = duration(steps * (step + allreduce_seconds(parameters, gpus)))
         nodes = math.ceil(gpus / GPUS_PER_NODE)
-        rows.append(
-            [str(gpus), str(nodes), str(per_gpu), str(gpus * per_gpu), f"{efficiency:.3f}", f"{minutes:.3g} min"]
-        )
+        rows.append([str(gpus), str(nodes), str(per_gpu), str(gpus * per_gpu), f"{efficiency:.3f}", wall])
     return rows
 
 
 def duration(seconds: float) -> str:
+    """Seconds, minutes or hours, whichever reads best."""
     if seconds < 120:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

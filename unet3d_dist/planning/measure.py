@@ -70,7 +70,7 @@ def memory_budget_bytes(device: torch.device, given_gb: float | None) -> tuple[f
         total = torch.cuda.get_device_properties(device).total_memory
         return 0.85 * total, f"85 % of the GPU's {total / 2**30:.0f} GiB"
     total = _ram_bytes()
-    return 0.5 * total, f"half of this machine's {total / 2**30:.0f} GiB RAM (loader workers need the rest)"
+    return 0.5 * total, f"half of the {total / 2**30:.0f} GiB RAM; loader workers need the rest"
 
 
 def _ram_bytes() -> float:
