@@ -30,9 +30,9 @@ class Plan:
 
 def budget_voxels(
     recipe: Recipe, device: torch.device, minutes: float, memory_gb: float | None
-) -> tuple[float, float, Choice]:
+) -> tuple[float, Choice]:
     """The most voxels a crop may hold, by memory (measured bytes per voxel) and by time (MIN_STEPS steps in
-    ``minutes`` at the step time measured on a probe crop); also the probe's step time."""
+    ``minutes`` at the step time measured on a probe crop), and the reason."""
     cfg = load_config(None, [f"data.crop={list(measure.PROBE_CROP)}"])
     in_channels, num_classes = len(recipe.input.names), len(recipe.labels.classes)
     budget, where = measure.memory_budget_bytes(device, memory_gb)
@@ -47,7 +47,7 @@ def budget_voxels(
         f"{per_voxel:.0f} B per voxel measured; time: {MIN_STEPS} steps in {minutes:g} min allow "
         f"{by_time / 1e3:.0f} k (a {probe} step took {probe_s * 1e3:.0f} ms here)"
     )
-    return voxels, probe_s, Choice("crop budget", f"{voxels / 1e3:.0f} k voxels", reason)
+    return voxels, Choice("crop budget", f"{voxels / 1e3:.0f} k voxels", reason)
 
 
 def make_plan(
@@ -59,7 +59,7 @@ def make_plan(
     spacing_mm: list[float] | None = None,
 ) -> Plan:
     """The plan for training on ``device`` in ``minutes`` per run; ``spacing_mm`` fixes the target spacing."""
-    voxels, _, budget = budget_voxels(recipe, device, minutes, memory_gb)
+    voxels, budget = budget_voxels(recipe, device, minutes, memory_gb)
     if spacing_mm:
         spacing = Choice("preprocessing.spacing", list(spacing_mm), "as given (--spacing)")
     else:
