@@ -36,7 +36,11 @@ class DataConfig:
     synthetic_dir: str = setting("~/.cache/unet3d_dist/synthetic", "where the synthetic phantom is generated once")
     synthetic_cases: int = setting(24, "number of phantom volumes (2/3 train, 1/6 val, 1/6 test)", min=3)
     synthetic_channels: int = setting(
-        1, "phantom channels: 1 (portal-venous CT) or 2 (adds an arterial phase of the same anatomy)", min=1, max=2
+        2,
+        "phantom channels: 2 (portal-venous and arterial CT of the same anatomy), or 1 (portal-venous only, where a "
+        "spleen as bright as the liver can pass for it)",
+        min=1,
+        max=2,
     )
     crop: tuple[int, int, int] = setting(
         (64, 64, 48), "training crop (x, y, z) in voxels; configs/default.yaml has the full-size 112x112x80"

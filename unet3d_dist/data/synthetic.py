@@ -6,9 +6,10 @@ painted from those masks with portal-venous-phase HU values, partial-volume blur
 is 15-35 HU brighter and lies on the other side, parted from the liver by fat, so the network has to use shape and
 position as well as intensity.
 
-With two channels (``data.synthetic_channels: 2``) each volume also has an arterial phase of the same anatomy, as
-a second channel: there the liver is still dim (60-80 HU) and the spleen and kidney cortex bright, so the pair tells
-liver from spleen where the portal phase alone may not. The first channel is the single-channel phantom itself.
+By default (``data.synthetic_channels: 2``) each volume also has an arterial phase of the same anatomy, as a second
+channel: there the liver is still dim (60-80 HU) and the spleen and kidney cortex bright, so the pair tells liver
+from spleen where the portal phase alone may not (in one of the 4 test phantoms a single-phase model takes the
+spleen for liver). The first channel is the single-channel phantom itself (``data.synthetic_channels: 1``).
 """
 
 from __future__ import annotations
