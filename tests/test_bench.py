@@ -84,6 +84,19 @@ def test_train_step_measures_each_requested_variant_against_the_conv3d_peak(tmp_
         assert r["gflop_per_step"] > 0 and abs(r["fraction_of_peak"] - r["gflops"] / peak) < 1e-9
 
 
+def test_the_step_benchmark_trains_a_compiled_model():
+    """The compiled variant runs the training's step through torch.compile's module (it once failed on
+    ``net or model``, which asks a compiled module for its length)."""
+    import torch
+
+    from unet3d_dist.bench.train_step import make_step
+
+    model = ResUNet3D(widths=(4, 8, 8, 16))
+    before = [p.detach().clone() for p in model.parameters()]
+    make_step(model, 1, (16, 16, 8), "off", False, torch.device("cpu"), torch.compile(model))()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_pipeline_reports_the_data_wait_and_efficiency_of_the_real_loop(tmp_path, tiny_dataset):
     bench(
         "pipeline",

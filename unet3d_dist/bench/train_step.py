@@ -75,7 +75,7 @@ def make_step(
     cfg = Config()
     cfg.train.amp, cfg.train.channels_last = amp, use_channels_last
     step = TrainStep(model, cfg, device, total_steps=10**9)
-    step.net = net or model
+    step.net = model if net is None else net  # not `net or model`: a compiled module has no truth value
     image = torch.randn(batch, 1, *crop, device=device)
     label = (image[:, 0] > 0.5).long()
     return lambda: step(image, label)
