@@ -20,8 +20,8 @@ class CropClasses:
         self.crops = 0
 
     def add(self, label: torch.Tensor) -> None:
-        """Count the classes present in each crop of a (N, X, Y, Z) label batch."""
-        label = label.to(self.held.device, non_blocking=True).flatten(1).long()
+        """Count the classes present in each crop of a (N, X, Y, Z) label batch on the training device."""
+        label = label.flatten(1).long()
         present = torch.zeros(len(label), len(self.classes), device=self.held.device).scatter_(1, label, 1.0)
         self.held += present.sum(0)
         self.crops += len(label)

@@ -92,9 +92,8 @@ class Trainer:
             )
 
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(
-            cfg.model, in_channels=len(self.dataset.channels), num_classes=self.dataset.num_classes
-        ).to(env.device)
+        model = build_model(cfg.model, in_channels=len(self.dataset.channels), num_classes=self.dataset.num_classes)
+        self.model = model.to(env.device)
         if cfg.model.norm == "batch" and env.multi_rank:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if cfg.train.channels_last:
@@ -205,9 +204,10 @@ class Trainer:
         return not (stop_vote is not None and stop_vote.result())
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The loader's batches as (image, label), finished on the training device where the workers left it so."""
+        """The loader's batches as (image, label) on the training device (finished there if the workers left it)."""
         for batch in self.loader:
-            yield finish_batch(batch, self.cfg.data.crop, self.env.device) if self.finish_on_device else batch
+            image, label = finish_batch(batch, self.cfg.data.crop, self.env.device) if self.finish_on_device else batch
+            yield image.to(self.env.device, non_blocking=True), label.to(self.env.device, non_blocking=True)
 
     def announce(self) -> None:
         cfg, env = self.cfg, self.env
