@@ -111,9 +111,7 @@ def slice_panel(
             ax.axis("off")
     if many:
         shown = np.union1d(np.unique(prediction), np.unique(reference) if reference is not None else [])
-        handles = [
-            Patch(color=CLASS_COLOURS[(int(c) - 1) % len(CLASS_COLOURS)], label=classes[int(c)]) for c in shown if c
-        ]
+        handles = [Patch(color=colour_of(c), label=classes[int(c)]) for c in shown if c]
         fig.suptitle(title)
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4) or 1, frameon=False)
     else:
@@ -123,7 +121,12 @@ def slice_panel(
     plt.close(fig)
 
 
-CLASS_COLOURS = plt.get_cmap("tab20").colors  # label value c is drawn in colour c - 1 (repeating after 20)
+CLASS_COLOURS = plt.get_cmap("tab20").colors
+
+
+def colour_of(value: int) -> tuple[float, float, float]:
+    """The RGB colour of label value ``value`` (> 0): colour value - 1 of tab20, repeating after 20 classes."""
+    return CLASS_COLOURS[(int(value) - 1) % len(CLASS_COLOURS)]
 
 
 def class_colours(labels: np.ndarray) -> np.ndarray:
@@ -131,5 +134,5 @@ def class_colours(labels: np.ndarray) -> np.ndarray:
     rgba = np.zeros((*labels.shape, 4))
     for value in np.unique(labels):
         if value:
-            rgba[labels == value] = (*CLASS_COLOURS[(int(value) - 1) % len(CLASS_COLOURS)], 0.55)
+            rgba[labels == value] = (*colour_of(value), 0.55)
     return rgba
