@@ -10,6 +10,7 @@ from medpy.metric import binary as medpy
 from scipy import ndimage
 
 from unet3d_dist.metrics import DISTANCE_COLUMNS, case_metrics, class_metrics
+from unet3d_dist.results import class_table, summarize
 
 ANISOTROPIC = (0.7, 1.1, 3.0)
 
@@ -97,3 +98,19 @@ def test_case_metrics_gives_one_record_per_foreground_class():
     assert records[0]["dice"] == 1.0 and records[0]["hd_mm"] == 0.0 and records[0]["empty"] == "none"
     assert records[1]["dice"] == 0.0 and records[1]["empty"] == "prediction" and math.isnan(records[1]["hd95_mm"])
     assert "asd_mm" not in case_metrics(prediction, reference, ANISOTROPIC, ["background", "liver"], distances=False)[0]
+
+
+def test_the_mean_over_classes_leaves_out_a_class_that_no_case_holds():
+    """A class absent from every reference and from the prediction scores Dice 1 per case; averaging it in would
+    lift the multi-organ mean, so the table's mean row names it instead."""
+    classes = ["background", "liver", "spleen", "esophagus"]
+    reference = np.zeros((20, 18, 14), np.uint8)
+    reference[2:9, 3:12, 2:10], reference[12:18, 4:10, 3:9] = 1, 2
+    prediction = np.where(reference == 2, 0, reference)  # the spleen missed: Dice 0
+    records = [
+        {"case": case, **r} for case in range(2) for r in case_metrics(prediction, reference, ANISOTROPIC, classes)
+    ]
+    header, rows = class_table(summarize(records))
+    assert [row[0] for row in rows] == ["liver", "spleen", "esophagus", "mean of 2 classes (no case holds esophagus)"]
+    assert rows[2][header.index("dice")] == "1 ± 0" and rows[2][header.index("undefined")] == "2"
+    assert rows[-1][header.index("dice")] == "0.5"  # liver 1 and spleen 0; with the esophagus it would read 0.6667

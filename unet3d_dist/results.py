@@ -40,7 +40,8 @@ def mean_metrics(records: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (class, metric): mean, std (population), median, defined count and undefined count."""
+    """One row per (class, metric): mean, std (population), median, defined count, undefined count, and the number
+    of cases whose reference lacks the class (their Dice is 1 or 0: nothing to find)."""
     rows = []
     classes = list(dict.fromkeys(r["class"] for r in records))
     for cls in classes:
@@ -55,6 +56,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     **{name: float(v) for name, v in zip(("mean", "std", "median"), stats)},
                     "n": int(values.size),
                     "undefined": len(mine) - int(values.size),
+                    "absent": sum(r["empty"] in ("reference", "both") for r in mine),
                 }
             )
     return rows
@@ -65,19 +67,24 @@ CONSOLE_METRICS = ("dice", "jaccard", "asd_mm", "hd95_mm", "hd_mm")  # the voxel
 
 def class_table(summary: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """The summary as one console row per class (mean ± std of each metric), so that 10+ classes stay readable;
-    with several classes a last row gives the mean over classes, as multi-organ papers report it."""
+    with several classes a last row gives the mean over the classes that some reference holds, as multi-organ
+    papers report it (a class no case holds would add a Dice of 1 for finding nothing)."""
     stats = {(row["class"], row["metric"]): row for row in summary}
     metrics = [m for m in CONSOLE_METRICS if any(metric == m for _, metric in stats)]
     classes = list(dict.fromkeys(row["class"] for row in summary))
+    first = {c: stats[c, metrics[0]] for c in classes}
+    cases = {c: first[c]["n"] + first[c]["undefined"] for c in classes}
     rows = []
     for cls in classes:
         mine = [stats[cls, m] for m in metrics]
         undefined = max(row["undefined"] for row in mine)
-        cells = [cell(row) for row in mine]
-        rows.append([cls, *cells, str(mine[0]["n"] + mine[0]["undefined"]), str(undefined)])
-    if len(classes) > 1:
-        means = [[stats[c, m]["mean"] for c in classes if stats[c, m]["n"]] for m in metrics]
-        rows.append([f"mean of {len(classes)} classes", *(f"{np.mean(v):.4g}" if v else "-" for v in means), "", ""])
+        rows.append([cls, *(cell(row) for row in mine), str(cases[cls]), str(undefined)])
+    held = [c for c in classes if first[c]["absent"] < cases[c]]
+    if len(held) > 1:
+        means = [[stats[c, m]["mean"] for c in held if stats[c, m]["n"]] for m in metrics]
+        absent = [c for c in classes if c not in held]
+        name = f"mean of {len(held)} classes" + (f" (no case holds {', '.join(absent)})" if absent else "")
+        rows.append([name, *(f"{np.mean(v):.4g}" if v else "-" for v in means), "", ""])
     return ["class", *metrics, "cases", "undefined"], rows
 
 
