@@ -247,7 +247,7 @@ def draw_panels(
             dataset.label(case_id),
             prediction,
             spacing,
-            title=title,
+            title=title + (f"  ({dataset.channels[0]} channel shown)" if len(dataset.channels) > 1 else ""),
             classes=names,
         )
         atomic_write(folder / f"{case_id}.png", draw)
