@@ -56,12 +56,22 @@ def test_round_trip_through_dict_and_dump(tmp_path):
         ("train.compile=yes please", r"train.compile must be true or false"),
         ("data.crop=[64,64]", r"data.crop must be a list of 3 integers"),
         ("data.crop=[64,60,32]", r"data.crop must be multiples of 8 .* y side is 60"),
+        ("model.widths=[8,16]", r"model.widths needs 3 to 6 entries \(one per level\), not \[8, 16\]"),
+        ("model.widths=4", r"model.widths must be a list of integers, not 4"),
         ("lr=0.1", r"override 'lr=0.1' must look like section.key=value"),
     ],
 )
 def test_each_kind_of_error_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_a_deeper_network_needs_crops_it_can_halve_once_more():
+    load_config(None, ["model.widths=[4,8,8,16,16]", "data.crop=[64,64,48]"])  # multiples of 16
+    with pytest.raises(
+        ConfigError, match=r"multiples of 16 \(the 5-level UNet halves each side 4 times\).* z side is 40"
+    ):
+        load_config(None, ["model.widths=[4,8,8,16,16]", "data.crop=[64,64,40]"])
 
 
 def test_file_errors(tmp_path):

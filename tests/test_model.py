@@ -11,6 +11,19 @@ def test_logits_keep_the_input_shape(shape):
     assert out.shape == (2, 3, *shape)
 
 
+@pytest.mark.parametrize(("widths", "side"), [((4, 8, 8), 4), ((4, 4, 8, 8, 8, 16), 32)])
+def test_the_depth_follows_the_widths_and_sets_the_side_divisor(widths, side):
+    model = ResUNet3D(widths=widths, deep_supervision=True)
+    assert len(model.encoders) == len(widths) and model.divisor == side
+    outputs = model(torch.randn(1, 1, side, 2 * side, side))
+    sum(o.square().mean() for o in outputs).backward()  # every head is used: DDP refuses unused parameters
+    assert all(p.grad is not None for p in model.parameters())
+    full, half, quarter = [(side // k, 2 * side // k, side // k) for k in (1, 2, 4)]
+    assert [o.shape[2:] for o in outputs] == ([full, half] if len(widths) == 3 else [full, half, quarter])
+    with pytest.raises(ValueError, match=f"divisible by {side}"):
+        model(torch.randn(1, 1, side + side // 2, side, side))
+
+
 def test_gradients_reach_every_parameter():
     model = ResUNet3D(in_channels=1, num_classes=2, widths=(4, 8, 8, 16), deep_supervision=True)
     outputs = model(torch.randn(2, 1, 16, 16, 16))

@@ -13,10 +13,12 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 import yaml
 from conftest import SHARED_DATA, TINY
 from test_channels import four_d
 
+from unet3d_dist.config import load_config
 from unet3d_dist.planning import cluster, rules
 from unet3d_dist.planning.sources import decathlon_recipe
 
@@ -45,6 +47,18 @@ def test_the_crop_starts_at_the_median_scan_and_shrinks_its_longest_side_in_mm_b
     shrunk = rules.crop_shape([160, 160, 40], [1.0, 1.0, 3.0], 96 * 96 * 40).value
     assert shrunk == [104, 104, 32] and math.prod(shrunk) <= 96 * 96 * 40
     assert rules.crop_shape([400, 400, 400], [1, 1, 1], 10).value == [16, 16, 16]  # never below the network's need
+
+
+def test_the_network_halves_every_side_while_the_bottleneck_keeps_4_voxels():
+    depth = rules.network_depth
+    assert depth([56, 56, 56], [0.9] * 3).value == [16, 32, 64, 128]  # 7 per side; 56 / 16 is no whole voxel
+    five = depth([112, 112, 80], [3.0] * 3)
+    assert five.value == [16, 32, 64, 128, 256] and "7x7x5 cells of 48x48x48 mm" in five.reason
+    assert depth([64, 64, 24], [1.0, 1.0, 3.0]).value == [16, 32, 64]  # 24 / 8 = 3 < 4: the thin side decides
+    deepest = depth([256, 256, 256], [1.0] * 3)
+    assert deepest.value == [16, 32, 64, 128, 256, 320] and "limit" in deepest.reason
+    for crop in ([16, 16, 16], [56, 48, 32], [112, 112, 80], [256, 256, 256]):  # the config accepts each plan
+        load_config(None, [f"data.crop={crop}", f"model.widths={depth(crop, [1.0] * 3).value}"])
 
 
 def test_ct_is_windowed_to_its_foreground_and_mri_z_scored_inside_a_masked_background():
@@ -122,7 +136,12 @@ def test_a_two_channel_decathlon_task_is_planned_prepared_trained_evaluated_and_
     ]
     assert windows[0] == windows[1] == pytest.approx(np.percentile(hu, [0.5, 99.5]), abs=2.0)
 
-    tiny = [o for o in TINY if not o.startswith("data.crop")] + ["train.epochs=1", "data.samples_per_epoch=4"]
+    planned = yaml.safe_load((out / "train.yaml").read_text())
+    widths = planned["model"]["widths"]
+    assert widths == rules.network_depth(planned["data"]["crop"], manifest["preprocessing"]["spacing"]).value
+    # The planned crop and network train as planned; only the schedule is cut short.
+    tiny = [o for o in TINY if not o.startswith(("data.crop", "model.widths"))]
+    tiny += ["train.epochs=1", "data.samples_per_epoch=4"]
     run(
         "unet3d_dist.train",
         "--config",
@@ -132,6 +151,9 @@ def test_a_two_channel_decathlon_task_is_planned_prepared_trained_evaluated_and_
         "data.num_workers=1",
     )
     checkpoint = sorted((tmp_path / "runs" / "plan" / "checkpoints").glob("ckpt-*.pt"))[-1]
+    weights = torch.load(checkpoint, weights_only=True)["model"]
+    assert [weights[f"encoders.{i}.conv1.weight"].shape[0] for i in range(len(widths))] == widths
+    assert f"encoders.{len(widths)}.conv1.weight" not in weights
     run("unet3d_dist.evaluate", "--checkpoint", str(checkpoint), "--split", "train", "--out", str(tmp_path / "eval"))
     records = json.loads((tmp_path / "eval" / "results.json").read_text())["cases"]
     assert [r["case"] for r in records] == ["liver_0", "liver_1"] and all(0 <= r["dice"] <= 1 for r in records)

@@ -83,11 +83,23 @@ class DataConfig:
         return () if self.flip_axes == "none" else tuple("xyz".index(axis) for axis in self.flip_axes)
 
 
+MIN_LEVELS, MAX_LEVELS = 3, 6  # deep supervision has heads on the first 3 levels; 6 halve a side 5 times, as nnU-Net
+
+
+def side_divisor(levels: int) -> int:
+    """What every input side of a ``levels``-level UNet must be a multiple of: it halves each side levels - 1 times."""
+    return 2 ** (levels - 1)
+
+
 @dataclass
 class ModelConfig:
     """Shape of the residual 3D UNet."""
 
-    widths: tuple[int, int, int, int] = setting((16, 32, 64, 128), "channels at each of the 4 resolution levels")
+    widths: tuple[int, ...] = setting(
+        (16, 32, 64, 128),
+        f"channels at each resolution level, full resolution first: {MIN_LEVELS} to {MAX_LEVELS} levels, each "
+        "halving the crop's sides",
+    )
     norm: Literal["instance", "group", "batch"] = setting(
         "group", "normalisation layer (batch becomes SyncBatchNorm under DDP)"
     )
@@ -298,6 +310,10 @@ def _coerce(key: str, value: Any, hint: Any, meta: Any) -> Any:
         return value
     if origin is tuple:
         item_types = typing.get_args(hint)
+        if len(item_types) == 2 and item_types[1] is Ellipsis:  # tuple[int, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key} must be a list of integers, not {value!r}")
+            item_types = (item_types[0],) * len(value)
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
             raise ConfigError(f"{key} must be a list of {len(item_types)} integers, not {value!r}")
         return tuple(_coerce(key, v, t, meta) for v, t in zip(value, item_types))
@@ -345,10 +361,17 @@ def _bounded(key: str, value: float, meta: Any) -> Any:
 
 def _check_consistency(cfg: Config) -> None:
     """Rules that involve more than one field."""
+    levels = len(cfg.model.widths)
+    if not MIN_LEVELS <= levels <= MAX_LEVELS:
+        raise ConfigError(
+            f"model.widths needs {MIN_LEVELS} to {MAX_LEVELS} entries (one per level), not {list(cfg.model.widths)}"
+        )
+    step = side_divisor(levels)
     for axis, size in zip("xyz", cfg.data.crop):
-        if size < 8 or size % 8:
+        if size < step or size % step:
             raise ConfigError(
-                f"data.crop must be multiples of 8 (the UNet halves each side 3 times), but its {axis} side is {size}"
+                f"data.crop must be multiples of {step} (the {levels}-level UNet halves each side {levels - 1} "
+                f"times), but its {axis} side is {size}"
             )
     axes = cfg.data.flip_axes
     if axes != "none" and (not set(axes) <= set("xyz") or len(set(axes)) != len(axes)):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError, run_dir_of
-from .config import Config, ConfigError
+from .config import Config, ConfigError, side_divisor
 from .data.shards import DatasetError, ShardedDataset
 from .data.source import open_dataset
 from .data.splits import run_cases
@@ -38,7 +38,6 @@ from .ensemble import Loaded, build_members, describe, read_checkpoints
 from .files import atomic_write, atomic_write_text
 from .logger import RunLogger, new_run_id
 from .masks import load_mask, mask_path
-from .model import DIVISOR
 from .precision import amp_name, resolve_amp
 from .report import slice_panel
 from .results import class_table, json_ready, metric_columns, summarize, write_csv, write_json
@@ -149,10 +148,13 @@ def default_out(checkpoints: list[Path], split: str) -> Path:
     return run_dir_of(checkpoints[0]) / f"eval-{split}"
 
 
-def check_arguments(args: argparse.Namespace, out: Path) -> None:
-    if args.patch and any(side < DIVISOR or side % DIVISOR for side in args.patch):
+def check_arguments(args: argparse.Namespace, out: Path, loaded: list[Loaded]) -> None:
+    levels = max(len(item.cfg.model.widths) for item in loaded)
+    step = side_divisor(levels)
+    if args.patch and any(side < step or side % step for side in args.patch):
         raise ConfigError(
-            f"--patch must be multiples of {DIVISOR} (the UNet halves each side 3 times), not {args.patch}"
+            f"--patch must be multiples of {step} (the {levels}-level UNet halves each side {levels - 1} times), "
+            f"not {args.patch}"
         )
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise ConfigError(f"--overlap must be in [0, 1), not {args.overlap}")
@@ -312,7 +314,7 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.data:
         cfg.data.dataset = args.data
     out = args.out or default_out(args.checkpoint, args.split)
-    check_arguments(args, out)
+    check_arguments(args, out, loaded)
     check_ensemble_split(loaded, args.split)
     with runtime(args.device) as env:
         dataset = open_dataset(cfg.data, env)

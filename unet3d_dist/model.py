@@ -7,10 +7,7 @@ import functools
 import torch
 from torch import nn
 
-from .config import ModelConfig
-
-LEVELS = 4
-DIVISOR = 2 ** (LEVELS - 1)
+from .config import MAX_LEVELS, MIN_LEVELS, ModelConfig, side_divisor
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -44,10 +41,11 @@ class ResBlock(nn.Module):
 
 
 class ResUNet3D(nn.Module):
-    """4-level residual UNet: strided-conv down, transposed-conv up, skip concatenation.
+    """Residual UNet with one level per entry of ``widths`` (4 by default): strided-conv down, transposed-conv up,
+    skip concatenation.
 
-    Returns logits of shape (N, num_classes, X, Y, Z); with deep supervision in training mode, a list
-    of logits at full, 1/2 and 1/4 resolution (full first). Sides must be divisible by 8.
+    Returns logits of shape (N, num_classes, X, Y, Z); with deep supervision in training mode, a list of logits at
+    full, 1/2 and (from 4 levels on) 1/4 resolution, full first. Sides must be divisible by 2^(levels - 1): 8 for 4.
     """
 
     def __init__(
@@ -59,11 +57,12 @@ class ResUNet3D(nn.Module):
         deep_supervision: bool = False,
     ):
         super().__init__()
-        if len(widths) != LEVELS:
-            raise ValueError(f"model.widths needs {LEVELS} entries, got {list(widths)}")
+        if not MIN_LEVELS <= len(widths) <= MAX_LEVELS:
+            raise ValueError(f"model.widths needs {MIN_LEVELS} to {MAX_LEVELS} entries, got {list(widths)}")
+        self.levels, self.divisor = len(widths), side_divisor(len(widths))
         self.deep_supervision = deep_supervision
         self.encoders = nn.ModuleList(
-            ResBlock(in_channels if i == 0 else widths[i], widths[i], norm) for i in range(LEVELS)
+            ResBlock(in_channels if i == 0 else widths[i], widths[i], norm) for i in range(self.levels)
         )
         self.downs = nn.ModuleList(
             nn.Sequential(
@@ -71,21 +70,22 @@ class ResUNet3D(nn.Module):
                 make_norm(norm, widths[i + 1]),
                 nn.LeakyReLU(0.01, inplace=True),
             )
-            for i in range(LEVELS - 1)
+            for i in range(self.levels - 1)
         )
         self.ups = nn.ModuleList(
-            nn.ConvTranspose3d(widths[i + 1], widths[i], 2, stride=2, bias=False) for i in range(LEVELS - 1)
+            nn.ConvTranspose3d(widths[i + 1], widths[i], 2, stride=2, bias=False) for i in range(self.levels - 1)
         )
-        self.decoders = nn.ModuleList(ResBlock(2 * widths[i], widths[i], norm) for i in range(LEVELS - 1))
-        # Heads for levels 0 (full resolution), 1 and 2; the last two only feed deep supervision.
-        heads = 3 if deep_supervision else 1
+        self.decoders = nn.ModuleList(ResBlock(2 * widths[i], widths[i], norm) for i in range(self.levels - 1))
+        # Heads for levels 0 (full resolution), 1 and 2 (the decoder's levels only: a 3-level network has two); the
+        # coarser ones only feed deep supervision.
+        heads = min(3, self.levels - 1) if deep_supervision else 1
         self.heads = nn.ModuleList(nn.Conv3d(widths[i], num_classes, 1) for i in range(heads))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        bad = [s for s in x.shape[2:] if s % DIVISOR]
+        bad = [s for s in x.shape[2:] if s % self.divisor]
         if x.dim() != 5 or bad:
             raise ValueError(
-                f"ResUNet3D needs input of shape (N, C, X, Y, Z) with X, Y, Z divisible by {DIVISOR}; got "
+                f"ResUNet3D needs input of shape (N, C, X, Y, Z) with X, Y, Z divisible by {self.divisor}; got "
                 f"{tuple(x.shape)}"
             )
         skips = []
@@ -95,7 +95,7 @@ class ResUNet3D(nn.Module):
             x = down(x)
         x = self.encoders[-1](x)
         outputs = []
-        for level in reversed(range(LEVELS - 1)):
+        for level in reversed(range(self.levels - 1)):
             x = self.decoders[level](torch.cat([self.ups[level](x), skips[level]], dim=1))
             if level < len(self.heads) and (level == 0 or self.training):
                 outputs.append(self.heads[level](x))

@@ -70,8 +70,9 @@ def make_plan(
     foreground = rules.foreground_fraction(fingerprint, crop.value, spacing.value)
     augmentation = rules.augmentation(spacing.value)
 
+    network = rules.network_depth(crop.value, spacing.value)
     in_channels, num_classes = len(recipe.input.names), len(recipe.labels.classes)
-    final = load_config(None, [f"data.crop={crop.value}"])
+    final = load_config(None, [f"data.crop={crop.value}", f"model.widths={network.value}"])
     batch = final.train.batch_size
     step_s = measure.step_seconds(final, in_channels, num_classes, device)
     steps = max(100, int(minutes * 60 / step_s) // 100 * 100)
@@ -81,13 +82,7 @@ def make_plan(
         f"{steps} steps ({EPOCHS} epochs of {samples} crops, batch {batch})",
         f"{minutes:g} min at the {step_s:.2f} s step measured here at this crop",
     )
-    cells = "x".join(str(c // 8) for c in crop.value)
     model = build_model(final.model, in_channels, num_classes)
-    network = Choice(
-        "model",
-        f"4 levels, widths {list(final.model.widths)}",
-        f"the bottleneck holds the whole crop in {cells} cells of {'x'.join(f'{8 * s:.3g}' for s in spacing.value)} mm",
-    )
     ct = recipe.modality.upper() == "CT"
     body = Choice(
         "preprocessing.crop",
@@ -112,6 +107,7 @@ def make_plan(
             "spatial_prob": 0.2,
             "samples_per_epoch": samples,
         },
+        "model": {"widths": network.value},
         "train": {"epochs": EPOCHS, "batch_size": batch, "val_every": VAL_EVERY},
         "inference": {"tta_flips": True},
     }

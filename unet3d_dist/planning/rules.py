@@ -12,10 +12,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import MAX_LEVELS, MIN_LEVELS, side_divisor
+
 ANISOTROPY = 3.0  # nnU-Net: a spacing ratio above this marks an anisotropic data set
 LOW_RES_SHARE = 0.25  # the crop should cover at least this share of the median scan, else coarsen the spacing
-MIN_SIDE = 16  # voxels: the 4-level network's bottleneck then still has 2 cells per side
-SIDE_STEP = 8  # crop sides are multiples of the network's divisor
+MIN_SIDE = 16  # voxels: a 3-level network's bottleneck then still has 4 per side
+SIDE_STEP = 8  # crop sides are multiples of the 4-level network's divisor
+BOTTLENECK_SIDE = 4  # nnU-Net halves a side while the bottleneck keeps at least this many voxels along it
+FIRST_WIDTH, MAX_WIDTH = 16, 320  # channels double per level from 16, capped at nnU-Net's 320
 SMALL_CLASS = 0.01  # a class under this share of a crop's volume gets more foreground-centred crops
 
 
@@ -100,6 +104,26 @@ def foreground_fraction(fingerprint: dict[str, Any], crop: list[int], spacing: l
             f"{smallest} ({present[smallest]:.2g} mL) is under {SMALL_CLASS:.0%} of a crop ({crop_ml:.0f} mL)",
         )
     return Choice("data.foreground_fraction", 0.33, "nnU-Net's share; every class is at least 1 % of a crop")
+
+
+def network_depth(crop: list[int], spacing: list[float]) -> Choice:
+    """The most levels (3 to 6) whose halvings keep at least 4 voxels on every side of the bottleneck, as nnU-Net
+    does per axis (our network halves all sides together, so the shortest side decides); widths double per level."""
+    levels = MIN_LEVELS
+    while levels < MAX_LEVELS and all(
+        c % side_divisor(levels + 1) == 0 and c // side_divisor(levels + 1) >= BOTTLENECK_SIDE for c in crop
+    ):
+        levels += 1
+    step = side_divisor(levels)
+    widths = [min(FIRST_WIDTH * 2**i, MAX_WIDTH) for i in range(levels)]
+    cells = "x".join(str(c // step) for c in crop)
+    mm = "x".join(f"{step * s:.3g}" for s in spacing)
+    more = "the network's limit" if levels == MAX_LEVELS else "one more halving would leave under 4 (or split a voxel)"
+    return Choice(
+        "model.widths",
+        widths,
+        f"{levels} levels: the bottleneck sees the whole crop as {cells} cells of {mm} mm; {more}",
+    )
 
 
 def augmentation(spacing: list[float]) -> list[Choice]:
