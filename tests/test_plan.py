@@ -47,6 +47,8 @@ def test_the_crop_starts_at_the_median_scan_and_shrinks_its_longest_side_in_mm_b
     shrunk = rules.crop_shape([160, 160, 40], [1.0, 1.0, 3.0], 96 * 96 * 40).value
     assert shrunk == [104, 104, 32] and math.prod(shrunk) <= 96 * 96 * 40
     assert rules.crop_shape([400, 400, 400], [1, 1, 1], 10).value == [16, 16, 16]  # never below the network's need
+    # the left atrium at 1.133 mm: of the tied 48-voxel sides, z (49 deep) shrinks, not x (110 long)
+    assert rules.crop_shape([110, 78, 49], [1.133] * 3, 104e3).value == [48, 48, 40]
 
 
 def test_the_network_halves_every_side_while_the_bottleneck_keeps_4_voxels():

@@ -17,7 +17,7 @@ from ..config import MAX_LEVELS, MIN_LEVELS, side_divisor
 ANISOTROPY = 3.0  # nnU-Net: a spacing ratio above this marks an anisotropic data set
 LOW_RES_SHARE = 0.25  # the crop should cover at least this share of the median scan, else coarsen the spacing
 MIN_SIDE = 16  # voxels: a 3-level network's bottleneck then still has 4 per side
-SIDE_STEP = 8  # crop sides are multiples of the 4-level network's divisor
+SIDE_STEP = side_divisor(4)  # crop sides start as multiples of the default 4-level network's divisor
 BOTTLENECK_SIDE = 4  # nnU-Net halves a side while the bottleneck keeps at least this many voxels along it
 FIRST_WIDTH, MAX_WIDTH = 16, 320  # channels double per level from 16, capped at nnU-Net's 320
 SMALL_CLASS = 0.01  # a class under this share of a crop's volume gets more foreground-centred crops
@@ -74,13 +74,14 @@ def normalization(fingerprint: dict[str, Any], modality: str) -> Choice:
 
 def crop_shape(median_shape: list[float], spacing: list[float], max_voxels: float) -> Choice:
     """The median scan (in voxels at the target spacing, rounded up to multiples of 8), shrunk by 8 voxels along its
-    longest side in mm until it holds at most ``max_voxels``."""
+    longest side in mm until it holds at most ``max_voxels``. Of equally long sides, the one that covers the most of
+    the scan shrinks first, so that a crop does not pad a short side while it misses most of a long one."""
     crop = [max(MIN_SIDE, SIDE_STEP * math.ceil(n / SIDE_STEP)) for n in median_shape]
     while math.prod(crop) > max_voxels:
         shrinkable = [i for i in range(3) if crop[i] > MIN_SIDE]
         if not shrinkable:
             break
-        longest = max(shrinkable, key=lambda i: crop[i] * spacing[i])
+        longest = max(shrinkable, key=lambda i: (crop[i] * spacing[i], crop[i] / median_shape[i]))
         crop[longest] -= SIDE_STEP
     whole = all(c >= n for c, n in zip(crop, median_shape))
     reason = (
