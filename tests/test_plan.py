@@ -16,11 +16,13 @@ import SimpleITK as sitk
 import torch
 import yaml
 from conftest import SHARED_DATA, TINY
+from rich.console import Console
 from test_channels import four_d
 
 from unet3d_dist.config import load_config
 from unet3d_dist.planning import cluster, rules
-from unet3d_dist.planning.sources import decathlon_recipe
+from unet3d_dist.planning import fingerprint as fingerprint_module
+from unet3d_dist.planning.sources import base_recipe, decathlon_recipe, fingerprint_of
 
 
 def fingerprint(median, p10=None, extent=(300.0, 300.0, 300.0), classes=None, channels=None) -> dict:
@@ -79,6 +81,40 @@ def test_a_class_under_1_percent_of_a_crop_gets_half_the_crops_centred_on_foregr
     assert rules.foreground_fraction(fingerprint((1, 1, 1), classes=small), [64, 64, 64], [1, 1, 1]).value == 0.5
     large = {"organ": {"median_volume_ml": 900.0}}
     assert rules.foreground_fraction(fingerprint((1, 1, 1), classes=large), [64, 64, 64], [1, 1, 1]).value == 0.33
+
+
+def test_the_labels_say_whether_to_keep_each_classs_largest_predicted_piece():
+    label = np.zeros((12, 12, 12), np.uint8)
+    label[1:4, 1:4, 1:4] = 1  # one piece of 27 voxels
+    label[6:9, 6:9, 6:9] = 2
+    label[10:11, 0:9, 0] = 2  # and a second, unconnected piece of 9: the largest holds 27 of 36
+    assert fingerprint_module.largest_piece_shares(label, num_classes=4) == [1.0, 0.75, None]
+
+    def planned(**shares):
+        classes = {name: {"share_of_cases": 1.0, "largest_piece_share_p10": s} for name, s in shares.items()}
+        return rules.largest_component(fingerprint((1, 1, 1), classes=classes))
+
+    assert planned(liver=0.99, spleen=0.93).value is True
+    split = planned(liver=0.99, lesion=0.4)
+    assert split.value is False and "lesion" in split.reason
+
+
+def test_a_ct_fingerprint_is_taken_inside_the_body_crop_that_prepare_will_make(tmp_path):
+    hu = np.full((40, 40, 40), -1000, np.int16)  # (z, y, x), as SimpleITK holds it
+    hu[10:26, 12:22, 5:25] = 40  # the body: 20 x 10 x 16 voxels (x, y, z) of 2 mm
+    shapes = {}
+    for modality in ("CT", "MRI"):
+        task = tmp_path / modality
+        for folder, array in (("imagesTr", hu), ("labelsTr", (hu > 0).astype(np.uint8))):
+            (task / folder).mkdir(parents=True)
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing((2.0, 2.0, 2.0))
+            sitk.WriteImage(image, str(task / folder / "box_0.nii.gz"))
+        described = {"name": "Box", "modality": {"0": modality}, "labels": {"0": "background", "1": "box"}}
+        (task / "dataset.json").write_text(json.dumps(described))
+        found = fingerprint_of([task], base_recipe([task], None, None), Console(quiet=True))
+        shapes[modality] = found["shape"]["median"]
+    assert shapes == {"CT": [30, 20, 26], "MRI": [40, 40, 40]}  # 10 mm of margin: 5 voxels on each side
 
 
 def test_both_dataset_json_styles_give_the_same_base_recipe():
@@ -140,6 +176,7 @@ def test_a_two_channel_decathlon_task_is_planned_prepared_trained_evaluated_and_
 
     planned = yaml.safe_load((out / "train.yaml").read_text())
     widths = planned["model"]["widths"]
+    assert planned["inference"]["largest_component"] is True  # the liver is one piece in its label
     assert widths == rules.network_depth(planned["data"]["crop"], manifest["preprocessing"]["spacing"]).value
     # The planned crop and network train as planned; only the schedule is cut short.
     tiny = [o for o in TINY if not o.startswith(("data.crop", "model.widths"))]

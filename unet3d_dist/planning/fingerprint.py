@@ -1,9 +1,10 @@
 """A data set's fingerprint: what planning needs to know about its scans, computed once per case and pooled.
 
-Per case: spacing, shape, orientation, every class's voxel count, and each channel's intensity percentiles over
-the whole scan and over its labelled voxels (sampled, as nnU-Net does, so that a large scan costs no more than a
-small one). Pooled: medians and ranges of spacings and shapes, the orientations seen, per-channel foreground
-percentiles, mean and std over all cases' samples, and per class its median volume and the share of cases holding it.
+Per case: spacing, shape, orientation, every class's voxel count and the share of it in its largest connected
+piece, and each channel's intensity percentiles over the whole scan and over its labelled voxels (sampled, as
+nnU-Net does, so that a large scan costs no more than a small one). Pooled: medians and ranges of spacings and
+shapes, the orientations seen, per-channel foreground percentiles, mean and std over all cases' samples, and per
+class its median volume, the share of cases holding it and how whole it is (the 10th percentile of that share).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 PERCENTILES = (0.5, 50.0, 99.5)
 SAMPLES_PER_CASE = 10_000  # foreground intensities kept per case and channel for the pooled statistics
@@ -32,6 +34,7 @@ def case_fingerprint(
         "shape": list(label.shape),
         "orientation": orientation,
         "class_voxels": [int(v) for v in np.bincount(label.ravel(), minlength=num_classes)[:num_classes]],
+        "largest_piece_share": largest_piece_shares(label, num_classes),
         "channels": [],
     }
     for image in channels:
@@ -45,6 +48,20 @@ def case_fingerprint(
             }
         )
     return entry
+
+
+def largest_piece_shares(label: np.ndarray, num_classes: int) -> list[float | None]:
+    """Per foreground class, the share of its voxels in its largest 26-connected piece (None where it is absent),
+    with the connectivity that inference's largest-component filter uses."""
+    shares: list[float | None] = []
+    for cls, box in enumerate(ndimage.find_objects(label, max_label=num_classes - 1), start=1):
+        if box is None:
+            shares.append(None)
+            continue
+        pieces, _ = ndimage.label(label[box] == cls, structure=np.ones((3, 3, 3), bool))
+        sizes = np.bincount(pieces.ravel())[1:]
+        shares.append(float(sizes.max() / sizes.sum()))
+    return shares
 
 
 def pool(cases: dict[str, dict[str, Any]], classes: list[str], channel_names: list[str]) -> dict[str, Any]:
@@ -69,7 +86,11 @@ def pool(cases: dict[str, dict[str, Any]], classes: list[str], channel_names: li
         "extent_mm_median": np.median(shapes * spacings, axis=0).tolist(),
         "orientations": sorted({c["orientation"] for c in cases.values()}),
         "channels": {name: _channel(cases, index) for index, name in enumerate(channel_names)},
-        "classes": {name: _class(counts[:, k], volumes_ml[:, k]) for k, name in enumerate(classes) if k},
+        "classes": {
+            name: _class(counts[:, k], volumes_ml[:, k], [c["largest_piece_share"][k - 1] for c in cases.values()])
+            for k, name in enumerate(classes)
+            if k
+        },
         "per_case": {
             case_id: {key: value for key, value in c.items() if key != "channels"}
             | {"whole_percentiles": [channel["whole"] for channel in c["channels"]]}
@@ -95,10 +116,12 @@ def _channel(cases: dict[str, dict[str, Any]], index: int) -> dict[str, Any]:
     }
 
 
-def _class(voxels: np.ndarray, volumes_ml: np.ndarray) -> dict[str, float]:
+def _class(voxels: np.ndarray, volumes_ml: np.ndarray, piece_shares: list[float | None]) -> dict[str, float]:
     held = voxels > 0
+    shares = [share for share in piece_shares if share is not None]
     return {
         "median_volume_ml": float(np.median(volumes_ml[held])) if held.any() else 0.0,
         "median_voxels": float(np.median(voxels[held])) if held.any() else 0.0,
         "share_of_cases": float(held.mean()),
+        "largest_piece_share_p10": float(np.percentile(shares, 10)) if shares else math.nan,
     }

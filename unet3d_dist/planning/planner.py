@@ -69,6 +69,7 @@ def make_plan(
     crop = rules.crop_shape([n * f for n, f in zip(fingerprint["shape"]["median"], scale)], spacing.value, voxels)
     foreground = rules.foreground_fraction(fingerprint, crop.value, spacing.value)
     augmentation = rules.augmentation(spacing.value)
+    postprocessing = rules.largest_component(fingerprint)
 
     network = rules.network_depth(crop.value, spacing.value)
     in_channels, num_classes = len(recipe.input.names), len(recipe.labels.classes)
@@ -83,12 +84,7 @@ def make_plan(
         f"{minutes:g} min at the {step_s:.2f} s step measured here at this crop",
     )
     model = build_model(final.model, in_channels, num_classes)
-    ct = recipe.modality.upper() == "CT"
-    body = Choice(
-        "preprocessing.crop",
-        {"to": "body", "threshold": -500, "margin_mm": 10} if ct else {"to": "none"},
-        "CT: crop the air around the body (HU above -500, 10 mm margin)" if ct else "whole scans",
-    )
+    body = rules.body_crop(recipe.modality)
     planned = recipe.to_dict() | {
         "preprocessing": {
             "normalization": normalization.value,
@@ -109,9 +105,9 @@ def make_plan(
         },
         "model": {"widths": network.value},
         "train": {"epochs": EPOCHS, "batch_size": batch, "val_every": VAL_EVERY},
-        "inference": {"tta_flips": True},
+        "inference": {"tta_flips": True, "largest_component": postprocessing.value},
     }
     flops = forward_flops(model, tuple(crop.value), in_channels)
     gpu_step = step_s if device.type == "cuda" else cluster.predicted_gpu_step(flops, batch)
-    choices = [budget, spacing, normalization, body, crop, foreground, *augmentation, network, schedule]
+    choices = [budget, spacing, normalization, body, crop, foreground, *augmentation, network, schedule, postprocessing]
     return Plan(planned, train, choices, cluster.cluster_rows(count_parameters(model), gpu_step, batch, steps))

@@ -21,6 +21,7 @@ SIDE_STEP = side_divisor(4)  # crop sides start as multiples of the default 4-le
 BOTTLENECK_SIDE = 4  # nnU-Net halves a side while the bottleneck keeps at least this many voxels along it
 FIRST_WIDTH, MAX_WIDTH = 16, 320  # channels double per level from 16, capped at nnU-Net's 320
 SMALL_CLASS = 0.01  # a class under this share of a crop's volume gets more foreground-centred crops
+ONE_PIECE = 0.9  # a class whose largest piece holds this share of its voxels (in 9 of 10 cases) is one structure
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,34 @@ def foreground_fraction(fingerprint: dict[str, Any], crop: list[int], spacing: l
             f"{smallest} ({present[smallest]:.2g} mL) is under {SMALL_CLASS:.0%} of a crop ({crop_ml:.0f} mL)",
         )
     return Choice("data.foreground_fraction", 0.33, "nnU-Net's share; every class is at least 1 % of a crop")
+
+
+def body_crop(modality: str) -> Choice:
+    """CT scans hold air around the body that crops would waste; prepare crops it away, and the fingerprint is taken
+    inside the same box so that its shapes describe what training sees."""
+    if modality.upper() == "CT":
+        crop = {"to": "body", "threshold": -500, "margin_mm": 10}
+        return Choice("preprocessing.crop", crop, "CT: crop the air around the body (HU above -500, 10 mm margin)")
+    return Choice("preprocessing.crop", {"to": "none"}, "whole scans")
+
+
+def largest_component(fingerprint: dict[str, Any]) -> Choice:
+    """Keep only each class's largest predicted piece when every class is one piece in the labels. nnU-Net decides
+    this after its cross-validation; the labels already say it, and it removes the stray islands that dominate HD95."""
+    held = {n: c["largest_piece_share_p10"] for n, c in fingerprint["classes"].items() if c["share_of_cases"] > 0}
+    if not held:
+        return Choice("inference.largest_component", False, "no labelled class")
+    split = [name for name, share in held.items() if share < ONE_PIECE]
+    if split:
+        named = ", ".join(split[:3]) + (" and others" if len(split) > 3 else "")
+        return Choice("inference.largest_component", False, f"{named}: several pieces in more than 1 case of 10")
+    name = min(held, key=held.get)
+    return Choice(
+        "inference.largest_component",
+        True,
+        f"every class is one piece: its largest holds {math.floor(held[name] * 1000) / 10:g} % of it or more in 9 "
+        f"of 10 cases ({name}, the least whole)",
+    )
 
 
 def network_depth(crop: list[int], spacing: list[float]) -> Choice:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,12 @@ from rich.console import Console
 
 from ..config import ConfigError
 from ..data.layouts import Source, find_cases
-from ..data.preprocess import CANONICAL_ORIENTATION, map_labels, reorient
+from ..data.preprocess import CANONICAL_ORIENTATION, bounding_box, map_labels, reorient
 from ..data.readers import CaseError, array_xyz, read_hdf5_pair, read_pair
 from ..data.recipe import Recipe, load_recipe, recipe_from_dict
 from ..data.shards import DatasetError
 from ..logger import progress_bar
+from . import rules
 from .fingerprint import case_fingerprint, pool
 
 
@@ -71,11 +73,24 @@ def read_case(source: Source, recipe: Recipe) -> tuple[list[np.ndarray], np.ndar
     return [array_xyz(c) for c in channels], classes, channels[0].GetSpacing(), stored
 
 
+def inside_body(
+    channels: list[np.ndarray], label: np.ndarray, spacing: tuple[float, ...], crop: dict[str, Any]
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The part of a case that the planned body crop keeps (all of it for other crops), found as prepare finds it."""
+    if crop["to"] != "body":
+        return channels, label
+    box = bounding_box(channels[0] > crop["threshold"], [math.ceil(crop["margin_mm"] / s) for s in spacing])
+    if box is None:
+        return channels, label
+    return [c[box] for c in channels], label[box]
+
+
 def fingerprint_of(inputs: list[Path], recipe: Recipe, console: Console) -> dict[str, Any]:
     """The pooled fingerprint of every readable case; an unreadable one is left out with its reason."""
     spec = recipe.input
     sources = find_cases(inputs, spec.layout, spec.image_patterns, spec.label)
     classes, rng, entries = list(recipe.labels.classes), np.random.default_rng(0), {}
+    body = rules.body_crop(recipe.modality).value
     with progress_bar(console) as progress:
         task = progress.add_task("fingerprint", total=len(sources), now="")
         for source in sources:
@@ -84,6 +99,7 @@ def fingerprint_of(inputs: list[Path], recipe: Recipe, console: Console) -> dict
             except CaseError as err:
                 progress.console.print(f"[red]left out[/] {source.id}: {err}")
             else:
+                channels, label = inside_body(channels, label, spacing, body)
                 entries[source.id] = case_fingerprint(channels, label, spacing, stored, len(classes), rng)
             progress.update(task, advance=1, now=source.id)
     if not entries:
