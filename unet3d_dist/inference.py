@@ -153,6 +153,9 @@ def resample_to_shape(volume: torch.Tensor, shape: tuple[int, ...]) -> torch.Ten
     )[0]
 
 
+CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connected: voxels touching at a corner are one piece
+
+
 def keep_largest_component(labels: np.ndarray) -> np.ndarray:
     """Per foreground class, drop every connected component (26-connectivity) but the largest."""
     from scipy import ndimage
@@ -161,7 +164,7 @@ def keep_largest_component(labels: np.ndarray) -> np.ndarray:
     for cls in np.unique(labels):
         if cls == 0:
             continue
-        components, count = ndimage.label(labels == cls, structure=np.ones((3, 3, 3), bool))
+        components, count = ndimage.label(labels == cls, structure=CONNECTIVITY)
         if count > 1:
             sizes = np.bincount(components.ravel())
             sizes[0] = 0

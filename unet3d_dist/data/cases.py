@@ -7,8 +7,6 @@ separate process per case.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import SimpleITK as sitk
 
@@ -76,8 +74,8 @@ def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list
             "all-background case"
         )
     if spec.crop.to != "none":
-        margin = [math.ceil(spec.crop.margin_mm / s) for s in prepared.GetSpacing()]
-        box = bounding_box(_crop_mask(recipe, image, prepared_label, prepared), margin)
+        keep = _crop_mask(recipe, image, prepared_label, prepared)
+        box = bounding_box(keep, prepared.GetSpacing(), spec.crop.margin_mm)
         if box is None:
             warnings.append(f"{source.image}: nothing to crop to ({spec.crop.to}), the whole volume is kept")
         else:

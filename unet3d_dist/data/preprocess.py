@@ -7,6 +7,7 @@ time go through exactly what the training data went through: reorientation, resa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -165,12 +166,13 @@ def axes_smaller(shape: Sequence[int], size: Sequence[int]) -> str:
     return ", ".join(axis for axis, have, need in zip("xyz", shape, size) if have < need)
 
 
-def bounding_box(mask: np.ndarray, margin: list[int]) -> tuple[slice, ...] | None:
-    """Slices around the True voxels of ``mask`` widened by ``margin`` voxels per axis; None if nothing is True."""
+def bounding_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> tuple[slice, ...] | None:
+    """Slices around the True voxels of ``mask`` widened by ``margin_mm`` (whole voxels of ``spacing``) per axis;
+    None if nothing is True."""
     if not mask.any():
         return None
     box = []
-    for axis, extra in enumerate(margin):
+    for axis, extra in enumerate(math.ceil(margin_mm / s) for s in spacing):
         hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
         box.append(slice(max(0, int(hits[0]) - extra), min(mask.shape[axis], int(hits[-1]) + 1 + extra)))
     return tuple(box)

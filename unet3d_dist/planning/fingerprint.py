@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from ..inference import CONNECTIVITY
+
 PERCENTILES = (0.5, 50.0, 99.5)
 SAMPLES_PER_CASE = 10_000  # foreground intensities kept per case and channel for the pooled statistics
 
@@ -51,14 +53,14 @@ def case_fingerprint(
 
 
 def largest_piece_shares(label: np.ndarray, num_classes: int) -> list[float | None]:
-    """Per foreground class, the share of its voxels in its largest 26-connected piece (None where it is absent),
-    with the connectivity that inference's largest-component filter uses."""
+    """Per foreground class, the share of its voxels in its largest piece (None where it is absent), with the
+    connectivity of inference's largest-component filter."""
     shares: list[float | None] = []
     for cls, box in enumerate(ndimage.find_objects(label, max_label=num_classes - 1), start=1):
         if box is None:
             shares.append(None)
             continue
-        pieces, _ = ndimage.label(label[box] == cls, structure=np.ones((3, 3, 3), bool))
+        pieces, _ = ndimage.label(label[box] == cls, structure=CONNECTIVITY)
         sizes = np.bincount(pieces.ravel())[1:]
         shares.append(float(sizes.max() / sizes.sum()))
     return shares

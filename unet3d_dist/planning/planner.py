@@ -70,7 +70,6 @@ def make_plan(
     foreground = rules.foreground_fraction(fingerprint, crop.value, spacing.value)
     augmentation = rules.augmentation(spacing.value)
     postprocessing = rules.largest_component(fingerprint)
-
     network = rules.network_depth(crop.value, spacing.value)
     in_channels, num_classes = len(recipe.input.names), len(recipe.labels.classes)
     final = load_config(None, [f"data.crop={crop.value}", f"model.widths={network.value}"])

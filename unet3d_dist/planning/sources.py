@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +78,7 @@ def inside_body(
     """The part of a case that the planned body crop keeps (all of it for other crops), found as prepare finds it."""
     if crop["to"] != "body":
         return channels, label
-    box = bounding_box(channels[0] > crop["threshold"], [math.ceil(crop["margin_mm"] / s) for s in spacing])
+    box = bounding_box(channels[0] > crop["threshold"], spacing, crop["margin_mm"])
     if box is None:
         return channels, label
     return [c[box] for c in channels], label[box]
