@@ -38,8 +38,8 @@ def test_the_spacing_is_the_median_the_coarse_axis_its_10th_percentile_and_coars
     assert rules.target_spacing(fingerprint((0.8, 0.8, 0.8)), 1e9).value == [0.8, 0.8, 0.8]
     anisotropic = rules.target_spacing(fingerprint((0.7, 0.7, 5.0), p10=(0.6, 0.6, 3.0)), 1e9)
     assert anisotropic.value == [0.7, 0.7, 3.0] and "10th percentile" in anisotropic.reason
-    # 300 mm cubed at 1 mm is 27 M voxels: a 1 M-voxel crop covers a quarter of it at 1.5 mm (27 / 1.5^3 / 4 = 2 M).
-    coarse = rules.target_spacing(fingerprint((1.0, 1.0, 1.0)), 27e6 / 4 / 1.5**3)
+    # 300 mm cubed at 1 mm is 27 M voxels: at 1.5 mm it is 8 M, of which a 4 M-voxel crop covers half.
+    coarse = rules.target_spacing(fingerprint((1.0, 1.0, 1.0)), 27e6 / 2 / 1.5**3)
     assert coarse.value == pytest.approx([1.5] * 3, abs=1e-3) and "coarsened 1.50x" in coarse.reason
 
 

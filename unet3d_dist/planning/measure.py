@@ -9,6 +9,7 @@ final crop once more to report the step it will really take.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import torch
@@ -39,22 +40,28 @@ def saved_bytes_per_voxel(cfg: Config, in_channels: int, num_classes: int, devic
     return saved / math.prod(PROBE_CROP)
 
 
-def step_seconds(cfg: Config, in_channels: int, num_classes: int, device: torch.device, steps: int = 3) -> float:
-    """Mean wall time of ``steps`` training steps at cfg's crop and batch, after one warm-up step."""
+def step_seconds(cfg: Config, in_channels: int, num_classes: int, device: torch.device, steps: int = 5) -> float:
+    """Median wall time of ``steps`` training steps at cfg's crop and batch, after two warm-up steps.
+
+    The median, because one step that a neighbour's job or the allocator's first growth slows down would otherwise
+    set the crop budget and the schedule: a mean of 3 steps once read 883 ms for a probe that takes 0.6-0.7 s alone.
+    """
     model = build_model(cfg.model, in_channels, num_classes).to(device)
     if cfg.train.channels_last:
         to_channels_last(model)
-    step = TrainStep(model, cfg, device, total_steps=steps + 1)
+    step = TrainStep(model, cfg, device, total_steps=steps + 2)
     shape = (cfg.train.batch_size, *cfg.data.crop)
     image = torch.randn(shape[0], in_channels, *shape[1:], device=device)
     label = torch.randint(0, num_classes, shape, device=device)
-    step(image, label)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
+    times = []
+    for index in range(steps + 2):
+        synchronize(device)
+        start = time.perf_counter()
         step(image, label)
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+        synchronize(device)
+        if index >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def synchronize(device: torch.device) -> None:
