@@ -97,9 +97,14 @@ def test_every_field_is_documented():
 def test_shipped_recipes_load():
     from pathlib import Path
 
-    from unet3d_dist.data.recipe import load_recipe
+    from unet3d_dist.data.recipe import SplitSpec, load_recipe
+    from unet3d_dist.prepare import assign_splits
 
     for recipe in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
         (load_recipe if recipe.name.startswith("prepare_") else load_config)(
             recipe
         )  # prepare recipes are not train configs
+    for split_file in sorted((Path(__file__).parents[1] / "configs" / "splits").glob("*.yaml")):
+        listed = yaml.safe_load(split_file.read_text())
+        ids = [str(case_id) for members in listed.values() for case_id in members]
+        assert set(assign_splits(ids, SplitSpec(), split_file).values()) <= {"train", "val", "test"}
