@@ -76,13 +76,6 @@ def test_ct_is_windowed_to_its_foreground_and_mri_z_scored_inside_a_masked_backg
     }
 
 
-def test_a_class_under_1_percent_of_a_crop_gets_half_the_crops_centred_on_foreground():
-    small = {"organ": {"median_volume_ml": 900.0}, "gland": {"median_volume_ml": 0.5}}
-    assert rules.foreground_fraction(fingerprint((1, 1, 1), classes=small), [64, 64, 64], [1, 1, 1]).value == 0.5
-    large = {"organ": {"median_volume_ml": 900.0}}
-    assert rules.foreground_fraction(fingerprint((1, 1, 1), classes=large), [64, 64, 64], [1, 1, 1]).value == 0.33
-
-
 def test_the_labels_say_whether_to_keep_each_classs_largest_predicted_piece():
     label = np.zeros((12, 12, 12), np.uint8)
     label[1:4, 1:4, 1:4] = 1  # one piece of 27 voxels
@@ -177,6 +170,7 @@ def test_a_two_channel_decathlon_task_is_planned_prepared_trained_evaluated_and_
     planned = yaml.safe_load((out / "train.yaml").read_text())
     widths = planned["model"]["widths"]
     assert planned["inference"]["largest_component"] is True  # the liver is one piece in its label
+    assert planned["data"]["foreground_fraction"] == 0.5  # the plan's share, not the config default of 1/3
     assert widths == rules.network_depth(planned["data"]["crop"], manifest["preprocessing"]["spacing"]).value
     # The planned crop and network train as planned; only the schedule is cut short.
     tiny = [o for o in TINY if not o.startswith(("data.crop", "model.widths"))]

@@ -70,7 +70,7 @@ def make_plan(
     normalization = rules.normalization(fingerprint, recipe.modality)
     scale = [m / t for m, t in zip(fingerprint["spacing"]["median"], spacing.value)]
     crop = rules.crop_shape([n * f for n, f in zip(fingerprint["shape"]["median"], scale)], spacing.value, voxels)
-    foreground = rules.foreground_fraction(fingerprint, crop.value, spacing.value)
+    foreground = rules.foreground_fraction()
     augmentation = rules.augmentation(spacing.value)
     postprocessing = rules.largest_component(fingerprint)
     network = rules.network_depth(crop.value, spacing.value)

@@ -23,7 +23,6 @@ MIN_SIDE = 16  # voxels: a 3-level network's bottleneck then still has 4 per sid
 SIDE_STEP = side_divisor(4)  # crop sides start as multiples of the default 4-level network's divisor
 BOTTLENECK_SIDE = 4  # nnU-Net halves a side while the bottleneck keeps at least this many voxels along it
 FIRST_WIDTH, MAX_WIDTH = 16, 320  # channels double per level from 16, capped at nnU-Net's 320
-SMALL_CLASS = 0.01  # a class under this share of a crop's volume gets more foreground-centred crops
 ONE_PIECE = 0.9  # a class whose largest piece holds this share of its voxels (in 9 of 10 cases) is one structure
 
 
@@ -102,18 +101,14 @@ def crop_shape(median_shape: list[float], spacing: list[float], max_voxels: floa
     return Choice("data.crop", crop, reason)
 
 
-def foreground_fraction(fingerprint: dict[str, Any], crop: list[int], spacing: list[float]) -> Choice:
-    """nnU-Net's 1/3 of crops centred on a class; 1/2 when the smallest class is under 1 % of a crop."""
-    crop_ml = math.prod(crop) * math.prod(spacing) / 1000.0
-    present = {n: c["median_volume_ml"] for n, c in fingerprint["classes"].items() if c["median_volume_ml"] > 0}
-    smallest = min(present, key=present.get) if present else None
-    if smallest is not None and present[smallest] < SMALL_CLASS * crop_ml:
-        return Choice(
-            "data.foreground_fraction",
-            0.5,
-            f"{smallest} ({present[smallest]:.2g} mL) is under {SMALL_CLASS:.0%} of a crop ({crop_ml:.0f} mL)",
-        )
-    return Choice("data.foreground_fraction", 0.33, "nnU-Net's share; every class is at least 1 % of a crop")
+def foreground_fraction() -> Choice:
+    """Half the crops centred on a class, not nnU-Net's third: a plan trains thousands of steps, not 250,000."""
+    return Choice(
+        "data.foreground_fraction",
+        0.5,
+        "half the crops centred on a class (nnU-Net's 1/3 cost the planned left atrium 0.010 Dice and 2.2 voxels "
+        "of HD95 in 1,700 steps)",
+    )
 
 
 def body_crop(modality: str) -> Choice:
