@@ -38,6 +38,7 @@ from .ensemble import Loaded, build_members, describe, read_checkpoints
 from .files import atomic_write, atomic_write_text
 from .logger import RunLogger, new_run_id
 from .masks import load_mask, mask_path
+from .optional import MissingDependency
 from .precision import amp_name, resolve_amp
 from .report import slice_panel
 from .results import class_table, json_ready, metric_columns, summarize, write_csv, write_json
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         evaluate(args)
-    except (ConfigError, DatasetError, CheckpointError) as err:
+    except (ConfigError, DatasetError, CheckpointError, MissingDependency) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

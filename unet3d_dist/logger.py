@@ -60,8 +60,14 @@ class RunLogger:
         mode = os.environ.get("WANDB_MODE", mode)
         if mode == "disabled":
             return
-        import wandb
-
+        try:
+            import wandb
+        except ImportError:
+            self.info(
+                f"[yellow]wandb is not installed here, so this run logs to {METRICS_FILE} only "
+                "(pip install wandb to log there too; log.wandb=disabled silences this)"
+            )
+            return
         self.wandb_run = wandb.init(
             project=project,
             name=name,

@@ -12,9 +12,9 @@ from typing import Any
 
 import h5py
 import numpy as np
-import SimpleITK as sitk
 
 from .files import atomic_write
+from .optional import sitk
 
 SUFFIXES = {"nifti": ".nii.gz", "hdf5": ".h5"}
 GEOMETRY = ("spacing", "origin", "direction")

@@ -27,6 +27,7 @@ from rich.table import Table
 from .config import ConfigError, load_config
 from .data.recipe import recipe_from_dict
 from .data.shards import DatasetError
+from .optional import MissingDependency
 from .planning.planner import Plan, make_plan
 from .planning.sources import base_recipe, fingerprint_of
 from .prepare import prepare
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                 console=console,
                 extra={"fingerprint": fingerprint},
             )
-    except (ConfigError, DatasetError) as err:
+    except (ConfigError, DatasetError, MissingDependency) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     console.print(

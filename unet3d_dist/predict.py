@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from .checkpoint import CheckpointError, run_dir_of
@@ -39,6 +38,7 @@ from .dist import gather_to_main, runtime
 from .ensemble import Loaded, Member, build_members, mean_probabilities, read_checkpoints
 from .files import atomic_write
 from .inference import keep_largest_component, predict_labels, resample_to_shape, sliding_window_logits
+from .optional import MissingDependency, sitk
 from .precision import resolve_amp
 from .report import DISPLAY_WINDOWS, slice_panel
 from .scoring import balanced_shards
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                 except CaseError as err:
                     failures.append(str(err))
             gathered = gather_to_main(failures)
-    except (CheckpointError, ConfigError, CaseError) as err:
+    except (CheckpointError, ConfigError, CaseError, MissingDependency) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     failed = [line for part in gathered or [] for line in part]

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 from rich.console import Console
 from rich.table import Table
 
@@ -50,6 +49,7 @@ from .data.shards import (
 )
 from .files import atomic_write_text, remove_unfinished
 from .logger import progress_bar
+from .optional import MissingDependency, sitk
 
 EXIT_SKIPPED = 3
 SPLIT_ORDER = ("train", "val", "test")
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
             split_file=args.splits,
             console=console,
         )
-    except (ConfigError, DatasetError) as err:
+    except (ConfigError, DatasetError, MissingDependency) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

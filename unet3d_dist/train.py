@@ -51,13 +51,14 @@ def train(cfg: Config) -> int:
     from .checkpoint import CheckpointError
     from .data.shards import DatasetError
     from .dist import runtime
+    from .optional import MissingDependency
     from .run_lock import RunDirectoryBusy
     from .trainer import NonFiniteLossError, Trainer
 
     try:
         with runtime(cfg.train.device, cfg.train.init_timeout_s) as env:
             return Trainer(cfg, env).train()
-    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, RunDirectoryBusy) as err:
+    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, RunDirectoryBusy, MissingDependency) as err:
         return fail(err)
 
 

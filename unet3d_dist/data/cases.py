@@ -8,9 +8,9 @@ separate process per case.
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
 
 from ..config import DataConfig
+from ..optional import sitk
 from .layouts import Source
 from .preprocess import axes_smaller, bounding_box, dims, map_labels, model_input, onto_grid, reorient
 from .readers import array_xyz, check_finite, read_hdf5_pair, read_pair

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 
+from ..optional import sitk
 from .readers import CaseError
 from .shards import channel_names
 
-INTERPOLATORS = {"linear": sitk.sitkLinear, "cubic": sitk.sitkBSpline}
+INTERPOLATORS = {"linear": "sitkLinear", "cubic": "sitkBSpline"}  # SimpleITK's names, read on use
 CANONICAL_ORIENTATION = "LPS"  # identity direction; the synthetic phantom is built in it
 NORMALIZATIONS = ("ct_window", "zscore", "none")
 
@@ -93,7 +93,7 @@ def resample(image: sitk.Image, spacing: list[float] | None, interpolation: str,
         image,
         size,
         sitk.Transform(),
-        INTERPOLATORS[interpolation],
+        getattr(sitk, INTERPOLATORS[interpolation]),
         image.GetOrigin(),
         [float(s) for s in spacing],
         image.GetDirection(),

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import SimpleITK as sitk
+
+from ..optional import sitk
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 DICOM_INDEX_FILES = {"DICOMDIR"}

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 from rich.console import Console
 
 from ..config import ConfigError
@@ -17,6 +16,7 @@ from ..data.readers import CaseError, array_xyz, read_hdf5_pair, read_pair
 from ..data.recipe import Recipe, load_recipe, recipe_from_dict
 from ..data.shards import DatasetError
 from ..logger import progress_bar
+from ..optional import sitk
 from . import rules
 from .fingerprint import case_fingerprint, pool
 
