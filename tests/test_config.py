@@ -53,7 +53,7 @@ def test_round_trip_through_dict_and_dump(tmp_path):
         ("train.epochs=2.5", r"train.epochs must be an integer, not 2.5"),
         ("train.amp=fp8", r"train.amp must be one of auto, bf16, fp16, off, not 'fp8'"),
         ("model.norm=layer", r"model.norm must be one of instance, group, batch"),
-        ("train.compile=yes please", r"train.compile must be true or false"),
+        ("train.compile=yes please", r"train.compile must be one of auto, on, off"),
         ("data.crop=[64,64]", r"data.crop must be a list of 3 integers"),
         ("data.crop=[64,60,32]", r"data.crop must be multiples of 8 .* y side is 60"),
         ("model.widths=[8,16]", r"model.widths needs 3 to 6 entries \(one per level\), not \[8, 16\]"),

@@ -351,7 +351,7 @@ def member_probabilities(checkpoint: Path, image: torch.Tensor, record: dict) ->
         pad_value=record["image_min"],
         tta_axes=axes,
         amp_dtype=amp,
-        channels_last=cfg.train.channels_last,
+        channels_last=cfg.train.channels_last == "on",
     )
     return (resample_to_shape(logits, shape) if own else logits).softmax(0)
 

@@ -131,7 +131,7 @@ def inference_model(checkpoint: dict[str, Any], cfg: Config, device: torch.devic
     model = build_model(cfg.model, in_channels=channels, num_classes=len(checkpoint["dataset"]["classes"]))
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
-    return to_channels_last(model) if cfg.train.channels_last else model
+    return to_channels_last(model) if cfg.train.channels_last == "on" else model  # resolved when it trained
 
 
 def run_dir_of(checkpoint: Path) -> Path:

@@ -146,8 +146,15 @@ class TrainConfig:
         "auto",
         "mixed precision; auto is bf16 on capable GPUs, fp16 on others, bf16 on CPUs with AVX512-BF16 or AMX, else off",
     )
-    channels_last: bool = setting(True, "channels_last_3d memory format (faster convolutions)")
-    compile: bool = setting(False, "wrap the model in torch.compile")
+    channels_last: Literal["auto", "on", "off"] = setting(
+        "auto",
+        "channels_last_3d memory format; auto is on for CPUs and, on GPUs, the faster format in a short probe on the "
+        "first rank; the resolved value is stored with the run and kept on resume",
+    )
+    compile: Literal["auto", "on", "off"] = setting("auto", "wrap the model in torch.compile; auto compiles on GPUs")
+    compile_backend: str = setting(
+        "inductor", "torch.compile's backend (inductor generates kernels; aot_eager or eager only trace, to debug)"
+    )
     resume: str = setting(
         "auto", "'auto' continues from the run's latest checkpoint, 'never' starts fresh, or a checkpoint path"
     )

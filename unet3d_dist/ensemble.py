@@ -86,7 +86,7 @@ def build_members(
                 patch=tuple(patch or cfg.data.crop),
                 tta_axes=cfg.data.flip_axis_indices if flips else (),
                 spacing=tuple(spacing) if spacing else None,
-                channels_last=cfg.train.channels_last,
+                channels_last=cfg.train.channels_last == "on",  # resolved when the run trained
             )
         )
     return members

@@ -25,7 +25,7 @@ class TrainStep:
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device, total_steps: int):
         self.model = self.net = model
         self.device = device
-        self.channels_last = cfg.train.channels_last
+        self.channels_last = cfg.train.channels_last == "on"  # "auto" is resolved by the caller (layout.py)
         self.amp_dtype = resolve_amp(cfg.train.amp, device, crop=cfg.data.crop)
         self.loss_fn = build_loss(cfg.loss, cfg.model.deep_supervision)
         self.optimizer = build_optimizer(list(model.parameters()), cfg.optim)

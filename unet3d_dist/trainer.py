@@ -44,9 +44,10 @@ from .dist import (
     mean_over_ranks,
 )
 from .ensemble import Member
+from .layout import choose_channels_last
 from .logger import RunLogger, new_run_id
 from .model import build_model, count_parameters, forward_flops, to_channels_last
-from .precision import amp_name
+from .precision import amp_name, resolve_amp
 from .results import mean_metrics
 from .run_lock import RunDirectoryBusy, hold_run_directory
 from .scoring import ScoringOptions, default_metric_workers, score_cases
@@ -91,13 +92,12 @@ class Trainer:
                 f"its splits are: {', '.join(self.dataset.splits())}"
             )
 
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model, in_channels=len(self.dataset.channels), num_classes=self.dataset.num_classes)
-        self.model = model.to(env.device)
-        if cfg.model.norm == "batch" and env.multi_rank:
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if cfg.train.channels_last:
-            to_channels_last(self.model)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
+        if env.is_main:
+            self.checkpointer.remove_unfinished()
+        resume_from = self.resume_path()
+        checkpoint = read_checkpoint(resume_from, resume=True) if resume_from else None
+        self.model = self.make_model(checkpoint[1] if checkpoint else None)
         self.sampler = EpochSampler(cfg.data.samples_per_epoch, env.world_size, env.rank, cfg.train.seed)
         self.steps_per_epoch = len(self.sampler.inner) // cfg.train.batch_size
         if self.steps_per_epoch == 0:
@@ -108,21 +108,11 @@ class Trainer:
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.step = TrainStep(self.model, cfg, env.device, self.total_steps)
         self.crop_classes = CropClasses(self.dataset.classes, env.device)
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
-        if env.is_main:
-            self.checkpointer.remove_unfinished()
         self.state = TrainState(world_size=env.world_size)
         self.resume_changes: list[str] = []
-        self.run_id = self.restore()  # before wrapping in DDP, so every rank starts from the same weights
+        self.run_id = self.restore(resume_from, checkpoint)  # before DDP, so every rank starts from the same weights
         self.step.nonfinite_run.fill_(self.state.nonfinite_in_row)
-        if env.multi_rank:
-            self.step.net = DistributedDataParallel(
-                self.model,
-                device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                gradient_as_bucket_view=True,
-            )
-        if cfg.train.compile:
-            self.step.net = torch.compile(self.step.net)
+        self.step.net = self.wrapped_model()
 
         workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_workers(env)
         mode = cfg.data.augment_device
@@ -140,6 +130,38 @@ class Trainer:
         self.logger = RunLogger(env.is_main, self.run_dir, resumed_step=self.state.global_step)
         if not self.complete:
             self.logger.start_wandb(cfg.log.wandb, cfg.log.wandb_project, cfg.log.run_name, self.run_id, cfg.to_dict())
+
+    def make_model(self, saved: Config | None) -> nn.Module:
+        """The seeded model on the device, in the memory format ``train.channels_last`` resolves to (layout.py):
+        a resumed run keeps the format its checkpoint records, and every rank takes the first rank's choice."""
+        cfg, env = self.cfg, self.env
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, in_channels=len(self.dataset.channels), num_classes=self.dataset.num_classes)
+        model = model.to(env.device)
+        if cfg.model.norm == "batch" and env.multi_rank:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        setting = cfg.train.channels_last
+        if setting == "auto" and saved is not None:
+            setting = saved.train.channels_last
+        choice = None
+        if env.is_main:
+            amp_dtype = resolve_amp(cfg.train.amp, env.device, crop=cfg.data.crop)
+            choice = choose_channels_last(setting, env.device, cfg.model.widths[0], cfg.model.norm, amp_dtype)
+        channels_last, self.layout_reason = broadcast_from_main(choice)
+        if saved is not None and cfg.train.channels_last == "auto":
+            self.layout_reason = f"auto: {setting}, as the checkpoint records"
+        cfg.train.channels_last = "on" if channels_last else "off"
+        return to_channels_last(model) if channels_last else model
+
+    def wrapped_model(self) -> nn.Module:
+        """What runs the forward pass: the model in DDP across ranks, compiled where ``train.compile`` says."""
+        cfg, env, net = self.cfg, self.env, self.model
+        if env.multi_rank:
+            net = DistributedDataParallel(
+                net, device_ids=[env.device.index] if env.device.type == "cuda" else None, gradient_as_bucket_view=True
+            )
+        self.compiled = cfg.train.compile == "on" or (cfg.train.compile == "auto" and env.device.type == "cuda")
+        return torch.compile(net, backend=cfg.train.compile_backend) if self.compiled else net
 
     @property
     def complete(self) -> bool:
@@ -220,6 +242,8 @@ class Trainer:
             f"model: ResUNet3D widths={list(cfg.model.widths)} norm={cfg.model.norm}  "
             f"{count_parameters(self.model) / 1e6:.2f} M parameters, {flops / 1e9:.3g} GFLOP forward per "
             f"{'x'.join(map(str, cfg.data.crop))} crop\n"
+            f"layout: channels_last_3d {cfg.train.channels_last} ({self.layout_reason})  compile: "
+            f"{cfg.train.compile_backend if self.compiled else 'off'} (train.compile={cfg.train.compile})\n"
             f"data: {self.dataset.root} ({len(self.train_ids)} train / {len(self.val_ids)} val cases)  "
             f"global batch {cfg.train.batch_size} x {env.world_size} ranks = {cfg.train.batch_size * env.world_size}, "
             f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
@@ -233,14 +257,20 @@ class Trainer:
                 + "\n  ".join(self.resume_changes)
             )
 
-    def check_finite(self) -> None:
+    def health(self) -> torch.Tensor:
+        """[non-finite steps in a row, 1 if every weight is finite] on the device: one reduction, no host sync."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        return torch.stack([self.step.nonfinite_run.double(), finite.double()])
+
+    def check_finite(self, readings: list[float] | None = None) -> None:
         """Stop after train.max_nonfinite non-finite steps in a row, and never checkpoint non-finite weights.
 
         TrainStep skips non-finite steps in every precision; many in a row mean divergence, which this check reports
         within one logging interval, before any checkpoint could store it (as it does weights that overflowed).
+        ``readings`` are ``health()``'s values when the caller read them already (in its one host sync).
         """
-        self.state.nonfinite_in_row = int(self.step.nonfinite_run)
-        weights_finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        nonfinite_in_row, weights_finite = readings if readings is not None else self.health().tolist()
+        self.state.nonfinite_in_row = int(nonfinite_in_row)
         if self.state.nonfinite_in_row >= self.cfg.train.max_nonfinite or not weights_finite:
             raise NonFiniteLossError(
                 f"{self.state.nonfinite_in_row} non-finite steps in a row by step {self.state.global_step}"
@@ -249,9 +279,11 @@ class Trainer:
             )
 
     def log_train(self, mean_loss: torch.Tensor, steps: int, seconds: float) -> str:
-        """Average the interval's loss over ranks (the host sync of the interval) and log it."""
-        self.check_finite()
-        loss = mean_over_ranks(mean_loss.detach()).item()
+        """Average the interval's loss over ranks and log it, with the gradient norm and the finite checks read in
+        the interval's one host sync."""
+        loss = mean_over_ranks(mean_loss.detach()).double()
+        loss, grad_norm, *readings = torch.cat([loss[None], self.step.grad_norm.double()[None], self.health()]).tolist()
+        self.check_finite(readings)
         lr = self.step.optimizer.param_groups[0]["lr"]
         crops_per_s = steps * self.cfg.train.batch_size * self.env.world_size / max(seconds, 1e-9)
         self.logger.log(
@@ -260,7 +292,7 @@ class Trainer:
                 "train/loss": loss,
                 "train/lr": lr,
                 "train/crops_per_s": crops_per_s,
-                "train/grad_norm": float(self.step.grad_norm),
+                "train/grad_norm": grad_norm,
             },
         )
         return f"loss {loss:.4f}  lr {lr:.2e}  {crops_per_s:.2f} crops/s"
@@ -283,7 +315,7 @@ class Trainer:
             metric_workers=default_metric_workers(default_workers(self.env)) if distances else 0,
             stop_requested=lambda: self.stop.requested,
         )
-        member = Member(self.model, tuple(cfg.data.crop), cfg.inference_tta_axes, None, cfg.train.channels_last)
+        member = Member(self.model, tuple(cfg.data.crop), cfg.inference_tta_axes, None, cfg.train.channels_last == "on")
         records = score_cases([member], self.dataset, self.val_ids, self.env, options)
         if any_rank(self.stop.requested):
             return None
@@ -355,24 +387,27 @@ class Trainer:
             self.checkpointer.save(state, self.state.global_step, is_best)
         barrier()
 
-    def restore(self) -> str:
-        """Load the checkpoint named by train.resume (auto: the run's latest); return the logging run id."""
+    def resume_path(self) -> Path | None:
+        """The checkpoint train.resume names (auto: the run's latest), or None for a new run."""
         resume = self.cfg.train.resume
-        path = None if resume == "never" else self.checkpointer.latest() if resume == "auto" else Path(resume)
-        if path is None:
-            if resume == "never" and self.checkpointer.latest() is not None:
-                raise CheckpointError(
-                    f"train.resume=never but {self.checkpointer.dir} already holds checkpoints; choose another "
-                    "log.run_name or move that run away (nothing was overwritten)"
-                )
+        if resume == "never" and self.checkpointer.latest() is not None:
+            raise CheckpointError(
+                f"train.resume=never but {self.checkpointer.dir} already holds checkpoints; choose another "
+                "log.run_name or move that run away (nothing was overwritten)"
+            )
+        return None if resume == "never" else self.checkpointer.latest() if resume == "auto" else Path(resume)
+
+    def restore(self, path: Path | None, checkpoint: tuple[dict, Config] | None) -> str:
+        """Load the checkpoint read from ``path`` into the step; return the logging run id (a new one for a new run)."""
+        if checkpoint is None:
             if self.env.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self.cfg.dump(self.run_dir / "config.yaml")
             return broadcast_from_main(new_run_id() if self.env.is_main else None)
         if self.env.is_main:
             (self.run_dir / STOP_MARKER).unlink(missing_ok=True)
-        ckpt, _ = read_checkpoint(path, resume=True)
-        differences = config_differences(ckpt["config"], self.cfg.to_dict(), INCOMPATIBLE_SECTIONS)
+        ckpt, saved = checkpoint
+        differences = config_differences(saved.to_dict(), self.cfg.to_dict(), INCOMPATIBLE_SECTIONS)
         if ckpt["dataset"]["classes"] != self.dataset.classes:
             differences.append(f"dataset classes: {ckpt['dataset']['classes']} -> {self.dataset.classes}")
         if differences:
@@ -382,7 +417,7 @@ class Trainer:
                 + "\nuse the original settings, another log.run_name, or train.resume=never"
             )
         sections = tuple(name for name in ckpt["config"] if name not in INCOMPATIBLE_SECTIONS)
-        changes = config_differences(ckpt["config"], self.cfg.to_dict(), sections)
+        changes = config_differences(saved.to_dict(), self.cfg.to_dict(), sections)
         self.resume_changes = [line for line in changes if not line.startswith("train.resume")]
         world = ckpt["train_state"].get("world_size") or len(ckpt["rng"])
         if world != self.env.world_size:

@@ -73,7 +73,7 @@ def make_step(
     """A closure running the training's own step (TrainStep: loss, scaler, clipping, optimizer, schedule) on fixed
     in-memory tensors; ``net`` (default: the model) runs the forward pass, e.g. a compiled model."""
     cfg = Config()
-    cfg.train.amp, cfg.train.channels_last = amp, use_channels_last
+    cfg.train.amp, cfg.train.channels_last = amp, "on" if use_channels_last else "off"
     step = TrainStep(model, cfg, device, total_steps=10**9)
     step.net = model if net is None else net  # not `net or model`: a compiled module has no truth value
     image = torch.randn(batch, 1, *crop, device=device)

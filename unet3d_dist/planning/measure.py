@@ -8,6 +8,7 @@ final crop once more to report the step it will really take.
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -15,7 +16,9 @@ import time
 import torch
 
 from ..config import Config
+from ..layout import choose_channels_last
 from ..model import build_model, to_channels_last
+from ..precision import resolve_amp
 from ..step import TrainStep
 
 MEMORY_OVERHEAD = 1.5  # allocator slack, workspaces and the transient gradients of activations, over saved tensors
@@ -47,7 +50,13 @@ def step_seconds(cfg: Config, in_channels: int, num_classes: int, device: torch.
     set the crop budget and the schedule: a mean of 3 steps once read 883 ms for a probe that takes 0.6-0.7 s alone.
     """
     model = build_model(cfg.model, in_channels, num_classes).to(device)
-    if cfg.train.channels_last:
+    amp_dtype = resolve_amp(cfg.train.amp, device, crop=cfg.data.crop)
+    channels_last, _ = choose_channels_last(
+        cfg.train.channels_last, device, cfg.model.widths[0], cfg.model.norm, amp_dtype
+    )
+    cfg = copy.deepcopy(cfg)
+    cfg.train.channels_last = "on" if channels_last else "off"
+    if channels_last:
         to_channels_last(model)
     step = TrainStep(model, cfg, device, total_steps=steps + 2)
     shape = (cfg.train.batch_size, *cfg.data.crop)
