@@ -67,6 +67,11 @@ class DataConfig:
         "where rotated/scaled crops are resampled and intensity changes applied: cpu in the loader workers, device "
         "batched on the training device from what the workers read and draw; auto is device on GPUs",
     )
+    resident: Literal["auto", "on", "off"] = setting(
+        "auto",
+        "keep the train cases on the training device and cut, resample and augment crops there, with no loader "
+        "workers; auto is on for a CUDA device when they take at most 25 % of its free memory",
+    )
     samples_per_epoch: int = setting(100, "crops per epoch, summed over all ranks", min=1)
     num_workers: int = setting(
         -1, "DataLoader workers per rank; -1: one per core of the rank's share of the job's CPUs, less one", min=-1

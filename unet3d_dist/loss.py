@@ -44,8 +44,8 @@ class DiceCELoss(nn.Module):
         return self.dice_weight * self.dice_loss(logits.softmax(dim=1), labels) + self.ce_weight * ce
 
     def dice_loss(self, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        num_classes = probs.shape[1]
-        onehot = F.one_hot(labels, num_classes).movedim(-1, 1).to(probs.dtype)
+        # scatter, not F.one_hot: one_hot reads the labels' min and max on the host to check them (a sync per step)
+        onehot = torch.zeros_like(probs).scatter_(1, labels.unsqueeze(1), 1.0)
         if not self.include_background:
             probs, onehot = probs[:, 1:], onehot[:, 1:]
         dims = (0, 2, 3, 4) if self.batch_dice else (2, 3, 4)

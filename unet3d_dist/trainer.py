@@ -30,6 +30,7 @@ from .config import Config, ConfigError
 from .crop_classes import CropClasses
 from .data.crops import EpochSampler, training_loader
 from .data.device_augment import finish_batch
+from .data.resident import ResidentLoader, resident_bytes, resident_reason
 from .data.shards import DatasetError
 from .data.source import open_dataset
 from .data.splits import run_cases
@@ -116,17 +117,26 @@ class Trainer:
 
         workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_workers(env)
         mode = cfg.data.augment_device
-        self.finish_on_device = mode == "device" or (mode == "auto" and env.device.type == "cuda")
-        self.loader = training_loader(
-            self.dataset,
-            self.train_ids,
-            cfg,
-            self.sampler,
-            workers,
-            self.finish_on_device,
-            env.device.type == "cuda",
-            self.stop.worker_init,
-        )
+        resident_size = resident_bytes(self.dataset, self.train_ids)
+        resident = resident_reason(cfg.data.resident, env.device, resident_size)
+        # Workers hand on crop parts that batches() finishes on the device; resident batches come finished.
+        on_device = mode == "device" or (mode == "auto" and env.device.type == "cuda")
+        self.finish_on_device = resident is None and on_device
+        if resident is not None:  # the train cases on the device and no DataLoader (data/resident.py)
+            self.loader = ResidentLoader(self.dataset, self.train_ids, cfg, self.sampler, env.device)
+            if env.is_main:
+                print(f"data: resident on {env.device} ({resident_size / 1e6:.0f} MB of train cases; {resident})")
+        else:
+            self.loader = training_loader(
+                self.dataset,
+                self.train_ids,
+                cfg,
+                self.sampler,
+                workers,
+                self.finish_on_device,
+                env.device.type == "cuda",
+                self.stop.worker_init,
+            )
         self.logger = RunLogger(env.is_main, self.run_dir, resumed_step=self.state.global_step)
         if not self.complete:
             self.logger.start_wandb(cfg.log.wandb, cfg.log.wandb_project, cfg.log.run_name, self.run_id, cfg.to_dict())
@@ -226,7 +236,8 @@ class Trainer:
         return not (stop_vote is not None and stop_vote.result())
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The loader's batches as (image, label) on the training device (finished there if the workers left it)."""
+        """The loader's batches as (image, label) on the training device (finished there if the workers left it; the
+        resident loader's come finished)."""
         for batch in self.loader:
             image, label = finish_batch(batch, self.cfg.data.crop, self.env.device) if self.finish_on_device else batch
             yield image.to(self.env.device, non_blocking=True), label.to(self.env.device, non_blocking=True)

@@ -7,7 +7,7 @@ ranks, and a run resumed in the middle of an epoch sees exactly the crops it wou
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import torch
@@ -26,6 +26,11 @@ from .augment import (
 from .device_augment import collate_parts, crop_parts, draw_for_device
 from .shards import ShardedDataset
 
+if TYPE_CHECKING:
+    from .resident import ResidentCases
+
+Array: TypeAlias = np.ndarray | torch.Tensor  # what a crop source reads: numpy from shards, tensors when resident
+
 
 class CropDataset(Dataset):
     """Crops of ``crop`` voxels; ``foreground_fraction`` of them centred on a foreground voxel; random flips, and
@@ -33,11 +38,14 @@ class CropDataset(Dataset):
 
     Items are addressed by ``(epoch, index)``; index ``i`` reads case ``i % len(case_ids)``, so every epoch visits all
     cases evenly. Volumes smaller than the crop are padded with each channel's minimum intensity and label 0.
+
+    ``dataset`` is the source the crops read: a ShardedDataset (numpy arrays from the shards), or the device-resident
+    cases of resident.py (tensors on their ``device``), whose crops are drawn by this same code.
     """
 
     def __init__(
         self,
-        dataset: ShardedDataset,
+        dataset: ShardedDataset | ResidentCases,
         case_ids: list[str],
         crop: tuple[int, int, int],
         samples_per_epoch: int,
@@ -58,6 +66,7 @@ class CropDataset(Dataset):
         self.flip_axes = tuple(flip_axes)
         self.augmentation = augmentation or Augmentation()
         self.finish_on_device = finish_on_device  # resampling and intensity on the training device (device_augment)
+        self.device: torch.device | None = getattr(dataset, "device", None)  # None: the source reads numpy arrays
 
     def __len__(self) -> int:
         return self.samples_per_epoch
@@ -88,7 +97,7 @@ class CropDataset(Dataset):
             if axes and affine is not None:
                 affine = flipped_affine(*affine, axes, self.crop)
             elif axes:
-                image, label = np.flip(image, tuple(a + 1 for a in axes)), np.flip(label, axes)
+                image, label = flip_crop(image, label, axes)
         if self.finish_on_device:
             draws = draw_for_device(rng, len(pad)) if self.augmentation.intensity else None
             return crop_parts(image, label, affine, pad, draws)
@@ -98,12 +107,12 @@ class CropDataset(Dataset):
 
     def read_region(
         self, case_id: str, shape: list[int], centre: np.ndarray, matrix: np.ndarray, pad: list[float]
-    ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    ) -> tuple[Array, Array, tuple[np.ndarray, np.ndarray] | None]:
         """The region a rotated/scaled crop reads, and the affine map the device samples it with; a crop wholly
         outside the volume is the padding itself (no map)."""
         found = crop_region(shape, centre, self.crop, matrix)
         if found is None:
-            return padding(pad, self.crop), np.zeros(self.crop, np.uint8), None
+            return (*blank_crop(pad, self.crop, self.device), None)
         region, offset = found
         return self.dataset.image(case_id, region), self.dataset.label(case_id, region), (matrix, offset)
 
@@ -121,19 +130,34 @@ class CropDataset(Dataset):
                 return [int(np.clip(p - c // 2, lo, hi)) for p, c, lo, hi in zip(centre, self.crop, low, high)]
         return [int(rng.integers(lo, hi + 1)) for lo, hi in zip(low, high)]
 
-    def read_padded(
-        self, case_id: str, shape: list[int], start: list[int], pad: list[float]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def read_padded(self, case_id: str, shape: list[int], start: list[int], pad: list[float]) -> tuple[Array, Array]:
         src = tuple(slice(max(b, 0), min(b + c, s)) for b, c, s in zip(start, self.crop, shape))
         image = self.dataset.image(case_id, src)
         label = self.dataset.label(case_id, src)
         if label.shape == self.crop:
             return image, label
         dst = tuple(slice(sl.start - b, sl.stop - b) for sl, b in zip(src, start))
-        padded_image = padding(pad, self.crop)
-        padded_label = np.zeros(self.crop, np.uint8)
+        padded_image, padded_label = blank_crop(pad, self.crop, self.device)
         padded_image[(slice(None), *dst)], padded_label[dst] = image, label
         return padded_image, padded_label
+
+
+def blank_crop(pad: list[float], crop: tuple[int, ...], device: torch.device | None) -> tuple[Array, Array]:
+    """A crop of padding alone (each channel's pad value, background): numpy arrays, or tensors made on ``device``
+    from Python numbers (no copy from the host)."""
+    if device is None:
+        return padding(pad, crop), np.zeros(crop, np.uint8)
+    image = torch.empty((len(pad), *crop), dtype=torch.float32, device=device)
+    for channel, value in zip(image, pad):
+        channel.fill_(value)
+    return image, torch.zeros(crop, dtype=torch.uint8, device=device)
+
+
+def flip_crop(image: Array, label: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
+    """Image (C, ...) and label mirrored along ``axes``, numpy arrays or tensors alike."""
+    if isinstance(label, torch.Tensor):
+        return image.flip([a + 1 for a in axes]), label.flip(axes)
+    return np.flip(image, tuple(a + 1 for a in axes)), np.flip(label, axes)
 
 
 class EpochSampler(Sampler):
@@ -172,19 +196,8 @@ def training_loader(
 ) -> DataLoader:
     """The training crops of ``case_ids`` in the sampler's order, from ``workers`` processes kept across epochs;
     with ``finish_on_device`` the workers leave resampling and intensity changes to the training device."""
-    crops = CropDataset(
-        dataset,
-        case_ids,
-        cfg.data.crop,
-        cfg.data.samples_per_epoch,
-        cfg.train.seed,
-        cfg.data.foreground_fraction,
-        cfg.data.flip_axis_indices,
-        Augmentation(cfg.data.rotate_deg, cfg.data.scale, cfg.data.spatial_prob, cfg.data.intensity_aug),
-        finish_on_device,
-    )
     return DataLoader(
-        crops,
+        training_crops(dataset, case_ids, cfg, finish_on_device),
         collate_fn=collate_parts if finish_on_device else None,
         batch_size=cfg.train.batch_size,
         sampler=sampler,
@@ -193,4 +206,23 @@ def training_loader(
         drop_last=True,
         persistent_workers=workers > 0,
         worker_init_fn=worker_init_fn,
+    )
+
+
+def training_crops(
+    dataset: ShardedDataset | ResidentCases, case_ids: list[str], cfg: Config, finish_on_device: bool
+) -> CropDataset:
+    """The run's crops as its config draws them, from either source: one definition for both data paths."""
+    d = cfg.data
+    augmentation = Augmentation(d.rotate_deg, d.scale, d.spatial_prob, d.intensity_aug)
+    return CropDataset(
+        dataset,
+        case_ids,
+        d.crop,
+        d.samples_per_epoch,
+        cfg.train.seed,
+        d.foreground_fraction,
+        d.flip_axis_indices,
+        augmentation,
+        finish_on_device,
     )

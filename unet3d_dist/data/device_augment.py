@@ -31,31 +31,43 @@ def draw_for_device(rng: np.random.Generator, channels: int) -> list[tuple[Inten
 
 
 def crop_parts(
-    image: np.ndarray,
-    label: np.ndarray,
+    image: np.ndarray | torch.Tensor,
+    label: np.ndarray | torch.Tensor,
     affine: tuple[np.ndarray, np.ndarray] | None,
     pad: list[float],
     draws: list[tuple[IntensityDraw, int]] | None,
 ) -> dict[str, Any]:
-    """What a worker hands on: the crop itself (``affine`` None) or the region to resample it from, (C, ...) with
-    the affine map from crop indices to region coordinates, and each channel's intensity changes to apply."""
+    """What a worker (or the resident path) hands on: the crop itself (``affine`` None) or the region to resample it
+    from, (C, ...) with the affine map from crop indices to region coordinates, and each channel's intensity changes.
+
+    Image and label are tensors (numpy arrays become tensors, device tensors stay where they are); the rest is small
+    metadata kept in numpy on the host, so that finishing the batch reads it without waiting for the device.
+    """
     matrix, offset = affine if affine is not None else (np.zeros((3, 3)), np.zeros(3))
     draws = draws or [(IntensityDraw(), 0)] * len(pad)
     values = [[NO_VALUE if v is None else v for v in vars(draw).values()] for draw, _ in draws]
     return {
-        "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-        "label": torch.from_numpy(np.ascontiguousarray(label)),
-        "resample": torch.tensor(affine is not None),
-        "affine": torch.from_numpy(np.concatenate([matrix, offset[:, None]], 1)),
-        "pad": torch.tensor(pad, dtype=torch.float32),
-        "intensity": torch.tensor(values, dtype=torch.float64),
-        "noise_seed": torch.tensor([seed for _, seed in draws], dtype=torch.int64),
+        "image": as_tensor(image, np.float32),
+        "label": as_tensor(label),
+        "resample": affine is not None,
+        "affine": np.concatenate([matrix, offset[:, None]], 1),
+        "pad": np.asarray(pad, np.float32),
+        "intensity": np.asarray(values, np.float64),
+        "noise_seed": np.asarray([seed for _, seed in draws], np.int64),
     }
 
 
+def as_tensor(array: np.ndarray | torch.Tensor, dtype: type | None = None) -> torch.Tensor:
+    """A contiguous tensor: a tensor stays on its device, a numpy array becomes a CPU tensor of ``dtype``. A view of a
+    resident volume is copied, since a reduction (contrast's mean) over a view sums in another order."""
+    if isinstance(array, torch.Tensor):
+        return array.contiguous()
+    return torch.from_numpy(np.ascontiguousarray(array, dtype))
+
+
 def collate_parts(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """A batch of crop parts: regions differ in size, so images and labels stay lists; the rest is stacked."""
-    batch = {key: torch.stack([item[key] for item in items]) for key in items[0] if key not in ("image", "label")}
+    """A batch of crop parts: regions differ in size, so images and labels stay lists; the metadata is stacked."""
+    batch = {key: np.stack([item[key] for item in items]) for key in items[0] if key not in ("image", "label")}
     batch["image"] = [item["image"] for item in items]
     batch["label"] = [item["label"] for item in items]
     return batch
@@ -64,12 +76,17 @@ def collate_parts(items: list[dict[str, Any]]) -> dict[str, Any]:
 def finish_batch(
     batch: dict[str, Any], crop: tuple[int, int, int], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's crops on ``device``: images (N, C, X, Y, Z) float32 and labels (N, X, Y, Z) uint8."""
+    """The batch's crops on ``device``: images (N, C, X, Y, Z) float32 and labels (N, X, Y, Z) uint8.
+
+    The host never waits for the device here: it reads only its own numpy metadata, and the affine maps reach the
+    device in one non-blocking copy, so the device can still be busy with the previous step.
+    """
+    affines = to_device(batch["affine"], device)
     images, labels = [], []
     for i, (image, label) in enumerate(zip(batch["image"], batch["label"])):
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
         if batch["resample"][i]:
-            image, label = resample(image, label, batch["affine"][i], crop, batch["pad"][i].tolist())
+            image, label = resample(image, label, affines[i], crop, batch["pad"][i].tolist())
         changed = [
             change_intensity(channel, values, int(seed))
             for channel, values, seed in zip(image, batch["intensity"][i].tolist(), batch["noise_seed"][i])
@@ -79,11 +96,19 @@ def finish_batch(
     return torch.stack(images), torch.stack(labels)
 
 
-def region_coordinates(affine: torch.Tensor, crop: tuple[int, int, int], device: torch.device) -> torch.Tensor:
-    """``matrix @ index + offset`` for every crop index, (X, Y, Z, 3), in float64 so quarter turns hit whole voxels."""
-    axes = [torch.arange(n, dtype=torch.float64, device=device) for n in crop]
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device`` without a blocking copy: pinned first on CUDA, then sent asynchronously."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def region_coordinates(affine: torch.Tensor, crop: tuple[int, int, int]) -> torch.Tensor:
+    """``matrix @ index + offset`` for every crop index, (X, Y, Z, 3), in float64 so quarter turns hit whole voxels;
+    ``affine`` (3, 4) float64 lies on the device already."""
+    axes = [torch.arange(n, dtype=torch.float64, device=affine.device) for n in crop]
     index = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
-    affine = affine.to(device, torch.float64)
     return index @ affine[:, :3].T + affine[:, 3]
 
 
@@ -92,16 +117,17 @@ def resample(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The crop from its region: trilinear for the image (C, ...), nearest for the label; a point outside the region
     (which ends where the volume does) is each channel's ``pad`` and background, as in scipy's constant mode on the
-    workers."""
-    coords = region_coordinates(affine, crop, image.device)
-    sizes = torch.tensor(label.shape, dtype=torch.float64, device=image.device)
-    outside = ((coords < -1e-6) | (coords > sizes - 1 + 1e-6)).any(-1)
-    grid = (2 * coords / (sizes - 1).clamp(min=1) - 1).flip(-1)[None]  # grid_sample's (z, y, x), align_corners
+    workers. The region's sizes and the pad values enter as Python numbers, so no host value is copied here."""
+    coords = region_coordinates(affine, crop)
+    outside = (coords < -1e-6).any(-1)
+    for axis, size in enumerate(label.shape):
+        outside |= coords[..., axis] > size - 1 + 1e-6
+    scaled = [2 * coords[..., axis] / max(size - 1, 1) - 1 for axis, size in enumerate(label.shape)]
+    grid = torch.stack(scaled, -1).flip(-1)[None]  # grid_sample's (z, y, x), align_corners
     dtype = torch.float64 if image.device.type == "cpu" else torch.float32  # the GPU samples in float32
     out = F.grid_sample(image.to(dtype)[None], grid.to(dtype), mode="bilinear", align_corners=True)[0]
     nearest = F.grid_sample(label.to(dtype)[None, None], grid.to(dtype), mode="nearest", align_corners=True)[0, 0]
-    pad_values = torch.tensor(pad, dtype=out.dtype, device=out.device)[:, None, None, None]
-    image = torch.where(outside, pad_values, out).float()
+    image = torch.stack([torch.where(outside, value, channel) for channel, value in zip(out, pad)]).float()
     return image, torch.where(outside, 0, nearest.round()).to(torch.uint8)
 
 
