@@ -1,9 +1,13 @@
 """End-to-end runs of the real command line on tiny models and crops."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import torch
-from conftest import train
+from conftest import assert_bitwise_equal, final_state, overrides, start, train, wait_for
 
 TINY_RUN = (
     "train.epochs=10",
@@ -126,3 +130,26 @@ def test_a_resume_in_another_precision_starts_the_loss_scaler_afresh(tmp_path, t
     assert "precision: off -> fp16; the loss scaler starts afresh" in resumed.stdout
     ckpt = torch.load(tmp_path / "precision" / "checkpoints" / "ckpt-00000008.pt", weights_only=True)
     assert ckpt["precision"] == "fp16" and ckpt["scaler"]["scale"] > 1  # fp16 scales the loss from now on
+
+
+def test_a_compiled_run_killed_and_resumed_ends_bitwise_where_the_eager_run_does(tmp_path, tiny_dataset):
+    """torch.compile (the aot_eager backend traces the graphs inductor gets and runs them with aten) changes nothing
+    a checkpoint holds: a compiled run killed after a checkpoint and resumed compiled ends exactly where an eager run
+    does. The resolved memory format is stored with the run and kept on resume."""
+    compiled = ("train.compile=on", "train.compile_backend=aot_eager")
+    length = ("train.epochs=4", "train.val_every=0")
+    eager = train(tmp_path, tiny_dataset, *length, "log.run_name=eager", "train.compile=off")
+    assert "layout: channels_last_3d on (auto: on, the faster format on CPUs)  compile: off" in eager.stdout
+    command = [sys.executable, "-m", "unet3d_dist.train", *overrides(tiny_dataset, tmp_path, "compiled", *length)]
+    process = start([*command, *compiled])
+    wait_for(tmp_path / "compiled" / "checkpoints" / "ckpt-00000004.pt", process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert final_state(tmp_path / "compiled")["train_state"]["global_step"] < 16, "it finished before the kill"
+    resumed = subprocess.run([*command, *compiled], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "channels_last_3d on (auto: on, as the checkpoint records)  compile: aot_eager" in resumed.stdout
+    ends = final_state(tmp_path / "compiled")
+    assert_bitwise_equal(final_state(tmp_path / "eager"), ends)
+    assert ends["config"]["train"]["channels_last"] == "on"
+    assert not any(name.startswith("_orig_mod") for name in ends["model"])
