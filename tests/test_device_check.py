@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, overrides
 
 BARE = REPO / "tests" / "helpers" / "bare_machine"
 ROWS = [  # every row the GPU run gives, in order (the sizes are in the results, not the names)
@@ -90,3 +90,41 @@ def test_rows_measured_before_a_kill_are_on_disk_whole(tmp_path):
     assert [row["row"] for row in measured[:3]] == ROWS[:3]
     assert all(row["tflops"] > 0 for row in measured[:3])
     assert all(f"| {name} |" in (out / "gpu.md").read_text() for name in ROWS[:3])
+
+
+def test_training_and_evaluation_run_where_simpleitk_medpy_and_wandb_are_missing(tmp_path, tiny_dataset):
+    """The quickstart's commands on the bare machine: training asked for wandb says in one line that it logs to
+    metrics.jsonl only; evaluate writes HDF5 masks, and asked for NIfTI masks says in one sentence what it needs."""
+    env = bare_environment()
+    trained = subprocess.run(
+        [sys.executable, "-m", "unet3d_dist.train", *overrides(tiny_dataset, tmp_path, "bare", "log.wandb=offline")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert "wandb is not installed here, so this run logs to metrics.jsonl only" in trained.stdout
+    assert not (tmp_path / "bare" / "wandb").exists() and (tmp_path / "bare" / "metrics.jsonl").exists()
+    evaluate = [
+        sys.executable,
+        "-m",
+        "unet3d_dist.evaluate",
+        "--checkpoint",
+        str(tmp_path / "bare" / "checkpoints" / "best.pt"),
+        "--split",
+        "test",
+        "--panels",
+        "0",
+    ]
+    refused = subprocess.run(evaluate, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        "error: --mask-format nifti (use --mask-format hdf5 without it) needs the Python package SimpleITK, which is "
+        "not installed here (pip install SimpleITK)"
+    ), refused.stderr
+    scored = subprocess.run(
+        [*evaluate, "--mask-format", "hdf5"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert scored.returncode == 0, scored.stdout + scored.stderr
+    assert (tmp_path / "bare" / "eval-test" / "results.json").exists()

@@ -38,7 +38,7 @@ from .ensemble import Loaded, build_members, describe, read_checkpoints
 from .files import atomic_write, atomic_write_text
 from .logger import RunLogger, new_run_id
 from .masks import load_mask, mask_path
-from .optional import MissingDependency
+from .optional import MissingDependency, require
 from .precision import amp_name, resolve_amp
 from .report import slice_panel
 from .results import class_table, json_ready, metric_columns, summarize, write_csv, write_json
@@ -159,6 +159,8 @@ def check_arguments(args: argparse.Namespace, out: Path, loaded: list[Loaded]) -
         )
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise ConfigError(f"--overlap must be in [0, 1), not {args.overlap}")
+    if args.mask_format == "nifti":  # before any work, not at the first mask
+        require("SimpleITK", "--mask-format nifti (use --mask-format hdf5 without it)", "SimpleITK")
     check_out(out, args.overwrite)
 
 
