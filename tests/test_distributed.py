@@ -270,10 +270,72 @@ def test_resume_with_an_incompatible_model_is_refused_with_the_differences(tmp_p
     assert "model.norm: 'group' -> 'batch'" in second.stderr
 
 
-def test_a_resume_with_another_world_size_is_refused_in_one_sentence(tmp_path, tiny_dataset):
-    first = run(trainer(1) + overrides(tiny_dataset, tmp_path, "world", "train.epochs=1"))
+def max_distance(a: dict, b: dict) -> float:
+    return max((a["model"][name] - b["model"][name]).abs().max().item() for name in a["model"])
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {row["step"]: row["train/loss"] for row in map(json.loads, lines) if "train/loss" in row}
+
+
+def killed_after_checkpoint(command: list[str], run_dir: Path, every: int) -> int:
+    """Start ``command``, SIGKILL the whole job once it has written the next checkpoint, return its step."""
+    before = final_state(run_dir)["train_state"]["global_step"] if (run_dir / "checkpoints").exists() else 0
+    process = start(command)
+    wait_for(run_dir / "checkpoints" / f"ckpt-{(before // every + 1) * every:08d}.pt", process)
+    kill_whole_job(process)
+    return final_state(run_dir)["train_state"]["global_step"]
+
+
+def test_a_run_continues_on_another_world_size_2_1_2_with_the_same_global_batch(tmp_path, tiny_dataset):
+    """Killed on 2 ranks, resumed on 1, killed, resumed on 2 (loader workers on): each resume says what changed, the
+    1-rank part accumulates two micro-batches, and the run ends as close to an uninterrupted 2-rank run as an
+    uninterrupted 1-rank run of the same global batch is; every step's loss is the same on 1 and 2 ranks."""
+    steps, every = 24, 3
+    extra = (
+        "train.epochs=6",
+        "data.samples_per_epoch=16",
+        f"checkpoint.every_steps={every}",
+        "log.every_steps=1",
+        "checkpoint.keep_last=20",
+        "train.val_every=0",
+        WORKERS,
+    )
+    for world, name in ((2, "two"), (1, "one")):
+        done = run(trainer(world) + overrides(tiny_dataset, tmp_path, name, *extra, "train.global_batch=4"))
+        assert done.returncode == 0, done.stdout + done.stderr
+    elastic = tmp_path / "elastic"
+    command = {world: trainer(world) + overrides(tiny_dataset, tmp_path, "elastic", *extra) for world in (1, 2)}
+    first = killed_after_checkpoint(command[2], elastic, every)
+    second = killed_after_checkpoint(command[1], elastic, every)
+    assert first < second < steps, "a part finished before it could be killed"
+    last = run(command[2])
+    assert last.returncode == 0, last.stdout + last.stderr
+    assert f"resumed at step {second} on 2 rank(s) (was 1): 2 crop(s) per rank x 2 rank(s)" in last.stdout
+    ends = {name: final_state(tmp_path / name) for name in ("two", "one", "elastic")}
+    assert ends["elastic"]["train_state"]["global_step"] == steps
+    assert ends["elastic"]["train_state"]["global_batch"] == 4 and ends["elastic"]["train_state"]["world_size"] == 2
+    one_rank = max_distance(ends["one"], ends["two"])
+    assert max_distance(ends["elastic"], ends["two"]) <= 2 * one_rank + 1e-7, (ends, one_rank)
+    two, one, resumed = (logged_losses(tmp_path / name) for name in ("two", "one", "elastic"))
+    assert sorted(two) == sorted(resumed) == list(range(1, steps + 1))
+    assert all(abs(two[s] - one[s]) < 1e-5 and abs(two[s] - resumed[s]) < 1e-5 for s in two), (two, one, resumed)
+
+
+def test_a_resume_on_one_rank_says_what_changed_and_a_global_batch_that_does_not_divide_is_refused(
+    tmp_path, tiny_dataset
+):
+    first = run(trainer(2) + overrides(tiny_dataset, tmp_path, "world", "train.epochs=1"))
     assert first.returncode == 0, first.stdout + first.stderr
-    second = run(trainer(2) + overrides(tiny_dataset, tmp_path, "world", "train.epochs=2"))
-    assert second.returncode != 0
-    assert "it was written by 1 rank(s) and this run has 2; its LR schedule and its place in the epoch" in second.stderr
-    assert final_state(tmp_path / "world")["train_state"]["global_step"] == 4  # nothing was trained on top of it
+    second = run(trainer(1) + overrides(tiny_dataset, tmp_path, "world", "train.epochs=2"))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert (
+        "resumed at step 2 on 1 rank(s) (was 2): 4 crop(s) per rank (2 micro-batches of 2) x 1 rank(s)" in second.stdout
+    )
+    odd = run(trainer(2) + overrides(tiny_dataset, tmp_path, "odd", "train.global_batch=6"))
+    assert odd.returncode != 0 and (
+        "error: train.global_batch=6 in groups of train.batch_size=2 does not divide over the 2 ranks of this run; "
+        "world sizes that work: 1, 3\n" in odd.stderr
+    ), odd.stderr
+    assert not (tmp_path / "odd" / "checkpoints").exists()

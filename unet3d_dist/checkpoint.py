@@ -165,6 +165,14 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
+def seed_rngs(seed: int, step: int, rank: int) -> None:
+    """Seed every random generator of a rank that the checkpoint's run did not have, from (seed, step, rank)."""
+    derived = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)  # the GPUs' too
+
+
 class Checkpointer:
     """Owns the checkpoint files of one run directory."""
 

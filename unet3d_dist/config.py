@@ -142,7 +142,15 @@ class TrainConfig:
     """Length, precision and placement of the run."""
 
     epochs: int = setting(6, "number of epochs", min=1)
-    batch_size: int = setting(2, "crops per step on each rank; the global batch is this times the world size", min=1)
+    batch_size: int = setting(
+        2, "crops per micro-batch on each rank, the group whose Dice pools its crops (loss.batch_dice)", min=1
+    )
+    global_batch: int = setting(
+        0,
+        "crops per optimizer step over all ranks; 0: batch_size x the world size at the start. Fixed for the run "
+        "(kept in its checkpoints), so it continues on any world size that divides it, accumulating micro-batches",
+        min=0,
+    )
     seed: int = setting(0, "seed for weights and crops; crops depend on (seed, epoch, sample index) only")
     device: Literal["auto", "cpu", "cuda"] = setting(
         "auto", "where to train; auto takes the GPU of the local rank if present"

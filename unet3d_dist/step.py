@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -42,20 +43,26 @@ class TrainStep:
         self.nonfinite_run = torch.zeros((), dtype=torch.long, device=device)  # non-finite steps in a row
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """The step on one batch; returns the (detached) loss without a host synchronisation.
+        """The step on one batch; returns the (detached) loss without a host synchronisation."""
+        return self.accumulate([(image, label)])
+
+    def accumulate(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One optimizer step over micro-batches (each a group whose Dice pools its crops), the loss the mean of
+        theirs; returns it (detached) without a host synchronisation. Under DDP only the last backward all-reduces.
 
         A step whose gradients are not finite is skipped, in every precision; ``nonfinite_run`` counts such steps
         on the device, so the caller checks it only at logging intervals and before checkpoints.
         """
-        image = image.to(self.device, non_blocking=True)
-        if self.channels_last:
-            image = as_channels_last(image)
-        label = label.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            outputs = self.net(image)
-        loss = self.loss_fn(outputs, label)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        total = None
+        for i, (image, label) in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync():
+                loss = self.loss(image, label)
+                if len(micro_batches) > 1:
+                    loss = loss / len(micro_batches)
+                self.scaler.scale(loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
         self.scaler.unscale_(self.optimizer)
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         # Gradients are all-reduced already, so every rank counts the same.
@@ -63,4 +70,14 @@ class TrainStep:
         self.scaler.step(self.optimizer)  # fused SGD reads the scaler's found_inf on the device: no .item()
         self.scaler.update()
         self.scheduler.step()
-        return loss.detach()
+        return total
+
+    def loss(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Forward under autocast and the loss of one micro-batch."""
+        image = image.to(self.device, non_blocking=True)
+        if self.channels_last:
+            image = as_channels_last(image)
+        label = label.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            outputs = self.net(image)
+        return self.loss_fn(outputs, label)

@@ -5,6 +5,7 @@ Used by the command line (``train.py``) and the benchmarks; it takes a Config an
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .batching import accumulation, check_divides
 from .checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -23,6 +25,7 @@ from .checkpoint import (
     read_checkpoint,
     restore_training,
     rng_state,
+    seed_rngs,
     set_rng_state,
     training_checkpoint,
 )
@@ -60,6 +63,9 @@ STOP_MARKER = "stopped_by_signal.json"  # tells launch scripts, which only see t
 INCOMPATIBLE_SECTIONS = ("model",)
 
 
+Batch = tuple[torch.Tensor, torch.Tensor]  # (image, label) of one micro-batch, on the training device
+
+
 class NonFiniteLossError(RuntimeError):
     """Training produced too many non-finite losses in a row."""
 
@@ -73,7 +79,9 @@ class TrainState:
     global_step: int = 0
     best_dice: float = -1.0
     nonfinite_in_row: int = 0
-    world_size: int = 0  # the ranks the run trains on; a resume needs the same (0: not recorded, older checkpoints)
+    world_size: int = 0  # the ranks training now, so the ranks that wrote a checkpoint (0: older checkpoints)
+    global_batch: int = 0  # crops per optimizer step, fixed for the run (0: older checkpoints, world_size x batch)
+    samples_in_epoch: int = 0  # the position in the epoch's global crop order: step_in_epoch x global_batch
 
 
 class Trainer:
@@ -99,18 +107,22 @@ class Trainer:
         resume_from = self.resume_path()
         checkpoint = read_checkpoint(resume_from, resume=True) if resume_from else None
         self.model = self.make_model(checkpoint[1] if checkpoint else None)
-        self.sampler = EpochSampler(cfg.data.samples_per_epoch, env.world_size, env.rank, cfg.train.seed)
-        self.steps_per_epoch = len(self.sampler.inner) // cfg.train.batch_size
+        self.global_batch = self.resolve_global_batch(checkpoint[0] if checkpoint else None)
+        self.accumulate = accumulation(self.global_batch, cfg.train.batch_size, env.world_size)
+        sampler_of = (cfg.data.samples_per_epoch, env.world_size, env.rank, cfg.train.seed, cfg.train.batch_size)
+        self.sampler = EpochSampler(*sampler_of, self.global_batch)
+        self.steps_per_epoch = self.sampler.steps
         if self.steps_per_epoch == 0:
             raise ConfigError(
-                f"data.samples_per_epoch={cfg.data.samples_per_epoch} gives no full batch of train.batch_size="
-                f"{cfg.train.batch_size} on each of {env.world_size} ranks; raise data.samples_per_epoch"
+                f"data.samples_per_epoch={cfg.data.samples_per_epoch} gives no full global batch of "
+                f"{self.global_batch} crops; raise data.samples_per_epoch"
             )
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.step = TrainStep(self.model, cfg, env.device, self.total_steps)
         self.crop_classes = CropClasses(self.dataset.classes, env.device)
-        self.state = TrainState(world_size=env.world_size)
+        self.state = TrainState(world_size=env.world_size, global_batch=self.global_batch)
         self.resume_changes: list[str] = []
+        self.resumed_world = env.world_size  # the ranks that wrote the checkpoint resumed from
         self.run_id = self.restore(resume_from, checkpoint)  # before DDP, so every rank starts from the same weights
         self.step.nonfinite_run.fill_(self.state.nonfinite_in_row)
         self.step.net = self.wrapped_model()
@@ -140,6 +152,25 @@ class Trainer:
         self.logger = RunLogger(env.is_main, self.run_dir, resumed_step=self.state.global_step)
         if not self.complete:
             self.logger.start_wandb(cfg.log.wandb, cfg.log.wandb_project, cfg.log.run_name, self.run_id, cfg.to_dict())
+
+    def resolve_global_batch(self, checkpoint: dict | None) -> int:
+        """The run's global batch: its checkpoint's (older ones: their world size x batch), else train.global_batch,
+        else batch x world size; refused in one sentence if it does not divide over this run's ranks."""
+        cfg, env = self.cfg, self.env
+        configured, batch = cfg.train.global_batch, cfg.train.batch_size
+        if checkpoint is not None:
+            state = checkpoint["train_state"]
+            saved = state.get("global_batch") or (state.get("world_size") or len(checkpoint["rng"])) * batch
+            if configured and configured != saved:
+                raise ConfigError(
+                    f"train.global_batch={configured}, but the run being resumed trains {saved} crops per step; a "
+                    "run keeps its global batch (leave train.global_batch at 0, or start a new run)"
+                )
+            configured = saved
+        global_batch = configured or batch * env.world_size
+        check_divides(global_batch, batch, env.world_size)
+        cfg.train.global_batch = global_batch  # recorded with the run
+        return global_batch
 
     def make_model(self, saved: Config | None) -> nn.Module:
         """The seeded model on the device, in the memory format ``train.channels_last`` resolves to (layout.py):
@@ -201,7 +232,7 @@ class Trainer:
                 is_best = self.validate()
                 if is_best is None:  # stopped: the checkpoint holds the epoch, whose validation the resume runs
                     return self.stop_for_requeue()
-            self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
+            self.state.epoch, self.state.step_in_epoch, self.state.samples_in_epoch = epoch + 1, 0, 0
             self.save_checkpoint(is_best)
             if not last and any_rank(self.stop.requested):
                 return self.stop_for_requeue(checkpoint_saved=True)
@@ -211,15 +242,17 @@ class Trainer:
     def train_epoch(self, epoch: int) -> bool:
         """Train the rest of one epoch; False if a stop was requested (on any rank)."""
         cfg = self.cfg
-        self.sampler.set_epoch(epoch, skip=self.state.step_in_epoch * cfg.train.batch_size)
+        self.sampler.set_epoch(epoch, skip=self.state.step_in_epoch * self.global_batch)
         loss_sum = torch.zeros((), device=self.env.device)
         interval_start, interval_steps = time.perf_counter(), 0
         stop_vote = None  # cast after one step, read after the next: the ranks agree without waiting for each other
-        for image, label in self.batches():
-            loss_sum += self.step(image, label)
-            self.crop_classes.add(label)
+        for micro_batches in self.steps_of(self.batches()):
+            loss_sum += self.step.accumulate(micro_batches)
+            for _, label in micro_batches:
+                self.crop_classes.add(label)
             self.state.step_in_epoch += 1
             self.state.global_step += 1
+            self.state.samples_in_epoch = self.state.step_in_epoch * self.global_batch
             interval_steps += 1
             status = None
             if self.state.global_step % cfg.log.every_steps == 0 or self.state.step_in_epoch == self.steps_per_epoch:
@@ -234,6 +267,11 @@ class Trainer:
                 return False
             stop_vote = RankVote(self.stop.requested)
         return not (stop_vote is not None and stop_vote.result())
+
+    def steps_of(self, batches: Iterator[Batch]) -> Iterator[list[Batch]]:
+        """This rank's micro-batches, ``self.accumulate`` to an optimizer step."""
+        while len(step := list(itertools.islice(batches, self.accumulate))) == self.accumulate:
+            yield step
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The loader's batches as (image, label) on the training device (finished there if the workers left it; the
@@ -256,10 +294,15 @@ class Trainer:
             f"layout: channels_last_3d {cfg.train.channels_last} ({self.layout_reason})  compile: "
             f"{cfg.train.compile_backend if self.compiled else 'off'} (train.compile={cfg.train.compile})\n"
             f"data: {self.dataset.root} ({len(self.train_ids)} train / {len(self.val_ids)} val cases)  "
-            f"global batch {cfg.train.batch_size} x {env.world_size} ranks = {cfg.train.batch_size * env.world_size}, "
+            f"global batch {self.global_batch} = {self.batch_text()}, "
             f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
         )
-        if self.state.global_step:
+        if self.state.global_step and self.resumed_world != env.world_size:
+            self.logger.info(
+                f"resumed at step {self.state.global_step} on {env.world_size} rank(s) (was {self.resumed_world}): "
+                f"{self.batch_text()}; the same crops in the same groups every step, the LR schedule unchanged"
+            )
+        elif self.state.global_step:
             self.logger.info(f"resumed at epoch {self.state.epoch + 1}, step {self.state.global_step}")
         if self.resume_changes:
             self.logger.info(
@@ -272,6 +315,12 @@ class Trainer:
         """[non-finite steps in a row, 1 if every weight is finite] on the device: one reduction, no host sync."""
         finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
         return torch.stack([self.step.nonfinite_run.double(), finite.double()])
+
+    def batch_text(self) -> str:
+        """How the global batch is split: crops per rank, and the micro-batches each rank accumulates."""
+        batch, world = self.cfg.train.batch_size, self.env.world_size
+        micro = f" ({self.accumulate} micro-batches of {batch})" if self.accumulate > 1 else ""
+        return f"{self.global_batch // world} crop(s) per rank{micro} x {world} rank(s)"
 
     def check_finite(self, readings: list[float] | None = None) -> None:
         """Stop after train.max_nonfinite non-finite steps in a row, and never checkpoint non-finite weights.
@@ -296,7 +345,7 @@ class Trainer:
         loss, grad_norm, *readings = torch.cat([loss[None], self.step.grad_norm.double()[None], self.health()]).tolist()
         self.check_finite(readings)
         lr = self.step.optimizer.param_groups[0]["lr"]
-        crops_per_s = steps * self.cfg.train.batch_size * self.env.world_size / max(seconds, 1e-9)
+        crops_per_s = steps * self.global_batch / max(seconds, 1e-9)
         self.logger.log(
             self.state.global_step,
             {
@@ -429,18 +478,22 @@ class Trainer:
             )
         sections = tuple(name for name in ckpt["config"] if name not in INCOMPATIBLE_SECTIONS)
         changes = config_differences(saved.to_dict(), self.cfg.to_dict(), sections)
-        self.resume_changes = [line for line in changes if not line.startswith("train.resume")]
+        resolved = ("train.resume", "train.global_batch")  # the resume line says what the global batch does
+        self.resume_changes = [line for line in changes if not line.startswith(resolved)]
         world = ckpt["train_state"].get("world_size") or len(ckpt["rng"])
-        if world != self.env.world_size:
-            raise CheckpointError(
-                f"cannot resume from {path}: it was written by {world} rank(s) and this run has {self.env.world_size}; "
-                "its LR schedule and its place in the epoch count steps of that many ranks' batches, so resume with "
-                f"{world} rank(s), or start a new run (another log.run_name)"
-            )
         train_state, rngs, notes = restore_training(ckpt, self.step)
         self.resume_changes += notes
-        self.state = TrainState(**{**train_state, "world_size": world})
-        set_rng_state(rngs[self.env.rank], self.env.device)
+        if "global_batch" not in train_state and world > 1 and train_state["step_in_epoch"]:
+            self.resume_changes.append(
+                "this checkpoint predates the crop order that no world size changes: the rest of its epoch follows "
+                "the new order (some crops of the epoch repeat, others are skipped); later epochs are exact"
+            )
+        self.resumed_world = world
+        self.state = TrainState(**{**train_state, "world_size": self.env.world_size, "global_batch": self.global_batch})
+        if self.env.rank < len(rngs):
+            set_rng_state(rngs[self.env.rank], self.env.device)
+        else:  # a rank the checkpoint's run did not have (states of ranks that are gone are dropped)
+            seed_rngs(self.cfg.train.seed, self.state.global_step, self.env.rank)
         if self.env.is_main and not self.complete:  # a finished run's files stay as they are
             self.cfg.dump(self.run_dir / "config.yaml")
         return ckpt["run_id"]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import Config
 from .augment import (
@@ -161,27 +161,44 @@ def flip_crop(image: Array, label: Array, axes: tuple[int, ...]) -> tuple[Array,
 
 
 class EpochSampler(Sampler):
-    """A DistributedSampler whose items are ``(epoch, index)`` keys, with a skip for mid-epoch resumes.
+    """This rank's ``(epoch, index)`` keys in the run's global crop order, which no world size changes.
 
-    The epoch travels inside the key, so persistent DataLoader workers need no notification of a new epoch.
+    An epoch is the first floor(length / G) * G positions of a permutation seeded by (seed, epoch) (the one
+    DistributedSampler draws), G the global batch. Global step s trains positions s*G to s*G + G - 1 in groups of
+    ``batch`` (the micro-batch B): group g is positions s*G + g*B to s*G + (g+1)*B - 1, and rank r of W takes
+    groups r, r + W, r + 2W, ... of every step. So each step trains the same crops in the same groups on any
+    number of ranks; on one rank the order is the permutation's. ``skip`` (in samples of the global order, a
+    multiple of G) resumes mid-epoch. The epoch travels inside the key, so persistent DataLoader workers need no
+    notification of a new epoch.
     """
 
-    def __init__(self, length: int, world_size: int, rank: int, seed: int):
-        self.inner = DistributedSampler(range(length), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    def __init__(
+        self, length: int, world_size: int, rank: int, seed: int, batch: int = 1, global_batch: int | None = None
+    ):
+        self.length, self.world_size, self.rank, self.seed = length, world_size, rank, seed
+        self.batch, self.global_batch = batch, global_batch or batch * world_size
+        if self.global_batch % batch or (self.global_batch // batch) % world_size:
+            raise ValueError(f"a global batch of {self.global_batch} is not {world_size} ranks' groups of {batch}")
+        self.steps = length // self.global_batch  # steps per epoch
         self.epoch = 0
         self.skip = 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.inner.set_epoch(epoch)
         self.epoch, self.skip = epoch, skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for position, index in enumerate(self.inner):
-            if position >= self.skip:
-                yield self.epoch, index
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.length, generator=generator).tolist()
+        groups = self.global_batch // self.batch
+        for step in range(self.skip // self.global_batch, self.steps):
+            for group in range(self.rank, groups, self.world_size):
+                start = step * self.global_batch + group * self.batch
+                for index in order[start : start + self.batch]:
+                    yield self.epoch, index
 
     def __len__(self) -> int:
-        return len(self.inner) - self.skip
+        return (self.steps - self.skip // self.global_batch) * self.global_batch // self.world_size
 
 
 def training_loader(
