@@ -11,7 +11,7 @@ PARTS = {  # what each part measures, and against which reference of the same ru
     "eval": "sliding window and metrics, s per volume, against MONAI's sliding_window_inference and plain medpy",
     "ddp": "2 DDP ranks against 2 independent processes, and the gradient all-reduce alone",
     "checkpoint": "atomic checkpoint save and load against torch.save to memory",
-    "gpu": "the GPU check (launch/gpu_check.sh): bf16/fp16 x compile throughput, memory, one volume, NCCL",
+    "gpu": "the device check (launch/gpu_check.sh): conv peaks, the bf16 step, host syncs, data paths, quickstart",
 }
 
 
