@@ -70,7 +70,8 @@ class DataConfig:
     resident: Literal["auto", "on", "off"] = setting(
         "auto",
         "keep the train cases on the training device and cut, resample and augment crops there, with no loader "
-        "workers; auto is on for a CUDA device when they take at most 25 % of its free memory",
+        "workers; auto is on for a CUDA device when they take at most 25 % of its free memory (and augment_device "
+        "is not cpu)",
     )
     samples_per_epoch: int = setting(100, "crops per epoch, summed over all ranks", min=1)
     num_workers: int = setting(

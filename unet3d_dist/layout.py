@@ -66,7 +66,8 @@ def choose_channels_last(
         return setting == "on", f"train.channels_last={setting}"
     if device.type != "cuda":
         return True, "auto: on, the faster format on CPUs"
-    seconds = probe_channels_last(width, norm, amp_dtype, device)
+    with torch.random.fork_rng(devices=[device]):  # the run's generators stay as the ranks that do not probe have them
+        seconds = probe_channels_last(width, norm, amp_dtype, device)
     faster = min(seconds, key=seconds.get)
     timings = ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in seconds.items())
     return faster == "channels_last_3d", f"auto: {faster} was faster in a probe of one block ({timings})"

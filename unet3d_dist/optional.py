@@ -1,8 +1,9 @@
 """Dependencies that only some features need, imported on first use.
 
-SimpleITK (reading and writing scans), medpy (the reference metrics of ``bench eval``) and wandb (online logging)
-are installed with the package, but a bare GPU machine may lack them. Training, the benchmarks and evaluation on a
-prepared dataset never touch them, so they must run there; a feature that does need one says so in one sentence.
+SimpleITK (reading and writing scans) and medpy (the reference metrics of ``bench eval``) are installed with the
+package, but a bare GPU machine may lack them. Training, the benchmarks and evaluation of a prepared dataset with
+HDF5 masks never touch them, so they must run there; a feature that does need one says so in one sentence. (wandb,
+the third, is the logger's: without it a run logs to metrics.jsonl.)
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from .dist import gather_to_main, runtime
 from .ensemble import Loaded, Member, build_members, mean_probabilities, read_checkpoints
 from .files import atomic_write
 from .inference import keep_largest_component, predict_labels, resample_to_shape, sliding_window_logits
-from .optional import MissingDependency, sitk
+from .optional import MissingDependency, require, sitk
 from .precision import resolve_amp
 from .report import DISPLAY_WINDOWS, slice_panel
 from .scoring import balanced_shards
@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if stray := [path for scan in args.inputs for path in scan if path.suffix == ".pt"]:
             raise CaseError(f"input {stray[0]} is a checkpoint; give each member of an ensemble its own --checkpoint")
+        require("SimpleITK", "predict (reading scans, writing masks)", "SimpleITK")
         loaded = read_checkpoints(args.checkpoint)
         paths = output_paths(args.inputs, out, args.overwrite)
         out.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ from .data.shards import (
 )
 from .files import atomic_write_text, remove_unfinished
 from .logger import progress_bar
-from .optional import MissingDependency, sitk
+from .optional import MissingDependency, require, sitk
 
 EXIT_SKIPPED = 3
 SPLIT_ORDER = ("train", "val", "test")
@@ -192,6 +192,7 @@ def prepare(
 ) -> int:
     """Build the dataset; returns the exit status (0, or EXIT_SKIPPED when some cases were skipped). ``extra``
     entries (plan's fingerprint) go into the manifest as they are."""
+    require("SimpleITK", "prepare (reading scans)", "SimpleITK")  # before any work or worker process
     start = time.perf_counter()
     spec = recipe.input
     sources = find_cases(inputs, spec.layout, spec.image_patterns, spec.label)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -126,32 +126,36 @@ class Trainer:
         self.run_id = self.restore(resume_from, checkpoint)  # before DDP, so every rank starts from the same weights
         self.step.nonfinite_run.fill_(self.state.nonfinite_in_row)
         self.step.net = self.wrapped_model()
-
-        workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_workers(env)
-        mode = cfg.data.augment_device
-        resident_size = resident_bytes(self.dataset, self.train_ids)
-        resident = resident_reason(cfg.data.resident, env.device, resident_size)
-        # Workers hand on crop parts that batches() finishes on the device; resident batches come finished.
-        on_device = mode == "device" or (mode == "auto" and env.device.type == "cuda")
-        self.finish_on_device = resident is None and on_device
-        if resident is not None:  # the train cases on the device and no DataLoader (data/resident.py)
-            self.loader = ResidentLoader(self.dataset, self.train_ids, cfg, self.sampler, env.device)
-            if env.is_main:
-                print(f"data: resident on {env.device} ({resident_size / 1e6:.0f} MB of train cases; {resident})")
-        else:
-            self.loader = training_loader(
-                self.dataset,
-                self.train_ids,
-                cfg,
-                self.sampler,
-                workers,
-                self.finish_on_device,
-                env.device.type == "cuda",
-                self.stop.worker_init,
-            )
+        self.loader = self.make_loader()
         self.logger = RunLogger(env.is_main, self.run_dir, resumed_step=self.state.global_step)
         if not self.complete:
             self.logger.start_wandb(cfg.log.wandb, cfg.log.wandb_project, cfg.log.run_name, self.run_id, cfg.to_dict())
+
+    def make_loader(self) -> Iterable:
+        """The batches' source: the resident cases on the device (data/resident.py; every rank takes the first rank's
+        choice), else loader workers whose crop parts ``batches()`` finishes on the device when augment_device says."""
+        cfg, env = self.cfg, self.env
+        size = resident_bytes(self.dataset, self.train_ids)
+        setting = "off" if cfg.data.resident == "auto" and cfg.data.augment_device == "cpu" else cfg.data.resident
+        resident = broadcast_from_main(resident_reason(setting, env.device, size) if env.is_main else None)
+        mode = cfg.data.augment_device
+        on_device = mode == "device" or (mode == "auto" and env.device.type == "cuda")
+        self.finish_on_device = resident is None and on_device
+        if resident is not None:
+            if env.is_main:
+                print(f"data: resident on {env.device} ({size / 1e6:.0f} MB of train cases; {resident})")
+            return ResidentLoader(self.dataset, self.train_ids, cfg, self.sampler, env.device)
+        workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else default_workers(env)
+        return training_loader(
+            self.dataset,
+            self.train_ids,
+            cfg,
+            self.sampler,
+            workers,
+            self.finish_on_device,
+            env.device.type == "cuda",
+            self.stop.worker_init,
+        )
 
     def resolve_global_batch(self, checkpoint: dict | None) -> int:
         """The run's global batch: its checkpoint's (older ones: their world size x batch), else train.global_batch,
@@ -242,7 +246,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> bool:
         """Train the rest of one epoch; False if a stop was requested (on any rank)."""
         cfg = self.cfg
-        self.sampler.set_epoch(epoch, skip=self.state.step_in_epoch * self.global_batch)
+        self.sampler.set_epoch(epoch, skip=self.state.samples_in_epoch)
         loss_sum = torch.zeros((), device=self.env.device)
         interval_start, interval_steps = time.perf_counter(), 0
         stop_vote = None  # cast after one step, read after the next: the ranks agree without waiting for each other
@@ -486,10 +490,13 @@ class Trainer:
         if "global_batch" not in train_state and world > 1 and train_state["step_in_epoch"]:
             self.resume_changes.append(
                 "this checkpoint predates the crop order that no world size changes: the rest of its epoch follows "
-                "the new order (some crops of the epoch repeat, others are skipped); later epochs are exact"
+                "the new order and epoch length (floor(data.samples_per_epoch / global batch) steps), so some of "
+                "the epoch's crops repeat and others are skipped; later epochs are exact"
             )
         self.resumed_world = world
-        self.state = TrainState(**{**train_state, "world_size": self.env.world_size, "global_batch": self.global_batch})
+        samples = train_state.get("samples_in_epoch", train_state["step_in_epoch"] * self.global_batch)
+        now = {"world_size": self.env.world_size, "global_batch": self.global_batch, "samples_in_epoch": samples}
+        self.state = TrainState(**{**train_state, **now})
         if self.env.rank < len(rngs):
             set_rng_state(rngs[self.env.rank], self.env.device)
         else:  # a rank the checkpoint's run did not have (states of ranks that are gone are dropped)

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,7 @@ from ..precision import AMP_DTYPES, amp_name, fast_cpu_bf16, native_bf16, resolv
 from ..step import TrainStep
 from . import loader
 from .common import machine, timeit
+from .loader import synchronize
 from .record import RowRecorder
 from .train_step import conv3d_peak, make_step, step_flops
 
@@ -101,11 +103,6 @@ def datasheet_tflops(device: torch.device) -> float | None:
     return next(
         (peak for key, peak in sorted(DATASHEET_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])) if key in name), None
     )
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class DeviceCheck:
@@ -197,8 +194,9 @@ class DeviceCheck:
         }
 
     def quickstart(self) -> Iterator[dict]:
+        shutil.rmtree(self.out / "runs" / "quickstart", ignore_errors=True)  # a rerun trains afresh
         start = time.perf_counter()
-        with self.trainer("quickstart", *self.sizes.quickstart) as trainer:
+        with self.trainer("quickstart") as trainer:
             status = trainer.train()
             steps = trainer.state.global_step
         seconds = time.perf_counter() - start
@@ -263,25 +261,28 @@ def last_logged(metrics: Path, key: str) -> float:
 
 def groupnorm_copies(device: torch.device, width: int) -> dict:
     """Layout copies in forward + backward of one GroupNorm residual block in channels_last_3d under bf16 autocast:
-    a norm kernel that wants NCDHW shows as copy/contiguous calls and their share of the block's device time."""
+    a norm kernel that wants NCDHW shows as ``aten::copy_`` calls and their share of the block's device time (each
+    op's self time: the kernels it launched itself, so nested ops are not counted twice)."""
     block = to_channels_last(ResBlock(width, width, "group").to(device))
     x = as_channels_last(torch.randn(2, width, 48, 48, 48, device=device)).requires_grad_(True)
-    activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
-    with torch.profiler.profile(activities=[activity]) as profile:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             out = block(x)
         out.float().sum().backward()
         synchronize(device)
-    events = profile.key_averages()
-    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    total = sum(getattr(e, attribute, 0) for e in events) or 1
-    copies = [e for e in events if e.key in ("aten::copy_", "aten::contiguous", "aten::clone")]
-    share = sum(getattr(e, attribute, 0) for e in copies) / total
-    calls = sum(e.count for e in copies)
+    ops = [e for e in profile.key_averages() if e.key.startswith("aten::")]
+    time_of = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    total = sum(time_of(e) for e in ops) or 1
+    copies = [e for e in ops if e.key == "aten::copy_"]
+    share = sum(time_of(e) for e in copies) / total
+    where = "GPU" if device.type == "cuda" else "CPU"
     return {
         "row": "GroupNorm block in channels_last: layout copies",
-        "result": f"{calls} copy calls, {share:.0%} "
-        f"of the block's {'GPU' if device.type == 'cuda' else 'CPU'} time (forward + backward, bf16)",
+        "result": f"{sum(e.count for e in copies)} aten::copy_ calls, {share:.0%} of the block's {where} time "
+        "(forward + backward, bf16)",
     }
 
 
@@ -357,7 +358,9 @@ def collective_check(device: torch.device) -> dict:
             "OMP_NUM_THREADS": "4",
             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0" if device.type == "cuda" else ""),
         }
-        subprocess.run(command, check=True, env=env, capture_output=True, timeout=120)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"torchrun exited {done.returncode}: {done.stderr.strip()[-300:]}")
         result = json.loads(out.read_text())
     return {
         "row": "torchrun 1 process: gradient all-reduce and the gloo side group",

@@ -20,14 +20,16 @@ HOST_READ = "aten::_local_scalar_dense"
 
 def host_reads_in_steps(trainer: Trainer, steps: int = 5, warmup: int = 2) -> list[str]:
     """Train ``steps`` steps (after ``warmup``: cuDNN's choice of kernels and the allocator's first growth may wait)
-    exactly as ``train_epoch`` does, and return what made the host wait: empty when nothing did."""
+    as ``train_epoch`` does between its logging intervals (batches, micro-batches accumulated to the global batch,
+    the class counts), and return what made the host wait: empty when nothing did."""
     trainer.sampler.set_epoch(0)
-    batches = trainer.batches()
+    steps_of = trainer.steps_of(trainer.batches())
 
     def train(count: int) -> None:
-        for image, label in itertools.islice(batches, count):
-            trainer.step(image, label)
-            trainer.crop_classes.add(label)
+        for micro_batches in itertools.islice(steps_of, count):
+            trainer.step.accumulate(micro_batches)
+            for _, label in micro_batches:
+                trainer.crop_classes.add(label)
 
     train(warmup)
     if trainer.env.device.type == "cuda":

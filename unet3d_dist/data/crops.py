@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..batching import check_divides
 from ..config import Config
 from .augment import (
     Augmentation,
@@ -177,8 +178,7 @@ class EpochSampler(Sampler):
     ):
         self.length, self.world_size, self.rank, self.seed = length, world_size, rank, seed
         self.batch, self.global_batch = batch, global_batch or batch * world_size
-        if self.global_batch % batch or (self.global_batch // batch) % world_size:
-            raise ValueError(f"a global batch of {self.global_batch} is not {world_size} ranks' groups of {batch}")
+        check_divides(self.global_batch, batch, world_size)
         self.steps = length // self.global_batch  # steps per epoch
         self.epoch = 0
         self.skip = 0
