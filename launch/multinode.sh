@@ -12,7 +12,12 @@ Trainer arguments go to `python -m unet3d_dist.train` (see its --help), e.g. on 
   NNODES=2 MASTER_ADDR=node1 launch/multinode.sh --config configs/default.yaml
 
 Environment:
-  NNODES          number of nodes (required)
+  NNODES          number of nodes (required), or a range MIN:MAX for an elastic job: when a node dies, torchrun
+                  restarts the group on the nodes left (at least MIN) and the run resumes from its last checkpoint
+                  with the same global batch (NNODES=1:4 with NPROC=4 needs train.global_batch to divide over 4, 8,
+                  12 and 16 ranks, which is checked at start)
+  MAX_RESTARTS    group restarts torchrun allows (default: 3 with a node range, else 0)
+  RDZV_CONF       extra rendezvous settings, e.g. last_call_timeout=10 (how long a restart waits for more nodes)
   RDZV_ENDPOINT   host:port of the rendezvous, on one of the nodes (default: MASTER_ADDR:MASTER_PORT)
   MASTER_ADDR     host of the rendezvous when RDZV_ENDPOINT is not set
   MASTER_PORT     its port (default: 29500)
@@ -36,6 +41,15 @@ if [ -z "${NNODES:-}" ] || [ -z "${RDZV_ENDPOINT:-${MASTER_ADDR:-}}" ]; then
   exit 2
 fi
 endpoint=${RDZV_ENDPOINT:-$MASTER_ADDR:${MASTER_PORT:-29500}}
+nproc=${NPROC:-$(default_nproc)}
+restarts=${MAX_RESTARTS:-0}
+if [[ $NNODES == *:* ]]; then
+  # Every world size the job may restart on, so that the trainer refuses a global batch that would not divide
+  # over one of them now, not after the restart.
+  restarts=${MAX_RESTARTS:-3}
+  TORCHRUN=(env UNET3D_ELASTIC_WORLD_SIZES="$(seq -s ' ' $((${NNODES%:*} * nproc)) "$nproc" $((${NNODES#*:} * nproc)))"
+    "${TORCHRUN[@]:1}")
+fi
 # gloo (CPU jobs, and the small host-side agreements of GPU jobs) binds to the interface this host's name resolves
 # to, which on many clusters is not the network that reaches the other nodes; by default it takes the interface that
 # routes to the rendezvous host. NCCL picks its own (InfiniBand first); set NCCL_SOCKET_IFNAME where it picks wrong.
@@ -47,6 +61,6 @@ if [ -z "${GLOO_SOCKET_IFNAME:-}" ] && command -v ip >/dev/null; then
     echo "launch: GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME (the interface that reaches $head_ip)" >&2
   fi
 fi
-run_trainer "${TORCHRUN[@]}" --nnodes="$NNODES" --nproc_per_node="${NPROC:-$(default_nproc)}" \
-  --rdzv_backend=c10d --rdzv_endpoint="$endpoint" \
-  --rdzv_id="${RDZV_ID:-unet3d}" -m unet3d_dist.train "${trainer_args[@]}"
+run_trainer "${TORCHRUN[@]}" --nnodes="$NNODES" --nproc_per_node="$nproc" --max-restarts="$restarts" \
+  --rdzv_backend=c10d --rdzv_endpoint="$endpoint" --rdzv_id="${RDZV_ID:-unet3d}" ${RDZV_CONF:+--rdzv_conf="$RDZV_CONF"} \
+  -m unet3d_dist.train "${trainer_args[@]}"

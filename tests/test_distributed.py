@@ -8,11 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import (
+    REPO,
     WORKERS,
     assert_bitwise_equal,
     box_case,
@@ -30,6 +32,7 @@ from conftest import (
     wait_until_gone,
 )
 
+from unet3d_dist.crop_keys import read_crop_keys
 from unet3d_dist.data.shards import write_dataset
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -255,6 +258,50 @@ def test_two_node_rendezvous_on_localhost(tmp_path, tiny_dataset):
     data = json.loads(report.read_text())
     assert data["world_size"] == 2 and data["identical"]
     assert final_state(tmp_path / "nodes")["train_state"]["global_step"] == 2 * 8 // 4
+
+
+def test_an_elastic_job_loses_a_node_and_finishes_on_the_other_with_the_same_crops_every_step(tmp_path, tiny_dataset):
+    """Two fake nodes (launch/multinode.sh with NNODES=1:2: two torchrun agents meeting at a c10d rendezvous on
+    127.0.0.1, loader workers on). The node that does not host the rendezvous is killed whole (agent, rank,
+    workers); torchrun restarts the group on the node left, which resumes from the last checkpoint on one rank and
+    finishes. The crops logged at every step are the uninterrupted run's, and the weights end as close to it as an
+    uninterrupted 1-rank run of the same global batch does."""
+    steps, every = 32, 3
+    extra = (
+        "train.epochs=8",
+        "data.samples_per_epoch=16",
+        f"checkpoint.every_steps={every}",
+        "train.val_every=0",
+        "checkpoint.keep_last=20",
+        "log.crop_keys=true",
+        "train.global_batch=4",  # the default, batch x world size at the start, would depend on who joins first
+        WORKERS,
+    )
+    for world, name in ((2, "two"), (1, "one")):
+        done = run(trainer(world) + overrides(tiny_dataset, tmp_path, name, *extra))
+        assert done.returncode == 0, done.stdout + done.stderr
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "NNODES": "1:2", "NPROC": "1", "RDZV_ENDPOINT": endpoint, "RDZV_ID": "elastic"}
+    env.update(RDZV_CONF="last_call_timeout=3", PYTHON=sys.executable)
+    command = [str(REPO / "launch" / "multinode.sh"), *overrides(tiny_dataset, tmp_path, "elastic", *extra)]
+    # The first agent hosts the rendezvous store; the second joins within the rendezvous' last call.
+    host = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    time.sleep(0.5)
+    other = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    wait_for(tmp_path / "elastic" / "checkpoints" / f"ckpt-{2 * every:08d}.pt", host)
+    kill_whole_job(other)
+    output = host.communicate(timeout=300)[0]
+    assert host.returncode == 0, output
+    assert "on 1 rank(s) (was 2): 4 crop(s) per rank (2 micro-batches of 2) x 1 rank(s)" in output, output
+    ends = {name: final_state(tmp_path / name) for name in ("two", "one", "elastic")}
+    assert ends["elastic"]["train_state"]["global_step"] == steps
+    keys = {name: read_crop_keys(tmp_path / name) for name in ("two", "elastic")}
+    assert sorted(keys["elastic"]) == list(range(1, steps + 1)) and keys["elastic"] == keys["two"]
+    assert max_distance(ends["elastic"], ends["two"]) <= 2 * max_distance(ends["one"], ends["two"]) + 1e-7
 
 
 def test_resume_with_an_incompatible_model_is_refused_with_the_differences(tmp_path, tiny_dataset):

@@ -46,8 +46,13 @@ def test_dry_run_prints_the_command_and_runs_nothing(tmp_path):
     assert local.stdout == f"{TORCHRUN} --standalone --nproc_per_node=3 -m unet3d_dist.train {quoted}\n"
     nodes = launch("multinode.sh", "--dry-run", *args, NNODES="2", NPROC="4", MASTER_ADDR="node1", MASTER_PORT="1234")
     assert nodes.stdout == (
-        f"{TORCHRUN} --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=node1:1234 --rdzv_id=unet3d "
-        f"-m unet3d_dist.train {quoted}\n"
+        f"{TORCHRUN} --nnodes=2 --nproc_per_node=4 --max-restarts=0 --rdzv_backend=c10d --rdzv_endpoint=node1:1234 "
+        f"--rdzv_id=unet3d -m unet3d_dist.train {quoted}\n"
+    )
+    elastic = launch("multinode.sh", "--dry-run", NNODES="1:3", NPROC="2", MASTER_ADDR="node1", RDZV_CONF="a=1")
+    assert elastic.stdout.startswith("env 'UNET3D_ELASTIC_WORLD_SIZES=2 4 6' PET_SIGNALS_TO_HANDLE=")
+    assert (
+        "--nnodes=1:3 --nproc_per_node=2 --max-restarts=3 " in elastic.stdout and "--rdzv_conf=a=1 " in elastic.stdout
     )
     endpoint = launch(
         "multinode.sh", "--dry-run", NNODES="2", NPROC="1", RDZV_ENDPOINT="10.0.0.7:29400", RDZV_ID="job7"

@@ -7,7 +7,20 @@ schedule, the crops of every step and the loss are the same on any W that divide
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
 from .config import ConfigError
+
+Item = TypeVar("Item")
+
+
+def chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    """Consecutive lists of ``size`` items; an incomplete last one is dropped, as the DataLoader's drop_last does."""
+    iterator = iter(items)
+    while len(chunk := list(itertools.islice(iterator, size))) == size:
+        yield chunk
 
 
 def world_sizes_that_work(global_batch: int, batch: int) -> list[int]:

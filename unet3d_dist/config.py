@@ -213,6 +213,9 @@ class LogConfig:
     every_steps: int = setting(10, "console/wandb logging interval in optimizer steps", min=1)
     wandb: Literal["offline", "online", "disabled"] = setting("offline", "wandb mode (env WANDB_MODE wins)")
     wandb_project: str = setting("unet3d-dist", "wandb project name")
+    crop_keys: bool = setting(
+        False, "record the (epoch, index) keys of every step's crops in <run>/crop_keys/, to check the data order"
+    )
 
 
 @dataclass

@@ -42,6 +42,14 @@ class DistEnv:
         return self.world_size > 1
 
 
+ELASTIC_WORLD_SIZES = "UNET3D_ELASTIC_WORLD_SIZES"  # set by launch/multinode.sh for a node range, e.g. "2 4"
+
+
+def elastic_world_sizes() -> list[int]:
+    """Every world size an elastic job (a node range) may restart on, as its launcher announced them; empty if none."""
+    return [int(size) for size in os.environ.get(ELASTIC_WORLD_SIZES, "").split()]
+
+
 def _from_environment() -> tuple[int, int, int, int]:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:

@@ -5,7 +5,6 @@ Used by the command line (``train.py``) and the benchmarks; it takes a Config an
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .batching import accumulation, check_divides
+from .batching import accumulation, check_divides, chunks
 from .checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -31,6 +30,7 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError
 from .crop_classes import CropClasses
+from .crop_keys import CropKeyLog, forget_after
 from .data.crops import EpochSampler, training_loader
 from .data.device_augment import finish_batch
 from .data.resident import ResidentLoader, resident_bytes, resident_reason
@@ -44,6 +44,7 @@ from .dist import (
     barrier,
     broadcast_from_main,
     default_workers,
+    elastic_world_sizes,
     gather_to_main,
     mean_over_ranks,
 )
@@ -61,9 +62,6 @@ from .stop import StopRequest
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; run the same command again to resume
 STOP_MARKER = "stopped_by_signal.json"  # tells launch scripts, which only see torchrun's exit code, to requeue
 INCOMPATIBLE_SECTIONS = ("model",)
-
-
-Batch = tuple[torch.Tensor, torch.Tensor]  # (image, label) of one micro-batch, on the training device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -127,6 +125,7 @@ class Trainer:
         self.step.nonfinite_run.fill_(self.state.nonfinite_in_row)
         self.step.net = self.wrapped_model()
         self.loader = self.make_loader()
+        self.crop_keys = self.make_crop_key_log() if cfg.log.crop_keys else None
         self.logger = RunLogger(env.is_main, self.run_dir, resumed_step=self.state.global_step)
         if not self.complete:
             self.logger.start_wandb(cfg.log.wandb, cfg.log.wandb_project, cfg.log.run_name, self.run_id, cfg.to_dict())
@@ -157,6 +156,13 @@ class Trainer:
             self.stop.worker_init,
         )
 
+    def make_crop_key_log(self) -> CropKeyLog:
+        """log.crop_keys: the first rank forgets the steps being redone before any rank appends."""
+        if self.env.is_main:
+            forget_after(self.run_dir, self.state.global_step)
+        barrier()
+        return CropKeyLog(self.run_dir, self.env.rank, self.env.world_size)
+
     def resolve_global_batch(self, checkpoint: dict | None) -> int:
         """The run's global batch: its checkpoint's (older ones: their world size x batch), else train.global_batch,
         else batch x world size; refused in one sentence if it does not divide over this run's ranks."""
@@ -173,6 +179,10 @@ class Trainer:
             configured = saved
         global_batch = configured or batch * env.world_size
         check_divides(global_batch, batch, env.world_size)
+        sizes = elastic_world_sizes()  # a node range: refused now rather than at the restart that cannot continue
+        job = f"this job's node range (world sizes {', '.join(map(str, sizes))})"
+        for size in sizes:
+            check_divides(global_batch, batch, size, job)
         cfg.train.global_batch = global_batch  # recorded with the run
         return global_batch
 
@@ -250,7 +260,10 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.env.device)
         interval_start, interval_steps = time.perf_counter(), 0
         stop_vote = None  # cast after one step, read after the next: the ranks agree without waiting for each other
-        for micro_batches in self.steps_of(self.batches()):
+        keys = chunks(chunks(self.sampler, cfg.train.batch_size), self.accumulate) if self.crop_keys else None
+        for micro_batches in chunks(self.batches(), self.accumulate):
+            if keys is not None:  # the sampler's keys in the order the loader delivers their crops
+                self.crop_keys.add(self.state.global_step + 1, next(keys))
             loss_sum += self.step.accumulate(micro_batches)
             for _, label in micro_batches:
                 self.crop_classes.add(label)
@@ -271,11 +284,6 @@ class Trainer:
                 return False
             stop_vote = RankVote(self.stop.requested)
         return not (stop_vote is not None and stop_vote.result())
-
-    def steps_of(self, batches: Iterator[Batch]) -> Iterator[list[Batch]]:
-        """This rank's micro-batches, ``self.accumulate`` to an optimizer step."""
-        while len(step := list(itertools.islice(batches, self.accumulate))) == self.accumulate:
-            yield step
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The loader's batches as (image, label) on the training device (finished there if the workers left it; the

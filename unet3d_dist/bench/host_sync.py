@@ -13,6 +13,7 @@ import itertools
 
 import torch
 
+from ..batching import chunks
 from ..trainer import Trainer
 
 HOST_READ = "aten::_local_scalar_dense"
@@ -23,7 +24,7 @@ def host_reads_in_steps(trainer: Trainer, steps: int = 5, warmup: int = 2) -> li
     as ``train_epoch`` does between its logging intervals (batches, micro-batches accumulated to the global batch,
     the class counts), and return what made the host wait: empty when nothing did."""
     trainer.sampler.set_epoch(0)
-    steps_of = trainer.steps_of(trainer.batches())
+    steps_of = chunks(trainer.batches(), trainer.accumulate)
 
     def train(count: int) -> None:
         for micro_batches in itertools.islice(steps_of, count):

@@ -10,13 +10,13 @@ continues at the next crop.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from ..batching import chunks
 from ..config import Config
 from .crops import EpochSampler, training_crops
 from .device_augment import collate_parts, finish_batch
@@ -85,8 +85,7 @@ class ResidentLoader:
         self.sampler, self.batch_size, self.device = sampler, cfg.train.batch_size, device
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        keys = iter(self.sampler)
-        while len(batch := list(itertools.islice(keys, self.batch_size))) == self.batch_size:
+        for batch in chunks(self.sampler, self.batch_size):
             yield finish_batch(collate_parts([self.crops[key] for key in batch]), self.crops.crop, self.device)
 
     def __len__(self) -> int:
