@@ -14,7 +14,8 @@ echo "=== job $SLURM_JOB_ID ($SLURM_JOB_NAME), attempt $((${SLURM_RESTART_COUNT:
 # which resumes from the run's latest checkpoint.
 run_step() {
   # srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05), so it is passed on explicitly.
-  srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" "$@" &
+  # One launcher per node of this allocation, also when a requeued job got fewer nodes than it first asked for.
+  srun --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" "$@" &
   local step=$! status cancelled=0
   # --signal=B:USR1@N and `scancel --batch --signal=USR1` reach only this shell: srun passes the signal on to
   # every process of the step. (--signal=USR1@N and `scancel --signal=USR1` reach those processes directly.)

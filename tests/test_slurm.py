@@ -248,8 +248,12 @@ def test_evaluate_sbatch_writes_per_volume_results(slurm, preempted_run, tiny_da
     )
 
 
-def test_two_node_job_requeues_on_usr1_to_the_batch_shell_and_resumes(slurm, tiny_dataset, tmp_path):
-    steps = EPOCHS * 8 // (2 * 2)  # epochs of 8 crops, batch 2 on each of 2 ranks
+def test_two_node_job_requeues_on_usr1_to_the_batch_shell_and_resumes_on_the_node_left(slurm, tiny_dataset, tmp_path):
+    """A 2-node job; n2 is drained (a node lost to the cluster), the time-limit notice (USR1 to the batch shell)
+    checkpoints every node's rank and the job requeues itself; it waits for 2 nodes until its request is cut to
+    one (what a resubmission on fewer nodes does), then runs on n1 alone and the run continues there on 1 rank, with
+    the same global batch, to the end."""
+    steps = EPOCHS * 8 // (2 * 2)  # epochs of 8 crops, a global batch of 4
     args = overrides(
         tiny_dataset,
         tmp_path,
@@ -262,20 +266,22 @@ def test_two_node_job_requeues_on_usr1_to_the_batch_shell_and_resumes(slurm, tin
     )
     job_id = slurm.submit("train_multinode.sbatch", *args, logs=tmp_path)
     slurm.wait_for_checkpoint(tmp_path / "nodes", job_id)
-    slurm.run("scancel", "--batch", "--signal=USR1", job_id)  # only the batch shell, like --signal=B:USR1@N
-    job = slurm.wait_until_finished(job_id)
+    slurm.run("scontrol", "update", "nodename=n2", "state=drain", "reason=lost")
+    try:
+        slurm.run("scancel", "--batch", "--signal=USR1", job_id)  # only the batch shell, like --signal=B:USR1@N
+        wait_until(lambda: (j := slurm.job(job_id))["Restarts"] == "1" and j["JobState"] == "PENDING", "the requeue")
+        slurm.run("scontrol", "update", f"jobid={job_id}", "NumNodes=1", "NumTasks=1")
+        job = slurm.wait_until_finished(job_id)
+    finally:
+        slurm.run("scontrol", "update", "nodename=n2", "state=resume")
     log = (tmp_path / f"unet3d-train-multinode-{job_id}.out").read_text()
-    assert (job["JobState"], job["ExitCode"], job["Restarts"], job["NodeList"]) == (
-        "COMPLETED",
-        "0:0",
-        "1",
-        "n[1-2]",
-    ), log
+    assert (job["JobState"], job["ExitCode"], job["Restarts"], job["NodeList"]) == ("COMPLETED", "0:0", "1", "n1"), log
     assert attempts(log) == ["1", "2"], log
     assert "SIGUSR1: the step checkpoints and stops" in log and "stopped by SIGUSR1" in log
     for task in ("n1: task 0", "n2: task 1"):  # each node's launcher saw the stop marker
         assert f"srun: error: {task}: Exited with exit code 75" in log, log
-    assert log.count("world=2") == 2 and "resumed at epoch" in log
+    assert log.count("world=2") == 1 and log.count("world=1") == 1, log
+    assert "on 1 rank(s) (was 2): 4 crop(s) per rank (2 micro-batches of 2) x 1 rank(s)" in log, log
     assert final_state(tmp_path / "nodes")["train_state"]["global_step"] == steps
 
 
