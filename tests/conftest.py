@@ -4,6 +4,7 @@ run settings, and the real processes the tests start, signal and kill (command l
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -260,3 +261,15 @@ def small_cases(tmp_path: Path, count: int) -> Path:
         for name in ("image.nii.gz", "labels.nii.gz"):
             os.symlink(SHARED_DATA / "ct_abdomen" / name, cases / f"case{i}" / name)
     return cases
+
+
+def assert_lock_free(folder: Path) -> None:
+    """No live process holds ``folder``'s run.lock (it may remain as a file: the kernel drops a dead holder's lock)."""
+    lock = folder / "run.lock"
+    if not lock.exists():
+        return
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if another process holds it
+    finally:
+        os.close(fd)

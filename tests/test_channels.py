@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import CT_LIVER, SHARED_DATA, TINY, free_port, recipe
+from conftest import CT_LIVER, SHARED_DATA, TINY, assert_lock_free, free_port, recipe, train
 from rich.console import Console
 
 from unet3d_dist.config import ConfigError
@@ -240,3 +240,13 @@ def test_predict_refuses_a_missing_or_extra_channel_in_one_sentence(checkpoint, 
         ]
     )
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_resuming_on_data_with_other_channels_is_refused_naming_them(checkpoint, tiny_dataset, tmp_path):
+    """The weights' first convolution reads two channels; resuming on one-channel data is refused first."""
+    result = train(tmp_path, tiny_dataset, "log.run_name=one", f"train.resume={checkpoint}", check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"cannot resume from {checkpoint}" in result.stderr
+    assert "dataset channels: ['soft', 'wide'] -> ['image']" in result.stderr
+    assert_lock_free(tmp_path / "one")

@@ -39,6 +39,7 @@ BEST = "best.pt"
 
 INFERENCE_KEYS = ("model", "config", "dataset")
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "train_state", "rng", "run_id")
+INCOMPATIBLE_SECTIONS = ("model",)  # config sections a resumed run must keep: they shape the weights
 
 
 class CheckpointError(RuntimeError):
@@ -127,7 +128,7 @@ def read_checkpoint(path: Path, resume: bool = False) -> tuple[dict[str, Any], C
 
 def inference_model(checkpoint: dict[str, Any], cfg: Config, device: torch.device) -> nn.Module:
     """The checkpoint's model on ``device``, in eval mode and the memory format it was trained in."""
-    channels = len(channel_names(checkpoint["dataset"].get("preprocessing", {})))
+    channels = len(preprocessing_channels(checkpoint["dataset"]))
     model = build_model(cfg.model, in_channels=channels, num_classes=len(checkpoint["dataset"]["classes"]))
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
@@ -235,3 +236,31 @@ def config_differences(
             if old.get(key) != new.get(key):
                 lines.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
     return lines
+
+
+def resume_changes(
+    path: Path, checkpoint: dict[str, Any], saved: Config, cfg: Config, dataset: dict[str, Any]
+) -> list[str]:
+    """The settings a resume from ``path`` changes (``section.key: old -> new``), or CheckpointError listing every
+    difference that would not fit the saved weights: the model section and the data's classes and channels."""
+    differences = config_differences(saved.to_dict(), cfg.to_dict(), INCOMPATIBLE_SECTIONS)
+    old, new = checkpoint["dataset"], dataset
+    for name, was, now in (
+        ("classes", old["classes"], new["classes"]),
+        ("channels", preprocessing_channels(old), preprocessing_channels(new)),
+    ):
+        if was != now:
+            differences.append(f"dataset {name}: {was} -> {now}")
+    if differences:
+        raise CheckpointError(
+            f"cannot resume from {path}: the configuration is incompatible:\n  "
+            + "\n  ".join(differences)
+            + "\nuse the original settings, another log.run_name, or train.resume=never"
+        )
+    sections = tuple(name for name in checkpoint["config"] if name not in INCOMPATIBLE_SECTIONS)
+    return config_differences(saved.to_dict(), cfg.to_dict(), sections)
+
+
+def preprocessing_channels(entry: dict[str, Any]) -> list[str]:
+    """The image channels a ``dataset_entry`` records."""
+    return channel_names(entry.get("preprocessing", {}))

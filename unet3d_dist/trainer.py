@@ -19,10 +19,10 @@ from .batching import accumulation, check_divides, chunks
 from .checkpoint import (
     Checkpointer,
     CheckpointError,
-    config_differences,
     dataset_entry,
     read_checkpoint,
     restore_training,
+    resume_changes,
     rng_state,
     seed_rngs,
     set_rng_state,
@@ -61,7 +61,6 @@ from .stop import StopRequest
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; run the same command again to resume
 STOP_MARKER = "stopped_by_signal.json"  # tells launch scripts, which only see torchrun's exit code, to requeue
-INCOMPATIBLE_SECTIONS = ("model",)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -479,17 +478,7 @@ class Trainer:
         if self.env.is_main:
             (self.run_dir / STOP_MARKER).unlink(missing_ok=True)
         ckpt, saved = checkpoint
-        differences = config_differences(saved.to_dict(), self.cfg.to_dict(), INCOMPATIBLE_SECTIONS)
-        if ckpt["dataset"]["classes"] != self.dataset.classes:
-            differences.append(f"dataset classes: {ckpt['dataset']['classes']} -> {self.dataset.classes}")
-        if differences:
-            raise CheckpointError(
-                f"cannot resume from {path}: the configuration is incompatible:\n  "
-                + "\n  ".join(differences)
-                + "\nuse the original settings, another log.run_name, or train.resume=never"
-            )
-        sections = tuple(name for name in ckpt["config"] if name not in INCOMPATIBLE_SECTIONS)
-        changes = config_differences(saved.to_dict(), self.cfg.to_dict(), sections)
+        changes = resume_changes(path, ckpt, saved, self.cfg, dataset_entry(self.dataset))
         resolved = ("train.resume", "train.global_batch")  # the resume line says what the global batch does
         self.resume_changes = [line for line in changes if not line.startswith(resolved)]
         world = ckpt["train_state"].get("world_size") or len(ckpt["rng"])
