@@ -107,6 +107,7 @@ class RunLogger:
         except Exception as err:
             self.wandb_run = None
             self.info(f"[yellow]wandb stopped ({type(err).__name__}: {err}); logging goes on in {METRICS_FILE}")
+            forget_wandb_service()
 
     def log_table(self, step: int, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         """A wandb table (wandb is only imported when a run is active)."""
@@ -172,6 +173,15 @@ class RunLogger:
             if offline:
                 self.info(f"wandb: offline run saved in {run_dir}; upload it with: wandb sync {run_dir}")
         self.wandb_run = None
+
+
+def forget_wandb_service() -> None:
+    """Tear down wandb's connection to its lost service now, quietly: its exit hook would otherwise try again and
+    print a traceback after the run's last line. The cause was said in the line before."""
+    import wandb
+
+    with contextlib.suppress(Exception):  # the service is gone: the teardown's own failure says nothing new
+        wandb.teardown()
 
 
 def progress_bar(console: Console) -> Progress:

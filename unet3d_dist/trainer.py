@@ -411,12 +411,12 @@ class Trainer:
             marker = {"signal": self.stop.signal_name, "step": self.state.global_step, "exit_code": REQUEUE_EXIT_CODE}
             (self.run_dir / STOP_MARKER).write_text(json.dumps(marker) + "\n")
         barrier()  # no rank exits before the marker exists, so the launcher on every node finds it
+        self.logger.finish()  # before the last line: wandb's own lines, if any, come first
         self.logger.info(
             f"[yellow]stopped by {self.stop.signal_name or 'a signal on another rank'} at step "
             f"{self.state.global_step}; checkpoint saved; exit code {REQUEUE_EXIT_CODE} (run the same command to "
             "resume)"
         )
-        self.logger.finish()
         return REQUEUE_EXIT_CODE
 
     def finish(self) -> None:
