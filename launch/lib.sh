@@ -27,7 +27,7 @@ choose_python
 # the default here is longer, and still shorter than the 120 s notice of the sbatch scripts.
 # shellcheck disable=SC2054  # the commas belong to one word
 TORCHRUN=(env PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
-  TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}" "$PYTHON" -m torch.distributed.run)
+  TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}" "$PYTHON" -m unet3d_dist.torchrun)
 
 # Split "$@" into launcher options (leading --dry-run, --help) and the trainer's arguments.
 parse_options() {

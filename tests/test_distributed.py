@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from conftest import (
     REPO,
     WORKERS,
     assert_bitwise_equal,
+    assert_lock_free,
     box_case,
     direct_children,
     final_state,
@@ -280,18 +282,9 @@ def test_an_elastic_job_loses_a_node_and_finishes_on_the_other_with_the_same_cro
     for world, name in ((2, "two"), (1, "one")):
         done = run(trainer(world) + overrides(tiny_dataset, tmp_path, name, *extra))
         assert done.returncode == 0, done.stdout + done.stderr
-    endpoint = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "NNODES": "1:2", "NPROC": "1", "RDZV_ENDPOINT": endpoint, "RDZV_ID": "elastic"}
-    env.update(RDZV_CONF="last_call_timeout=3", PYTHON=sys.executable)
+    env = {**two_fake_nodes("1:2"), "RDZV_CONF": "last_call_timeout=3"}
     command = [str(REPO / "launch" / "multinode.sh"), *overrides(tiny_dataset, tmp_path, "elastic", *extra)]
-    # The first agent hosts the rendezvous store; the second joins within the rendezvous' last call.
-    host = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    time.sleep(0.5)
-    other = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    host, other = start_nodes(command, env)
     wait_for(tmp_path / "elastic" / "checkpoints" / f"ckpt-{2 * every:08d}.pt", host)
     kill_whole_job(other)
     output = host.communicate(timeout=300)[0]
@@ -302,6 +295,54 @@ def test_an_elastic_job_loses_a_node_and_finishes_on_the_other_with_the_same_cro
     keys = {name: read_crop_keys(tmp_path / name) for name in ("two", "elastic")}
     assert sorted(keys["elastic"]) == list(range(1, steps + 1)) and keys["elastic"] == keys["two"]
     assert max_distance(ends["elastic"], ends["two"]) <= 2 * max_distance(ends["one"], ends["two"]) + 1e-7
+
+
+def two_fake_nodes(nnodes: str) -> dict[str, str]:
+    """The environment of launch/multinode.sh for two nodes of one rank each on this machine (c10d on 127.0.0.1)."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    return {**os.environ, "NNODES": nnodes, "NPROC": "1", "RDZV_ENDPOINT": endpoint, "PYTHON": sys.executable}
+
+
+def start_nodes(command: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """Start ``command`` as two nodes; the first hosts the rendezvous store, the second joins it (its output is
+    dropped)."""
+    host = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    time.sleep(0.5)  # only the order: the rendezvous waits for the second node whenever it comes
+    other = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    return host, other
+
+
+def test_a_lost_node_of_a_fixed_size_job_ends_the_other_in_one_sentence_and_the_same_command_resumes(
+    tmp_path, tiny_dataset
+):
+    """Two fake nodes with NNODES=2 (no restarts): one is killed whole after a checkpoint. The other says in one
+    line, as its last, at which step a node was lost and which checkpoint the same command resumes from, exits 75
+    and holds no lock; the same command on both nodes then resumes and finishes."""
+    extra = ("train.epochs=3", "data.samples_per_epoch=16", "checkpoint.every_steps=3", "train.val_every=0", WORKERS)
+    env = two_fake_nodes("2")
+    command = [str(REPO / "launch" / "multinode.sh"), *overrides(tiny_dataset, tmp_path, "fixed", *extra)]
+    run_dir = tmp_path / "fixed"
+    host, other = start_nodes(command, env)
+    wait_for(run_dir / "checkpoints" / "ckpt-00000006.pt", host)
+    kill_whole_job(other)
+    output = host.communicate(timeout=120)[0]
+    assert host.returncode == 75, output
+    assert "Traceback" not in output, output
+    last = output.strip().splitlines()[-1]
+    lost = re.fullmatch(
+        r"error: another process of the job ended at step (\d+) \(.+\): .*resumes from (\S+) in .+", last
+    )
+    assert lost and int(lost[1]) >= 6 and (run_dir / "checkpoints" / lost[2]).is_file(), output
+    assert_lock_free(run_dir)
+
+    host, other = start_nodes(command, env)
+    output = host.communicate(timeout=300)[0]
+    assert host.returncode == 0 and other.wait(timeout=60) == 0, output
+    assert "resumed at epoch" in output and final_state(run_dir)["train_state"]["global_step"] == 12, output
 
 
 def test_resume_with_an_incompatible_model_is_refused_with_the_differences(tmp_path, tiny_dataset):

@@ -274,3 +274,22 @@ def broadcast_from_main(obj: Any) -> Any:
 def barrier() -> None:
     if c10d.is_initialized():
         c10d.barrier(group=_control_group)
+
+
+# What gloo, NCCL and the c10d store say when another process of the job is gone; they raise RuntimeError (or
+# DistError) and tell the cause only in the text.
+PEER_LOSS_SIGNS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Connection refused",
+    "remote process exited",
+    "NCCL communicator was aborted",
+)
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective or store failing because another rank or node of the job ended."""
+    return isinstance(err, c10d.DistNetworkError) or (
+        isinstance(err, RuntimeError) and any(sign in str(err) for sign in PEER_LOSS_SIGNS)
+    )

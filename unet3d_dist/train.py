@@ -8,10 +8,15 @@ module is only the command line; the Trainer lives in ``trainer.py``. torch is i
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Config, ConfigError, describe, load_config
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,16 +55,41 @@ def train(cfg: Config) -> int:
     """Run the Trainer in this process's place in the job; the exit code (0, 75 after a stop, 2 on bad input)."""
     from .checkpoint import CheckpointError
     from .data.shards import DatasetError
-    from .dist import runtime
+    from .dist import lost_peer, runtime
     from .optional import MissingDependency
     from .run_lock import RunDirectoryBusy
     from .trainer import NonFiniteLossError, Trainer
 
     try:
         with runtime(cfg.train.device, cfg.train.init_timeout_s) as env:
-            return Trainer(cfg, env).train()
+            trainer = None
+            try:
+                trainer = Trainer(cfg, env)
+                return trainer.train()
+            except RuntimeError as err:
+                if env.world_size == 1 or not lost_peer(err):
+                    raise
+                return peer_lost(cfg, trainer, err)
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, RunDirectoryBusy, MissingDependency) as err:
         return fail(err)
+
+
+def peer_lost(cfg: Config, trainer: Trainer | None, err: RuntimeError) -> int:
+    """One line when another rank or node of the job ended mid-run (the collectives fail on every rank left);
+    exit code 75, as after a stop: the same command, on every node, resumes from the latest checkpoint."""
+    from .checkpoint import Checkpointer
+    from .trainer import REQUEUE_EXIT_CODE
+
+    where = f" at step {trainer.state.global_step}" if trainer is not None else " while starting"
+    latest = Checkpointer(cfg.run_dir, cfg.checkpoint.keep_last).latest()
+    resume = f"resumes from {latest.name}" if latest else "starts afresh (no checkpoint yet)"
+    reason = re.sub(r"^\[[^]]*\]\s*", "", str(err).splitlines()[0]).split(". ")[0]  # gloo starts with its source line
+    print(
+        f"error: another process of the job ended{where} ({reason}): a node or rank was "
+        f"lost; run the same command on every node: it {resume} in {cfg.run_dir}",
+        file=sys.stderr,
+    )
+    return REQUEUE_EXIT_CODE
 
 
 def fail(err: Exception) -> int:
