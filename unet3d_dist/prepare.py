@@ -243,10 +243,10 @@ def prepare(
             write_shard(
                 partial / shard_name(index),
                 done,
-                len(classes),
+                classes,
                 recipe.shards.compression,
                 tuple(recipe.shards.chunks),
-                channels=len(recipe.input.names),
+                channels=recipe.input.names,
                 notes={"skipped": skipped, "warnings": warnings},
             )
 
@@ -309,7 +309,7 @@ def print_summary(
 def verify(root: Path, console: Console) -> int:
     problems = verify_dataset(root)
     for line in problems:
-        console.print(f"[red]bad shard[/] {line}")
+        console.print(f"[red]bad[/] {line}")
     if problems:
         return 1
     manifest = json.loads((root / MANIFEST).read_text())
