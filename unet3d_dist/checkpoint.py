@@ -46,11 +46,13 @@ class CheckpointError(RuntimeError):
 
 
 def dataset_entry(dataset: ShardedDataset) -> dict[str, Any]:
-    """What a checkpoint records of its training data: classes, modality and the preprocessing predict repeats."""
+    """What a checkpoint records of its training data: classes, modality, the preprocessing predict repeats and the
+    raw intensity range it warns against (None for datasets prepared before it was recorded)."""
     return {
         "classes": dataset.classes,
         "modality": dataset.manifest.get("modality", ""),
         "preprocessing": dataset.manifest.get("preprocessing", {}),
+        "intensity_range": dataset.manifest.get("intensity_range"),
     }
 
 

@@ -207,6 +207,18 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     atomic_write_text(Path(root) / MANIFEST, json.dumps(manifest, indent=1))
 
 
+def intensity_range(records: list[dict[str, Any]], channels: list[str]) -> dict[str, list[float]] | None:
+    """Per channel, [lowest 0.5 percentile, highest 99.5 percentile] of the training cases' raw intensities, which
+    predict compares new scans with: pooled from each case's own percentiles (no voxel is held), so a scan like any
+    training case lies inside it. All cases when none trains; None when the records carry no percentiles."""
+    measured = [r for r in records if "intensity_percentiles" in r]
+    pooled = [r for r in measured if r["split"] == "train"] or measured
+    if not pooled:
+        return None
+    per_case = np.array([r["intensity_percentiles"] for r in pooled])  # (case, channel, low/high)
+    return {name: [float(per_case[:, i, 0].min()), float(per_case[:, i, 1].max())] for i, name in enumerate(channels)}
+
+
 def new_manifest(
     name: str,
     modality: str,
@@ -217,6 +229,7 @@ def new_manifest(
     checksums: bool = True,
 ) -> dict[str, Any]:
     """The manifest of shards written by ``write_shard`` with the same ``checksums``."""
+    observed = intensity_range(records, channel_names(preprocessing))
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -226,6 +239,7 @@ def new_manifest(
         "channels": channel_names(preprocessing),
         **({"chunk_checksums": CHUNK_CHECKSUM} if checksums else {}),
         "preprocessing": preprocessing,
+        **({"intensity_range": observed} if observed else {}),
         "shards": shards,
         "cases": records,
     }
