@@ -203,3 +203,49 @@ def test_a_checkpoint_given_as_an_input_or_a_mismatched_member_is_refused_in_one
         mismatched.stderr
     )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_scan_unlike_the_training_data_is_predicted_with_a_warning_and_a_link_loop_or_blank_scan_is_skipped(
+    checkpoint, tmp_path
+):
+    trained = torch.load(checkpoint, weights_only=True)["dataset"]["intensity_range"]
+    low, high = trained["image"]
+    assert -1100 < low < -900 and 200 < high < 2000  # the abdominal CT's raw HU, before the window
+    noise = tmp_path / "noise.nii.gz"  # int16 noise at the type's limits: nothing like a CT
+    voxels = np.random.default_rng(0).integers(-32768, 32768, (32, 32, 24)).astype(np.int16)
+    voxels[0, 0, :2] = -32768, 32767
+    image = sitk.GetImageFromArray(voxels)
+    image.SetSpacing((4.0, 4.0, 4.0))
+    sitk.WriteImage(image, str(noise))
+    flat = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((24, 32, 32), -1024, np.int16)), str(flat))
+    loop, normal, out = tmp_path / "loop.nii.gz", SHARED_DATA / "ct_abdomen/image.nii.gz", tmp_path / "predictions"
+    loop.symlink_to(loop.name)
+
+    result = predict(checkpoint, noise, loop, flat, normal, "--out", out)
+    assert result.returncode == 3 and "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert sorted(result.stderr.splitlines()) == sorted(  # prepare's sentences
+        [
+            f"skipped: image {flat} has the same value (-1024) in every voxel; expected a scan, not a blank volume",
+            f"skipped: {loop} is a symbolic link loop (following its links leads back to it)",
+        ]
+    )
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"warning: {noise} has intensities far outside the training data's (0.5 to 99.5 percentile: image -3"
+    )
+    assert f"against {low:g} to {high:g}), so its mask may be meaningless" in warnings[0]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "image_mask.nii.gz",
+        "image_panel.png",
+        "noise_mask.nii.gz",
+        "noise_panel.png",
+    ]  # the warned scan's mask is still written; nothing for the loop or the blank scan
+
+    # a checkpoint of a dataset prepared before the range was recorded: no warning, no error
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["dataset"].pop("intensity_range")
+    older = tmp_path / "older.pt"
+    torch.save(saved, older)
+    result = predict(older, noise, "--out", tmp_path / "older")
+    assert result.returncode == 0 and "warning" not in result.stdout + result.stderr, result.stdout + result.stderr

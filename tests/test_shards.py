@@ -154,3 +154,68 @@ def test_bad_cases_are_refused_and_nothing_is_written(tmp_path, image, label, me
     with pytest.raises(DatasetError, match=message):
         write_dataset(tmp_path, [Case("bad", image, label)], ["bg", "fg"], name="t", modality="CT", preprocessing={})
     assert list(tmp_path.iterdir()) == []
+
+
+def edited_copy(dataset, tmp_path, edit) -> tuple:
+    """A copy of ``dataset`` whose manifest ``edit(manifest)`` changed in place, and its manifest path."""
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(dataset, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return copy, copy / "manifest.json"
+
+
+def test_a_manifest_edited_to_say_what_its_shards_do_not_is_refused_naming_the_key_and_both_values(
+    tiny_dataset, tmp_path
+):
+    copy, manifest = edited_copy(tiny_dataset, tmp_path, lambda m: m["classes"].append("tumour"))
+    with pytest.raises(DatasetError) as caught:
+        ShardedDataset(copy)
+    assert str(caught.value) == (
+        f"{manifest} gives classes as ['background', 'box', 'tumour'] but shard {copy / 'shard-00000.h5'} records "
+        "['background', 'box']: the manifest was edited or belongs to other shards; undo the edit or prepare the "
+        "dataset again"
+    )
+    assert verify_dataset(copy) == [str(caught.value)]
+
+    def reshape(m):
+        m["cases"][1]["shape"] = [45, 40, 24]
+
+    copy, manifest = edited_copy(tiny_dataset, tmp_path / "shape", reshape)
+    with pytest.raises(
+        DatasetError, match=r"gives case 'b' shape as \[45, 40, 24\] but shard .*records \[44, 40, 24\]"
+    ):
+        ShardedDataset(copy)
+
+
+def test_a_reformatted_manifest_with_edited_splits_opens_and_older_shards_are_checked_as_far_as_they_can_be(
+    tiny_dataset, tmp_path
+):
+    import h5py
+
+    def resplit(m):
+        m["cases"][0]["split"] = "test"
+
+    copy, manifest = edited_copy(tiny_dataset, tmp_path, resplit)
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()), sort_keys=True))  # one line, keys reordered
+    data = ShardedDataset(copy)
+    assert data.case_ids("test") == ["a", "f"] and data.unchecked_note is None and verify_dataset(copy) == []
+
+    for shard in copy.glob("shard-*.h5"):  # as written before shards stored their class and channel names
+        with h5py.File(shard, "r+") as h5:
+            del h5.attrs["classes"], h5.attrs["channels"]
+    data = json.loads(manifest.read_text())
+    data["classes"].append("tumour")
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"gives classes as \['background', 'box', 'tumour'\] but .* records '2 "):
+        ShardedDataset(copy)
+    for shard in copy.glob("shard-*.h5"):  # and before they stored their records
+        with h5py.File(shard, "r+") as h5:
+            del h5.attrs["manifest_records"]
+    assert ShardedDataset(copy).unchecked_note == (
+        f"dataset {copy} was prepared before shards carried their own records (shard-00000.h5, shard-00001.h5), so "
+        "its manifest cannot be checked against them; preparing it again adds them"
+    )

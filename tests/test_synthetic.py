@@ -78,6 +78,9 @@ def test_generated_once_through_the_shard_writer_with_exact_labels(tmp_path):
     assert case["shape"] == list(shape) and case["spacing"] == [3.0, 3.0, 3.0]
     assert np.array_equal(dataset.label(case["id"]), liver)
     assert np.allclose(dataset.image(case["id"])[0], ct_window(hu, *HU_WINDOW))
+    assert case["intensity_percentiles"] == [list(np.percentile(hu, [0.5, 99.5]))]  # raw HU, as prepare records
+    train = [r["intensity_percentiles"][0] for r in dataset.manifest["cases"] if r["split"] == "train"]
+    assert dataset.manifest["intensity_range"] == {"image": [min(p[0] for p in train), max(p[1] for p in train)]}
     assert (
         ensure_synthetic(tmp_path, 6) == root and (root / MANIFEST).stat().st_mtime_ns == stamp
     )  # cached, not rebuilt

@@ -59,6 +59,22 @@ def test_missing_dataset_is_named(tmp_path):
     assert result.returncode == 2 and "nowhere has no manifest.json" in result.stderr
 
 
+def test_a_hand_edited_manifest_stops_the_run_with_one_line_naming_it(tmp_path, tiny_dataset):
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(tiny_dataset, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["cases"][0]["shape"] = [41, 36, 28]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = train(tmp_path, copy, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and f"{copy / 'manifest.json'} gives case 'a' shape as [41, 36, 28]" in (
+        result.stderr
+    )
+    assert not list(tmp_path.glob("*/checkpoints/*"))
+
+
 def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dataset):
     import numpy as np
     from conftest import box_case

@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import Config, ConfigError, config_from_dict
 from .data.shards import ShardedDataset, channel_names
-from .files import atomic_write, remove_unfinished
+from .files import atomic_write, remove_unfinished, why_missing
 from .model import build_model, to_channels_last
 from .precision import amp_name
 
@@ -47,11 +47,13 @@ class CheckpointError(RuntimeError):
 
 
 def dataset_entry(dataset: ShardedDataset) -> dict[str, Any]:
-    """What a checkpoint records of its training data: classes, modality and the preprocessing predict repeats."""
+    """What a checkpoint records of its training data: classes, modality, the preprocessing predict repeats and the
+    raw intensity range it warns against (None for datasets prepared before it was recorded)."""
     return {
         "classes": dataset.classes,
         "modality": dataset.manifest.get("modality", ""),
         "preprocessing": dataset.manifest.get("preprocessing", {}),
+        "intensity_range": dataset.manifest.get("intensity_range"),
     }
 
 
@@ -211,7 +213,7 @@ class Checkpointer:
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} {why_missing(path)}")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:  # torch's message suggests weights_only=False, which would run the file's code

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .files import atomic_write_text
+from .files import atomic_write_text, why_missing
 
 
 class ConfigError(ValueError):
@@ -262,7 +262,7 @@ def read_yaml(path: str | Path, what: str) -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist")
+        raise ConfigError(f"{what} {path} {why_missing(path)}")
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

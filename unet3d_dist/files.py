@@ -6,11 +6,13 @@ reader (or a resumed run) never sees half a checkpoint, shard, manifest, mask or
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 TEMPORARY_PREFIX = ".tmp-"
+LINK_LOOP = "is a symbolic link loop (following its links leads back to it)"
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -43,3 +45,17 @@ def remove_unfinished(folder: Path) -> None:
     """Delete the temporary files of writers that were killed mid-write (only the folder's one writer calls this)."""
     for leftover in Path(folder).glob(f"{TEMPORARY_PREFIX}*") if Path(folder).is_dir() else []:
         leftover.unlink(missing_ok=True)
+
+
+def is_link_loop(path: Path) -> bool:
+    """True when following ``path``'s symbolic links never ends (``exists`` and ``is_file`` just say False)."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        return err.errno == errno.ELOOP
+    return False
+
+
+def why_missing(path: Path, otherwise: str = "does not exist") -> str:
+    """What to say of a path that is not there: a symbolic link loop, or ``otherwise``."""
+    return LINK_LOOP if is_link_loop(path) else otherwise

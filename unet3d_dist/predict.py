@@ -31,7 +31,15 @@ import torch
 
 from .checkpoint import CheckpointError, run_dir_of
 from .config import ConfigError
-from .data.preprocess import CANONICAL_ORIENTATION, axes_smaller, dims, model_input, onto_grid, reorient
+from .data.preprocess import (
+    CANONICAL_ORIENTATION,
+    axes_smaller,
+    dims,
+    intensity_percentiles,
+    model_input,
+    onto_grid,
+    reorient,
+)
 from .data.readers import CaseError, array_xyz, image_xyz, read_channels, strip_suffix
 from .data.shards import channel_names
 from .dist import gather_to_main, runtime
@@ -56,6 +64,7 @@ class Predictor:
         self.modality: str = first.dataset.get("modality", "")
         self.preprocessing: list[dict[str, Any]] = [item.dataset["preprocessing"] for item in loaded]
         self.channels = channel_names(self.preprocessing[0])
+        self.intensity_range: dict[str, list[float]] | None = first.dataset.get("intensity_range")
         if "normalization" not in self.preprocessing[0]:
             raise CheckpointError(
                 f"checkpoint {first.path}'s dataset records no preprocessing.normalization, so new scans cannot be "
@@ -142,14 +151,37 @@ def padding_line(path: object, prepared: sitk.Image, patch: tuple[int, int, int]
     )
 
 
+def intensity_line(path: object, channels: list[sitk.Image], predictor: Predictor) -> str | None:
+    """A warning for a scan unlike the training data (another modality, units or scaling): a channel's 0.5 or 99.5
+    percentile beyond the training range by more than the range's width. None without a recorded range."""
+    if not predictor.intensity_range:
+        return None
+    far = []
+    for name, image in zip(predictor.channels, channels):
+        (low, high), (trained_low, trained_high) = (
+            intensity_percentiles(sitk.GetArrayViewFromImage(image)),
+            predictor.intensity_range[name],
+        )
+        width = trained_high - trained_low
+        if low < trained_low - width or high > trained_high + width:
+            far.append(f"{name} {low:g} to {high:g} against {trained_low:g} to {trained_high:g}")
+    if not far:
+        return None
+    return (
+        f"warning: {path} has intensities far outside the training data's (0.5 to 99.5 percentile: {'; '.join(far)}), "
+        "so its mask may be meaningless"
+    )
+
+
 def predict_file(predictor: Predictor, scan: Scan, mask_path: Path, panel_path: Path) -> None:
     """Write the mask NIfTI and the slice panel of one input (each file atomically); say if the input is padded."""
     whose = "the checkpoint was trained on" if len(predictor.members) == 1 else "the ensemble was trained on"
     channels = read_channels(scan, predictor.channels, whose)
     path = scan[0]
     prepared = predictor.prepare(channels)
-    if line := padding_line(path, prepared[0], predictor.patch):
-        print(line, flush=True)
+    for line in (intensity_line(path, channels, predictor), padding_line(path, prepared[0], predictor.patch)):
+        if line:
+            print(line, flush=True)
     image = channels[0]  # the panel shows the first channel
     mask = predictor.mask(channels, prepared)
     atomic_write(mask_path, lambda tmp: sitk.WriteImage(mask, str(tmp), useCompression=True))

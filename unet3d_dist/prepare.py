@@ -47,7 +47,7 @@ from .data.shards import (
     write_manifest,
     write_shard,
 )
-from .files import atomic_write_text, remove_unfinished
+from .files import LINK_LOOP, atomic_write_text, is_link_loop, remove_unfinished
 from .logger import progress_bar
 from .optional import MissingDependency, require, sitk
 
@@ -96,9 +96,16 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
 
 
+def _resolved(path: Path) -> str:
+    """The real path, for the plan; a symbolic link loop stays as given, for its case to be refused with the rest."""
+    return str(path.absolute() if is_link_loop(path) else path.resolve())
+
+
 def open_workspace(out: Path, plan: dict[str, Any], overwrite: bool) -> Path:
     """The ``<out>.partial`` folder to build in: resumed when it holds the same plan, else new. Refuses, before any
     work, to replace anything that is not ours or to replace a dataset without ``overwrite``."""
+    if is_link_loop(out):
+        raise DatasetError(f"--out {out} {LINK_LOOP}; choose another --out (nothing was changed)")
     if out.exists() and not out.is_dir():
         raise DatasetError(f"--out {out} exists and is not a folder; choose another --out (nothing was changed)")
     if out.is_dir() and any(out.iterdir()):
@@ -205,8 +212,8 @@ def prepare(
                 {
                     "id": s.id,
                     "split": splits[s.id],
-                    "images": [str(p.resolve()) for p in s.images],
-                    "label": str(s.label.resolve()),
+                    "images": [_resolved(p) for p in s.images],
+                    "label": _resolved(s.label),
                 }
                 for s in shard
             ]
@@ -236,10 +243,10 @@ def prepare(
             write_shard(
                 partial / shard_name(index),
                 done,
-                len(classes),
+                classes,
                 recipe.shards.compression,
                 tuple(recipe.shards.chunks),
-                channels=len(recipe.input.names),
+                channels=recipe.input.names,
                 notes={"skipped": skipped, "warnings": warnings},
             )
 
@@ -302,7 +309,7 @@ def print_summary(
 def verify(root: Path, console: Console) -> int:
     problems = verify_dataset(root)
     for line in problems:
-        console.print(f"[red]bad shard[/] {line}")
+        console.print(f"[red]bad[/] {line}")
     if problems:
         return 1
     manifest = json.loads((root / MANIFEST).read_text())

@@ -12,8 +12,17 @@ import numpy as np
 from ..config import DataConfig
 from ..optional import sitk
 from .layouts import Source
-from .preprocess import axes_smaller, bounding_box, dims, map_labels, model_input, onto_grid, reorient
-from .readers import array_xyz, check_finite, read_hdf5_pair, read_pair
+from .preprocess import (
+    axes_smaller,
+    bounding_box,
+    dims,
+    intensity_percentiles,
+    map_labels,
+    model_input,
+    onto_grid,
+    reorient,
+)
+from .readers import array_xyz, check_voxels, read_hdf5_pair, read_pair
 from .recipe import Recipe
 from .shards import Case
 
@@ -53,7 +62,7 @@ def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list
     """The prepared case and its warnings; raises CaseError for input that cannot be used."""
     if source.layout == "hdf5":
         image, label = read_hdf5_pair(source.image, tuple(recipe.input.spacing))
-        check_finite(image, source.image)
+        check_voxels(image, source.image)
         channels = [image]
     else:
         channels, label = read_pair(source.images, source.label, recipe.input.names)
@@ -94,6 +103,7 @@ def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list
         extra={
             "label_source": str(source.label.resolve()),
             "source_geometry": geometry(image),
+            "intensity_percentiles": [intensity_percentiles(sitk.GetArrayViewFromImage(c)) for c in channels],
             **({"channel_sources": [str(p.resolve()) for p in source.images]} if len(source.images) > 1 else {}),
         },
     )

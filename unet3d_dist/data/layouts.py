@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import why_missing
 from .readers import IMAGE_SUFFIXES, strip_suffix
 from .shards import DatasetError
 
@@ -59,8 +60,11 @@ def _detect(folder: Path) -> str:
 
 
 def _hdf5_cases(folder: Path) -> list[Source]:
+    """Every ``.h5`` entry but folders: a broken link or link loop is a case the reader refuses, not one ignored."""
     return [
-        Source(strip_suffix(p), (p,), p, "hdf5") for p in _visible(folder) if p.is_file() and p.suffix in HDF5_SUFFIXES
+        Source(strip_suffix(p), (p,), p, "hdf5")
+        for p in _visible(folder)
+        if not p.is_dir() and p.suffix in HDF5_SUFFIXES
     ]
 
 
@@ -123,7 +127,7 @@ def find_cases(
     sources: list[Source] = []
     for folder in map(Path, inputs):
         if not folder.is_dir():
-            raise DatasetError(f"input {folder} is not a folder")
+            raise DatasetError(f"input {folder} {why_missing(folder, 'is not a folder')}")
         kind = _detect(folder) if layout == "auto" else layout
         if kind == "hdf5":
             found = _hdf5_cases(folder)

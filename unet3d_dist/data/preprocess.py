@@ -20,6 +20,13 @@ from .shards import channel_names
 INTERPOLATORS = {"linear": "sitkLinear", "cubic": "sitkBSpline"}  # SimpleITK's names, read on use
 CANONICAL_ORIENTATION = "LPS"  # identity direction; the synthetic phantom is built in it
 NORMALIZATIONS = ("ct_window", "zscore", "none")
+INTENSITY_PERCENTILES = (0.5, 99.5)  # what the manifest's intensity_range pools and predict compares
+
+
+def intensity_percentiles(voxels: np.ndarray) -> list[float]:
+    """The 0.5 and 99.5 percentiles of one channel's raw intensities over the whole volume: predict has neither a
+    label nor (for MRI) a body threshold, so prepare measures the same whole scan that predict will compare."""
+    return [float(v) for v in np.percentile(voxels, INTENSITY_PERCENTILES)]
 
 
 def ct_window(hu: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..files import why_missing
 from ..optional import sitk
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -148,7 +149,7 @@ def _read_any(path: Path) -> sitk.Image:
     if path.is_dir():
         image = _read_dicom_series(path)
     elif not path.is_file():
-        raise CaseError(f"{path} does not exist")
+        raise CaseError(f"{path} {why_missing(path)}")
     else:
         if path.name.endswith((".nii", ".nii.gz")):
             _check_nifti_complete(path)
@@ -170,12 +171,17 @@ def _single_channel(image: sitk.Image, path: object) -> sitk.Image:
     return image
 
 
-def check_finite(image: sitk.Image, path: object) -> None:
-    """Refuse NaN or infinite voxels, which resampling, z-scoring and the network would spread; prepare and predict
-    both call this, so they refuse with the same sentence."""
+def check_voxels(image: sitk.Image, path: object) -> None:
+    """Refuse NaN or infinite voxels, which resampling, z-scoring and the network would spread, and an image of one
+    value (a blank export), which normalisation turns into zeros that look like data; prepare and predict both call
+    this, so they refuse with the same sentence."""
     voxels = sitk.GetArrayViewFromImage(image)
     if voxels.dtype.kind == "f" and not np.isfinite(voxels).all():
         raise CaseError(f"image {path} holds {np.count_nonzero(~np.isfinite(voxels))} NaN or infinite voxels")
+    if voxels.min() == voxels.max():
+        raise CaseError(
+            f"image {path} has the same value ({voxels.flat[0]:g}) in every voxel; expected a scan, not a blank volume"
+        )
 
 
 def check_same_grid(image: sitk.Image, other: sitk.Image, image_path: object, other_path: object, what: str) -> None:
@@ -197,8 +203,8 @@ def check_same_grid(image: sitk.Image, other: sitk.Image, image_path: object, ot
 
 def read_channels(paths: tuple[Path, ...], names: list[str], whose: str) -> list[sitk.Image]:
     """The channels ``names`` (``whose`` they are, for the message) from one file per channel, or from one 4-D file
-    holding them all, on one grid and finite; a channel stored with flipped or permuted axes is reoriented to the
-    first's axes."""
+    holding them all, on one grid, finite and not constant; a channel stored with flipped or permuted axes is
+    reoriented to the first's axes."""
     volumes = [(path, volume) for path in paths for volume in read_volumes(path)]
     if len(volumes) != len(names):
         files = " and ".join(map(str, paths))
@@ -211,7 +217,7 @@ def read_channels(paths: tuple[Path, ...], names: list[str], whose: str) -> list
         if channels:
             volume = sitk.DICOMOrient(volume, _orientation(first))
             check_same_grid(first, volume, first_path, path, f"channel {name}")
-        check_finite(volume, path if len(names) == 1 else f"{path} (channel {name})")
+        check_voxels(volume, path if len(names) == 1 else f"{path} (channel {name})")
         channels.append(volume)
     return channels
 
@@ -233,6 +239,8 @@ def read_hdf5_pair(path: Path, spacing: tuple[float, float, float]) -> tuple[sit
     """The original project's layout: one file per case with (x, y, z) datasets ``image`` and ``label`` and no
     geometry.
     """
+    if not path.is_file():
+        raise CaseError(f"{path} {why_missing(path)}")
     try:
         with h5py.File(path, "r") as h5:
             missing = [name for name in ("image", "label") if name not in h5]

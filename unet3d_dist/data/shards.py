@@ -7,11 +7,17 @@ Layout of a dataset folder::
                              /<case id>/label   uint8   (X, Y, Z), class ids
                              /<case id>/foreground int32 (N, 4): (class, x, y, z) samples for oversampling
                              case attributes: spacing, origin, direction (ITK physical geometry)
-                             file attributes: manifest_records, notes (JSON; the shard describes itself)
+                             file attributes: manifest_records, classes, channels, notes (JSON; the shard
+                             describes itself)
 
 Every dataset carries HDF5's fletcher32 checksum per chunk (manifest ``chunk_checksums``), so a corrupt chunk is
 a read error naming the shard and case instead of silently changed voxels. Datasets prepared before checksums
 still read; ``ShardedDataset.checksum_note`` says their corruption would go unnoticed.
+
+Opening a dataset checks what the manifest says (classes, channels, every case's record but its split, which stays
+editable) against what each shard says of itself, so a hand-edited manifest cannot train on data it misdescribes;
+the comparison is of content, so a reformatted manifest still opens. Shards written before they stored their class
+and channel names are checked by their counts.
 
 Arrays are stored in (x, y, z) order, so ``spacing[i]`` belongs to array axis ``i``. A single-channel image is
 stored as a 3-D array (as before channels existed); ``ShardedDataset.image`` always returns (C, X, Y, Z), and the
@@ -25,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,22 +151,23 @@ def case_record(case: Case, shard: str, num_classes: int) -> dict[str, Any]:
 def write_shard(
     path: Path,
     cases: Iterable[Case],
-    num_classes: int,
+    classes: Sequence[str],
     compression: str = DEFAULT_COMPRESSION,
     chunks: tuple[int, int, int] = DEFAULT_CHUNKS,
     checksums: bool = True,
-    channels: int = 1,
+    channels: Sequence[str] = DEFAULT_CHANNELS,
     notes: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Write cases to one shard atomically and return their manifest records.
 
-    The records (and any JSON-able ``notes``) are also stored in the shard's ``manifest_records`` / ``notes``
-    attributes, so a finished shard describes itself and an interrupted ``prepare`` can resume from it.
+    The records, the class and channel names (and any JSON-able ``notes``) are also stored in the shard's
+    ``manifest_records``, ``classes``, ``channels`` and ``notes`` attributes, so a finished shard describes itself:
+    an interrupted ``prepare`` resumes from it and an edited manifest is caught against it.
     ``checksums=False`` writes chunks without fletcher32, as before checksums existed (for benchmarks and tests).
     """
-    cases = list(cases)
+    cases, num_classes = list(cases), len(classes)
     for case in cases:
-        _check_case(case, num_classes, channels)
+        _check_case(case, num_classes, len(channels))
     records = [case_record(case, path.name, num_classes) for case in cases]
     filters = {"compression": None if compression == "none" else compression, "fletcher32": checksums}
 
@@ -170,7 +177,7 @@ def write_shard(
                 group = h5.create_group(case.id)
                 chunk = tuple(min(c, s) for c, s in zip(chunks, case.label.shape))
                 image = channels_first(case.image).astype(np.float32)
-                image, image_chunk = (image[0], chunk) if channels == 1 else (image, (1, *chunk))
+                image, image_chunk = (image[0], chunk) if len(channels) == 1 else (image, (1, *chunk))
                 group.create_dataset("image", data=image, chunks=image_chunk, **filters)
                 group.create_dataset("label", data=case.label, chunks=chunk, **filters)
                 group.create_dataset(
@@ -179,6 +186,7 @@ def write_shard(
                 for key in ("spacing", "origin", "direction"):
                     group.attrs[key] = np.asarray(getattr(case, key), dtype=np.float64)
             h5.attrs["manifest_records"] = json.dumps(records)
+            h5.attrs["classes"], h5.attrs["channels"] = json.dumps(list(classes)), json.dumps(list(channels))
             h5.attrs["notes"] = json.dumps(notes or {})
 
     atomic_write(path, write)
@@ -199,6 +207,18 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     atomic_write_text(Path(root) / MANIFEST, json.dumps(manifest, indent=1))
 
 
+def intensity_range(records: list[dict[str, Any]], channels: list[str]) -> dict[str, list[float]] | None:
+    """Per channel, [lowest 0.5 percentile, highest 99.5 percentile] of the training cases' raw intensities, which
+    predict compares new scans with: pooled from each case's own percentiles (no voxel is held), so a scan like any
+    training case lies inside it. All cases when none trains; None when the records carry no percentiles."""
+    measured = [r for r in records if "intensity_percentiles" in r]
+    pooled = [r for r in measured if r["split"] == "train"] or measured
+    if not pooled:
+        return None
+    per_case = np.array([r["intensity_percentiles"] for r in pooled])  # (case, channel, low/high)
+    return {name: [float(per_case[:, i, 0].min()), float(per_case[:, i, 1].max())] for i, name in enumerate(channels)}
+
+
 def new_manifest(
     name: str,
     modality: str,
@@ -209,6 +229,7 @@ def new_manifest(
     checksums: bool = True,
 ) -> dict[str, Any]:
     """The manifest of shards written by ``write_shard`` with the same ``checksums``."""
+    observed = intensity_range(records, channel_names(preprocessing))
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -218,6 +239,7 @@ def new_manifest(
         "channels": channel_names(preprocessing),
         **({"chunk_checksums": CHUNK_CHECKSUM} if checksums else {}),
         "preprocessing": preprocessing,
+        **({"intensity_range": observed} if observed else {}),
         "shards": shards,
         "cases": records,
     }
@@ -243,11 +265,11 @@ def write_dataset(
     root.mkdir(parents=True, exist_ok=True)
     shards, records, batch = [], [], []
 
-    channels = len(channel_names(preprocessing))
+    channels = channel_names(preprocessing)
 
     def flush() -> None:
         path = root / f"shard-{len(shards):05d}.h5"
-        records.extend(write_shard(path, batch, len(classes), compression, chunks, checksums, channels))
+        records.extend(write_shard(path, batch, classes, compression, chunks, checksums, channels))
         shards.append(shard_entry(path, [c.id for c in batch]))
         batch.clear()
 
@@ -271,6 +293,7 @@ class ShardedDataset:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
         self.manifest = load_manifest(self.root)
+        self.unchecked = check_against_shards(self.root, self.manifest)
         self.classes: list[str] = self.manifest["classes"]
         self.records = {r["id"]: r for r in self.manifest["cases"]}
         self._sizes = {s["file"]: s["bytes"] for s in self.manifest["shards"]}
@@ -300,6 +323,17 @@ class ShardedDataset:
             f"dataset {self.root} was prepared without chunk checksums, so a corrupt chunk would go unnoticed; "
             f"python -m unet3d_dist.prepare --verify {self.root} checks whole files, and preparing it again adds "
             "checksums"
+        )
+
+    @property
+    def unchecked_note(self) -> str | None:
+        """One line for shards written before they described themselves: the manifest cannot be checked against them."""
+        if not self.unchecked:
+            return None
+        return (
+            f"dataset {self.root} was prepared before shards carried their own records ({', '.join(self.unchecked[:3])}"
+            f"{', ...' if len(self.unchecked) > 3 else ''}), so its manifest cannot be checked against them; preparing "
+            "it again adds them"
         )
 
     def case_ids(self, split: str | None = None) -> list[str]:
@@ -384,10 +418,72 @@ def load_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
+EDITABLE = {"split"}  # keys of a case record that may be changed by hand in the manifest
+
+
+def _self_description(shard: Path, size: int) -> dict[str, Any] | None:
+    """The records, classes and channels a shard stores (the last two absent in shards written before they were
+    stored); None for a shard that is missing, of the wrong size or unreadable (reading its cases names the problem)
+    and {} for one written before shards stored their records."""
+    if not shard.is_file() or shard.stat().st_size != size:
+        return None
+    try:
+        with h5py.File(shard, "r") as h5:
+            return {
+                key: json.loads(h5.attrs[key]) for key in ("manifest_records", "classes", "channels") if key in h5.attrs
+            }
+    except (OSError, ValueError):
+        return None
+
+
+def _disagreement(manifest: dict[str, Any], shard: Path, stored: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first thing the manifest says that ``shard``'s own description contradicts: (what, manifest's, shard's)."""
+    claims = {"classes": manifest["classes"], "channels": channel_names(manifest.get("preprocessing", {}))}
+    for key, claimed in claims.items():
+        if key in stored and stored[key] != claimed:
+            return key, claimed, stored[key]
+    records = {r["id"]: r for r in stored["manifest_records"]}
+    listed = [r for r in manifest["cases"] if r.get("shard") == shard.name]
+    if not {r["id"] for r in listed} <= set(records):
+        return "the cases of this shard", sorted(r["id"] for r in listed), sorted(records)
+    for claimed in listed:
+        own = records[claimed["id"]]
+        for key in sorted((set(claimed) | set(own)) - EDITABLE):
+            if claimed.get(key) != own.get(key):
+                return f"case {claimed['id']!r} {key}", claimed.get(key), own.get(key)
+        for key, counted in (("classes", own["class_voxels"]), ("channels", own.get("image_min"))):
+            if isinstance(counted, list) and len(counted) != len(claims[key]):  # shards that do not store the names
+                return key, claims[key], f"{len(counted)} {key}"
+    return None
+
+
+def check_against_shards(root: Path, manifest: dict[str, Any]) -> list[str]:
+    """Raise DatasetError when the manifest says what a shard's own description contradicts; return the shards that
+    carry no description (written before shards stored their records), which cannot be checked."""
+    unchecked = []
+    for entry in manifest["shards"]:
+        shard = Path(root) / entry["file"]
+        stored = _self_description(shard, entry["bytes"])
+        if stored is not None and "manifest_records" not in stored:
+            unchecked.append(entry["file"])
+        elif stored is not None and (found := _disagreement(manifest, shard, stored)):
+            what, claimed, own = found
+            raise DatasetError(
+                f"{Path(root) / MANIFEST} gives {what} as {claimed!r} but shard {shard} records {own!r}: the manifest "
+                "was edited or belongs to other shards; undo the edit or prepare the dataset again"
+            )
+    return unchecked
+
+
 def verify_dataset(root: Path) -> list[str]:
-    """Check every shard's size and sha256 against the manifest; return one line per problem."""
+    """Check every shard's size and sha256 against the manifest, and the manifest against what each shard says of
+    itself; return one line per problem."""
     manifest = load_manifest(Path(root))
-    problems = []
+    try:
+        check_against_shards(Path(root), manifest)
+        problems = []
+    except DatasetError as err:
+        problems = [str(err)]
     for shard in manifest["shards"]:
         path = Path(root) / shard["file"]
         if not path.is_file():

@@ -14,8 +14,9 @@ def open_dataset(cfg: DataConfig, env: DistEnv) -> ShardedDataset:
     """The configured dataset; the synthetic phantom is generated once by each node's first rank."""
     if cfg.dataset != "synthetic":
         dataset = ShardedDataset(cfg.dataset)
-        if env.is_main and dataset.checksum_note:  # prepared before chunk checksums (the phantom always has them)
-            print(f"note: {dataset.checksum_note}")
+        for note in (dataset.checksum_note, dataset.unchecked_note) if env.is_main else ():
+            if note:  # prepared before chunk checksums or self-describing shards (the phantom has both)
+                print(f"note: {note}")
         return dataset
     if env.local_rank == 0:
         console = Console(quiet=not env.is_main)

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .preprocess import ct_window
-from .shards import MANIFEST, Case, write_dataset
+from .preprocess import ct_window, intensity_percentiles
+from .shards import MANIFEST, Case, channels_first, write_dataset
 
 # Names the cache folder. v4: chunk checksums; v5: the liver label stops at the spine, which v4 painted over up to
 # 5 % of some livers (labelled liver, looking like bone), and a fat plane parts the spleen from the liver, which it
@@ -190,6 +190,7 @@ def phantom_cases(n_cases: int, seed: int = DATA_SEED, channels: int = 1):
             origin=origin,
             split=split,
             source=f"synthetic phantom v{GENERATOR_VERSION}, seed {seed}, case {i}",
+            extra={"intensity_percentiles": [intensity_percentiles(phase) for phase in channels_first(hu)]},
         )
 
 
