@@ -47,23 +47,24 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(cfg: Config) -> int:
-    """Run the Trainer in this process's place in the job; the exit code (0, 75 after a stop, 2 on bad input)."""
+    """Run the Trainer in this process's place in the job; the exit code (0, 75 after a stop, 2 on bad input or an
+    output it cannot write)."""
     from .checkpoint import CheckpointError
     from .data.shards import DatasetError
     from .dist import runtime
+    from .files import OutputError
     from .optional import MissingDependency
-    from .run_lock import RunDirectoryBusy
     from .trainer import NonFiniteLossError, Trainer
 
     try:
         with runtime(cfg.train.device, cfg.train.init_timeout_s) as env:
             return Trainer(cfg, env).train()
-    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, RunDirectoryBusy, MissingDependency) as err:
+    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, OutputError, MissingDependency) as err:
         return fail(err)
 
 
 def fail(err: Exception) -> int:
-    """One line on stderr for input the run cannot use; exit code 2."""
+    """One line on stderr for input the run cannot use or an output it cannot write; exit code 2."""
     print(f"error: {err}", file=sys.stderr)
     return 2
 
