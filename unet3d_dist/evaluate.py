@@ -16,6 +16,8 @@ clears the outputs above; ``results.json`` is written last and ``unfinished.txt`
 with ``results.json`` holds a finished evaluation, and one with ``unfinished.txt`` an interrupted one, which a rerun
 starts over (as cross-validation does for its folds, and Slurm for a requeued job). Any other non-empty folder, a
 finished evaluation included, is refused on every rank before the process group starts, unless ``--overwrite``.
+Rank 0 holds the folder (``run.lock``, run_lock.py) from before the marker until it exits, so a second evaluation
+into it is refused naming the first.
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ Several checkpoints predict as one ensemble (``ensemble.py``): each member on th
 spacing, with its own patch and flips; their softmax probabilities, on the first member's grid, are averaged before
 the argmax.
 
-Under torchrun every rank takes a disjoint, size-balanced share of the inputs. A bad input (unreadable, or with NaN
-or infinite voxels, refused as ``prepare`` refuses it) is reported with one sentence and skipped (exit status 3);
-nothing is written for it and it does not stop the others.
+Under torchrun every rank takes a disjoint, size-balanced share of the inputs; rank 0 holds ``DIR`` (``run.lock``,
+run_lock.py) before any rank writes there, so a second prediction into it is refused naming the first. A bad input
+(unreadable, or with NaN or infinite voxels, refused as ``prepare`` refuses it) is reported with one sentence and
+skipped (exit status 3); nothing is written for it and it does not stop the others.
 """
 
 from __future__ import annotations
