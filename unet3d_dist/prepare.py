@@ -6,8 +6,9 @@ sharded HDF5 dataset with a manifest, as the recipe says (data/recipe.py; exampl
 
 Cases are prepared in parallel, one per process. The dataset is built in ``<out>.partial`` beside ``<out>``: each
 shard there is written atomically and carries its own manifest records, so running the same command after a crash
-skips the finished shards. The manifest is written last and the folder then moves to ``<out>``; an older dataset
-there is replaced only with ``--overwrite``, and only once the new one is complete.
+skips the finished shards; one job at a time builds there (it holds ``run.lock``, run_lock.py). The manifest is
+written last and the folder then moves to ``<out>``; an older dataset there is replaced only with ``--overwrite``,
+and only once the new one is complete.
 
 A bad case never stops the run or touches the dataset: it is skipped with one sentence naming the file, listed in the
 summary and in the manifest's ``skipped``, and the exit status is 3.
