@@ -228,7 +228,8 @@ def test_overwrite_replaces_the_evaluations_own_files_and_keeps_the_others(tmp_p
         "panels",
         "results.csv",
         "results.json",
-    ]  # finished: no marker
+        "run.lock",
+    ]  # finished: no marker; the lock file stays (its lock went with the process)
 
 
 def test_a_rerun_over_its_own_interrupted_output_finishes_it_without_leftovers(tmp_path, checkpoint):

@@ -133,7 +133,8 @@ def test_an_image_with_nan_voxels_is_skipped_with_prepares_sentence_and_nothing_
     result = predict(checkpoint, nan_path, SHARED_DATA / "ct_abdomen/image.nii.gz", "--out", out)
     assert result.returncode == 3, result.stdout + result.stderr
     assert f"skipped: image {nan_path} holds 5 NaN or infinite voxels\n" in result.stderr  # prepare's sentence
-    assert sorted(p.name for p in out.iterdir()) == ["image_mask.nii.gz", "image_panel.png"]  # the good input still is
+    # the good input still is; the lock file stays (its lock went with the process)
+    assert sorted(p.name for p in out.iterdir()) == ["image_mask.nii.gz", "image_panel.png", "run.lock"]
 
 
 def test_one_process_says_which_input_is_padded_and_writes_into_the_run_by_default(checkpoint):
@@ -240,6 +241,7 @@ def test_a_scan_unlike_the_training_data_is_predicted_with_a_warning_and_a_link_
         "image_panel.png",
         "noise_mask.nii.gz",
         "noise_panel.png",
+        "run.lock",
     ]  # the warned scan's mask is still written; nothing for the loop or the blank scan
 
     # a checkpoint of a dataset prepared before the range was recorded: no warning, no error

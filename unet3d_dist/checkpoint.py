@@ -15,10 +15,10 @@ exists complete or not at all.
 
 from __future__ import annotations
 
+import io
 import pickle
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import Config, ConfigError, config_from_dict
 from .data.shards import ShardedDataset, channel_names
-from .files import atomic_write, remove_unfinished, why_missing
+from .files import atomic_write_bytes, remove_unfinished, why_missing
 from .model import build_model, to_channels_last
 from .precision import amp_name
 
@@ -188,9 +188,11 @@ class Checkpointer:
         self.dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         path = self.dir / f"ckpt-{step:08d}.pt"
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        data = io.BytesIO()  # in memory first: its size is known, and a full disk is an OSError, not torch's own
+        torch.save(state, data)
+        atomic_write_bytes(path, data.getbuffer())
         if is_best:
-            atomic_write(self.dir / BEST, lambda tmp: shutil.copyfile(path, tmp))
+            atomic_write_bytes(self.dir / BEST, data.getbuffer())
         for old in self.complete()[: -self.keep_last]:
             old.unlink(missing_ok=True)
         return path, time.perf_counter() - start

@@ -15,9 +15,9 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as c10d
@@ -274,6 +274,24 @@ def broadcast_from_main(obj: Any) -> Any:
 def barrier() -> None:
     if c10d.is_initialized():
         c10d.barrier(group=_control_group)
+
+
+T = TypeVar("T")
+
+
+def on_main(env: DistEnv, action: Callable[[], T], refusals: tuple[type[Exception], ...]) -> T | None:
+    """``action()`` on rank 0 alone (taking a folder's lock, claiming it); a refusal among ``refusals`` that it raises
+    is raised on every rank with the same sentence, so no rank goes on without it. Other ranks get None."""
+    result, refusal = None, None
+    if env.is_main:
+        try:
+            result = action()
+        except refusals as err:
+            refusal = err
+    refusal = broadcast_from_main(refusal)
+    if refusal is not None:
+        raise refusal
+    return result
 
 
 # What gloo, NCCL and the c10d store say when another process of the job is gone; they raise RuntimeError (or

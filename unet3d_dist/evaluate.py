@@ -16,6 +16,8 @@ clears the outputs above; ``results.json`` is written last and ``unfinished.txt`
 with ``results.json`` holds a finished evaluation, and one with ``unfinished.txt`` an interrupted one, which a rerun
 starts over (as cross-validation does for its folds, and Slurm for a requeued job). Any other non-empty folder, a
 finished evaluation included, is refused on every rank before the process group starts, unless ``--overwrite``.
+Rank 0 holds the folder (``run.lock``, run_lock.py) from before the marker until it exits, so a second evaluation
+into it is refused naming the first.
 """
 
 from __future__ import annotations
@@ -33,15 +35,16 @@ from .config import Config, ConfigError, side_divisor
 from .data.shards import DatasetError, ShardedDataset
 from .data.source import open_dataset
 from .data.splits import run_cases
-from .dist import barrier, default_workers, runtime
+from .dist import default_workers, on_main, runtime
 from .ensemble import Loaded, build_members, describe, read_checkpoints
-from .files import atomic_write, atomic_write_text
+from .files import OutputError, atomic_write, atomic_write_text
 from .logger import RunLogger, new_run_id
 from .masks import load_mask, mask_path
 from .optional import MissingDependency, require
 from .precision import amp_name, resolve_amp
 from .report import slice_panel
 from .results import class_table, json_ready, metric_columns, summarize, write_csv, write_json
+from .run_lock import LOCK_FILE, hold_folder
 from .scoring import ScoringOptions, default_metric_workers, score_cases
 
 RESULTS_JSON = "results.json"
@@ -176,7 +179,7 @@ def check_out(out: Path, overwrite: bool) -> None:
             f"{out} already holds a finished evaluation ({RESULTS_JSON}); pass --overwrite to replace it, or "
             "choose another --out"
         )
-    entries = sorted(out.iterdir())
+    entries = sorted(path for path in out.iterdir() if path.name != LOCK_FILE)
     if entries and not (out / UNFINISHED).is_file():
         more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
         raise ConfigError(
@@ -186,9 +189,11 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def claim_out(out: Path, args: argparse.Namespace) -> None:
-    """Rank 0, before any other output: mark ``out`` as this command's unfinished output, then clear what an earlier
-    run left, so the folder never mixes two evaluations."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Rank 0, before any other output: hold ``out`` for this process (run_lock; refused if another job has it or it
+    cannot be written), check it again now that no one else can change it, mark it as this command's unfinished
+    output, then clear what an earlier run left, so the folder never mixes two evaluations."""
+    hold_folder(out, f"--out {out}", "choose another --out", "--out")  # held until this process ends
+    check_out(out, args.overwrite)
     note = (
         f"unet3d-evaluate of {' '.join(map(str, args.checkpoint))} on split {args.split!r} is writing this folder; "
         f"this file is removed once {RESULTS_JSON} is written. If that run stopped, rerun it to finish.\n"
@@ -322,9 +327,7 @@ def evaluate(args: argparse.Namespace) -> None:
     with runtime(args.device) as env:
         dataset = open_dataset(cfg.data, env)
         case_ids = check_dataset(dataset, args.split, checkpoint, loaded[0].path, cfg)
-        if env.is_main:
-            claim_out(out, args)
-        barrier()  # no rank writes a mask before the folder is claimed and cleared
+        on_main(env, functools.partial(claim_out, out, args), (ConfigError, OutputError))  # before any rank writes
         options = ScoringOptions(
             overlap=cfg.inference.overlap if args.overlap is None else args.overlap,
             batch_size=args.batch_size or cfg.inference.batch_size,
@@ -356,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         evaluate(args)
-    except (ConfigError, DatasetError, CheckpointError, MissingDependency) as err:
+    except (ConfigError, DatasetError, CheckpointError, MissingDependency, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import sys
@@ -78,6 +79,9 @@ class RunLogger:
             mode=mode,
             settings=wandb.Settings(silent=True, console="off"),
         )
+        # wandb logs into files under the run directory: on a full disk each failed record would print a traceback
+        # of its own (the command's one error line says what happened)
+        logging.raiseExceptions = False
 
     def info(self, message: str) -> None:
         if self.enabled:

@@ -27,6 +27,7 @@ from rich.table import Table
 from .config import ConfigError, load_config
 from .data.recipe import recipe_from_dict
 from .data.shards import DatasetError
+from .files import OutputError
 from .optional import MissingDependency
 from .planning.planner import Plan, make_plan
 from .planning.sources import base_recipe, fingerprint_of
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                 console=console,
                 extra={"fingerprint": fingerprint},
             )
-    except (ConfigError, DatasetError, MissingDependency) as err:
+    except (ConfigError, DatasetError, MissingDependency, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     console.print(

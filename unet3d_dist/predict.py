@@ -14,14 +14,16 @@ Several checkpoints predict as one ensemble (``ensemble.py``): each member on th
 spacing, with its own patch and flips; their softmax probabilities, on the first member's grid, are averaged before
 the argmax.
 
-Under torchrun every rank takes a disjoint, size-balanced share of the inputs. A bad input (unreadable, or with NaN
-or infinite voxels, refused as ``prepare`` refuses it) is reported with one sentence and skipped (exit status 3);
-nothing is written for it and it does not stop the others.
+Under torchrun every rank takes a disjoint, size-balanced share of the inputs; rank 0 holds ``DIR`` (``run.lock``,
+run_lock.py) before any rank writes there, so a second prediction into it is refused naming the first. A bad input
+(unreadable, or with NaN or infinite voxels, refused as ``prepare`` refuses it) is reported with one sentence and
+skipped (exit status 3); nothing is written for it and it does not stop the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,13 +44,14 @@ from .data.preprocess import (
 )
 from .data.readers import CaseError, array_xyz, image_xyz, read_channels, strip_suffix
 from .data.shards import channel_names
-from .dist import gather_to_main, runtime
+from .dist import gather_to_main, on_main, runtime
 from .ensemble import Loaded, Member, build_members, mean_probabilities, read_checkpoints
-from .files import atomic_write
+from .files import OutputError, atomic_write
 from .inference import keep_largest_component, predict_labels, resample_to_shape, sliding_window_logits
 from .optional import MissingDependency, require, sitk
 from .precision import resolve_amp
 from .report import DISPLAY_WINDOWS, slice_panel
+from .run_lock import hold_folder
 from .scoring import balanced_shards
 
 EXIT_SKIPPED = 3
@@ -138,6 +141,13 @@ def output_paths(inputs: list[Scan], out: Path, overwrite: bool) -> dict[Scan, t
         more = f" (and {len(existing) - 1} more files)" if len(existing) > 1 else ""
         raise CaseError(f"{existing[0]} already exists{more}; pass --overwrite to replace it")
     return paths
+
+
+def hold_out(inputs: list[Scan], out: Path, overwrite: bool) -> None:
+    """Rank 0, before any rank writes: hold ``out`` for this process (run_lock; refused if another job has it or it
+    cannot be written), then check its files again now that no other job writes there."""
+    hold_folder(out, f"--out {out}", "choose another --out", "--out")  # held until this process ends
+    output_paths(inputs, out, overwrite)
 
 
 def padding_line(path: object, prepared: sitk.Image, patch: tuple[int, int, int]) -> str | None:
@@ -281,8 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         require("SimpleITK", "predict (reading scans, writing masks)", "SimpleITK")
         loaded = read_checkpoints(args.checkpoint)
         paths = output_paths(args.inputs, out, args.overwrite)
-        out.mkdir(parents=True, exist_ok=True)
         with runtime(args.device) as env:
+            on_main(env, functools.partial(hold_out, args.inputs, out, args.overwrite), (CaseError, OutputError))
             predictor = Predictor(loaded, env.device, args.overlap, args.batch_size)
             rank_prefix = f"rank {env.rank} " if env.world_size > 1 else ""
             failures = []
@@ -296,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
                 except CaseError as err:
                     failures.append(str(err))
             gathered = gather_to_main(failures)
-    except (CheckpointError, ConfigError, CaseError, MissingDependency) as err:
+    except (CheckpointError, ConfigError, CaseError, MissingDependency, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     failed = [line for part in gathered or [] for line in part]

@@ -6,8 +6,9 @@ sharded HDF5 dataset with a manifest, as the recipe says (data/recipe.py; exampl
 
 Cases are prepared in parallel, one per process. The dataset is built in ``<out>.partial`` beside ``<out>``: each
 shard there is written atomically and carries its own manifest records, so running the same command after a crash
-skips the finished shards. The manifest is written last and the folder then moves to ``<out>``; an older dataset
-there is replaced only with ``--overwrite``, and only once the new one is complete.
+skips the finished shards; one job at a time builds there (it holds ``run.lock``, run_lock.py). The manifest is
+written last and the folder then moves to ``<out>``; an older dataset there is replaced only with ``--overwrite``,
+and only once the new one is complete.
 
 A bad case never stops the run or touches the dataset: it is skipped with one sentence naming the file, listed in the
 summary and in the manifest's ``skipped``, and the exit status is 3.
@@ -47,9 +48,10 @@ from .data.shards import (
     write_manifest,
     write_shard,
 )
-from .files import LINK_LOOP, atomic_write_text, is_link_loop, remove_unfinished
+from .files import LINK_LOOP, OutputError, atomic_write_text, is_link_loop, remove_unfinished
 from .logger import progress_bar
 from .optional import MissingDependency, require, sitk
+from .run_lock import LOCK_FILE, hold_folder
 
 EXIT_SKIPPED = 3
 SPLIT_ORDER = ("train", "val", "test")
@@ -102,10 +104,35 @@ def _resolved(path: Path) -> str:
 
 
 def open_workspace(out: Path, plan: dict[str, Any], overwrite: bool) -> Path:
-    """The ``<out>.partial`` folder to build in: resumed when it holds the same plan, else new. Refuses, before any
-    work, to replace anything that is not ours or to replace a dataset without ``overwrite``."""
+    """The ``<out>.partial`` folder to build in, held by this process (run_lock): resumed when it holds the same plan,
+    else new. Refuses, before any work, to replace anything that is not ours or to replace a dataset without
+    ``overwrite``, and a folder another job is preparing or that cannot be written."""
     if is_link_loop(out):
         raise DatasetError(f"--out {out} {LINK_LOOP}; choose another --out (nothing was changed)")
+    check_out(out, overwrite)
+    partial = out.with_name(out.name + ".partial")
+    if partial.is_dir() and not (partial / PLAN).is_file() and any(p.name != LOCK_FILE for p in partial.iterdir()):
+        raise DatasetError(f"{partial} exists and was not made by prepare; move it away (nothing was changed)")
+    hold_folder(partial, f"--out {out}", "choose another --out", "--out")  # held until this process ends
+    check_out(out, overwrite)  # again: a job that held it may have finished meanwhile
+    if (partial / PLAN).is_file():
+        if json.loads((partial / PLAN).read_text()) == plan:
+            remove_unfinished(partial)  # a shard the crash interrupted
+            return partial
+        if not overwrite:
+            raise DatasetError(
+                f"{partial} holds an unfinished preparation with other inputs or settings; "
+                "rerun that command to finish it, or pass --overwrite to discard it"
+            )
+        for leftover in partial.iterdir():
+            if leftover.name != LOCK_FILE:
+                leftover.unlink()
+    atomic_write_text(partial / PLAN, json.dumps(plan, indent=1))
+    return partial
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that is a file, a folder of other files, or (without ``overwrite``) a dataset."""
     if out.exists() and not out.is_dir():
         raise DatasetError(f"--out {out} exists and is not a folder; choose another --out (nothing was changed)")
     if out.is_dir() and any(out.iterdir()):
@@ -119,34 +146,20 @@ def open_workspace(out: Path, plan: dict[str, Any], overwrite: bool) -> Path:
                 f"--out {out} already holds a prepared dataset; pass --overwrite to replace it (the old one stays "
                 "until the new one is complete)"
             )
-    partial = out.with_name(out.name + ".partial")
-    if (partial / PLAN).is_file():
-        if json.loads((partial / PLAN).read_text()) == plan:
-            remove_unfinished(partial)  # a shard the crash interrupted
-            return partial
-        if not overwrite:
-            raise DatasetError(
-                f"{partial} holds an unfinished preparation with other inputs or settings; "
-                "rerun that command to finish it, or pass --overwrite to discard it"
-            )
-        shutil.rmtree(partial)
-    elif partial.is_dir() and any(partial.iterdir()):
-        raise DatasetError(f"{partial} exists and was not made by prepare; move it away (nothing was changed)")
-    partial.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(partial / PLAN, json.dumps(plan, indent=1))
-    return partial
 
 
 def publish(partial: Path, out: Path) -> None:
-    """Move the finished dataset into place; an old dataset there is removed only after the move."""
+    """Move the finished dataset into place; an old dataset there is removed only after the move. The lock file goes
+    (its lock stays held until this process ends), so the dataset holds only its manifest and shards."""
     (partial / PLAN).unlink()
-    if not out.exists():
+    if out.exists():
+        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        os.rename(out, old)
         os.rename(partial, out)
-        return
-    old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-    os.rename(out, old)
-    os.rename(partial, out)
-    shutil.rmtree(old)
+        shutil.rmtree(old)
+    else:
+        os.rename(partial, out)
+    (out / LOCK_FILE).unlink()
 
 
 def _set_itk_threads(threads: int) -> None:
@@ -374,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
             split_file=args.splits,
             console=console,
         )
-    except (ConfigError, DatasetError, MissingDependency) as err:
+    except (ConfigError, DatasetError, MissingDependency, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -1,8 +1,11 @@
-"""One job at a time per run directory: rank 0 holds a POSIX lock on ``<run dir>/run.lock`` while it trains.
+"""One writer at a time per output folder (a run directory, an evaluation, predictions, a dataset being prepared):
+the process that writes it holds a POSIX lock on ``<folder>/run.lock``, which records its host, pid and start time.
 
 The kernel releases the lock when its holder ends, however it ends (SIGKILL, a node reboot for NFS's lock
-manager), so the lock of a dead job is simply taken over and never needs cleaning up. POSIX record locks belong to
-one process, so DataLoader workers forked from rank 0 do not keep it alive after rank 0 is gone.
+manager), so the lock of a dead job is simply taken over and never needs cleaning up; the file may remain. POSIX
+record locks belong to one process, so DataLoader workers forked from the holder do not keep it alive after it is
+gone. Taking the lock is also the first write into the folder, so a folder that cannot be written is refused here,
+before any work.
 """
 
 from __future__ import annotations
@@ -15,40 +18,56 @@ import os
 import socket
 from pathlib import Path
 
+from .files import FULL, WRITE_ERRORS, OutputError
+
 LOCK_FILE = "run.lock"
 
 
-class RunDirectoryBusy(RuntimeError):
-    """Another live job holds the run directory."""
+def hold_folder(folder: Path, what: str, instead: str, where: str) -> int:
+    """Lock ``folder`` (created if need be) for this process's lifetime and record who holds it; return the lock's
+    descriptor, which stays open until the process ends.
 
-
-def hold_run_directory(run_dir: Path) -> int:
-    """Lock ``run_dir`` for this process (for its lifetime) and record who holds it; return the lock's descriptor.
-
-    Raises RunDirectoryBusy naming the holder (host, pid, start time) when another process has it.
+    ``what`` names the folder in sentences ("--out PATH"), ``instead`` is the other choice a refused user has ("choose
+    another --out") and ``where`` the setting that places the folder ("--out", "log.runs_dir"). Raises OutputError
+    naming the holder (pid, host, start time) when another process has it, or saying why the folder cannot be written.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    path = Path(folder) / LOCK_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise unwritable(err, what, where) from None
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         os.close(fd)
         if err.errno not in (errno.EACCES, errno.EAGAIN):
             raise
-        raise RunDirectoryBusy(
-            f"run directory {run_dir} is in use by another job ({describe_holder(path)}); wait for it to end or stop "
-            "it, or choose another log.run_name"
+        raise OutputError(
+            f"{what} is in use by another job ({describe_holder(path)}); wait for it to end or stop it, or {instead}"
         ) from None
     holder = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-    os.fsync(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        os.fsync(fd)
+    except OSError as err:
+        os.close(fd)
+        raise unwritable(err, what, where) from None
     return fd
+
+
+def unwritable(err: OSError, what: str, where: str) -> Exception:
+    """The sentence for a folder that cannot be created or written (``err`` itself for any other failure)."""
+    if err.errno not in WRITE_ERRORS:
+        return err
+    full = err.errno in FULL
+    advice = f"free space there or set {where} to another folder" if full else f"set {where} to a writable folder"
+    return OutputError(f"{what} {WRITE_ERRORS[err.errno]}; {advice}")
 
 
 def describe_holder(path: Path) -> str:

@@ -52,12 +52,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(cfg: Config) -> int:
-    """Run the Trainer in this process's place in the job; the exit code (0, 75 after a stop, 2 on bad input)."""
+    """Run the Trainer in this process's place in the job; the exit code (0, 75 after a stop, 2 on bad input or an
+    output it cannot write)."""
     from .checkpoint import CheckpointError
     from .data.shards import DatasetError
     from .dist import lost_peer, runtime
+    from .files import OutputError
     from .optional import MissingDependency
-    from .run_lock import RunDirectoryBusy
     from .trainer import NonFiniteLossError, Trainer
 
     try:
@@ -70,7 +71,7 @@ def train(cfg: Config) -> int:
                 if env.world_size == 1 or not lost_peer(err):
                     raise
                 return peer_lost(cfg, trainer, err)
-    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, RunDirectoryBusy, MissingDependency) as err:
+    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, OutputError, MissingDependency) as err:
         return fail(err)
 
 
@@ -93,7 +94,7 @@ def peer_lost(cfg: Config, trainer: Trainer | None, err: RuntimeError) -> int:
 
 
 def fail(err: Exception) -> int:
-    """One line on stderr for input the run cannot use; exit code 2."""
+    """One line on stderr for input the run cannot use or an output it cannot write; exit code 2."""
     print(f"error: {err}", file=sys.stderr)
     return 2
 

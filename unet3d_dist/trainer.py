@@ -5,6 +5,7 @@ Used by the command line (``train.py``) and the benchmarks; it takes a Config an
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -47,14 +48,16 @@ from .dist import (
     elastic_world_sizes,
     gather_to_main,
     mean_over_ranks,
+    on_main,
 )
 from .ensemble import Member
+from .files import OutputError
 from .layout import choose_channels_last
 from .logger import RunLogger, new_run_id
 from .model import build_model, count_parameters, forward_flops, to_channels_last
 from .precision import amp_name, resolve_amp
 from .results import mean_metrics
-from .run_lock import RunDirectoryBusy, hold_run_directory
+from .run_lock import hold_folder
 from .scoring import ScoringOptions, default_metric_workers, score_cases
 from .step import TrainStep
 from .stop import StopRequest
@@ -437,16 +440,11 @@ class Trainer:
         return f"best validation Dice {self.state.best_dice:.4f}"
 
     def hold_run_dir(self) -> None:
-        """Rank 0 locks the run directory for the whole run (run_lock); every rank refuses if another job has it."""
-        refusal = None
-        if self.env.is_main:
-            try:
-                self.run_dir_lock = hold_run_directory(self.run_dir)
-            except RunDirectoryBusy as err:
-                refusal = str(err)
-        refusal = broadcast_from_main(refusal)
-        if refusal:
-            raise RunDirectoryBusy(refusal)
+        """Rank 0 locks the run directory for the whole run (run_lock); every rank refuses if another job has it or
+        it cannot be written."""
+        what = f"run directory {self.run_dir}"
+        hold = functools.partial(hold_folder, self.run_dir, what, "choose another log.run_name", "log.runs_dir")
+        self.run_dir_lock = on_main(self.env, hold, (OutputError,))
 
     def save_checkpoint(self, is_best: bool = False) -> None:
         """Gather every rank's RNG state, then rank 0 writes the file."""
