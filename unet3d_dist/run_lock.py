@@ -10,12 +10,14 @@ before any work.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from .files import FULL, WRITE_ERRORS, OutputError
@@ -77,3 +79,18 @@ def describe_holder(path: Path) -> str:
         return f"pid {holder['pid']} on host {holder['host']} since {holder['started']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "a process that has not yet written its name"
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(folder: Path, owner: bool) -> Iterator[None]:
+    """A folder that does not exist yet, which this job (its ``owner``) then creates and fails in before writing
+    anything but its lock, is removed again: a refused run leaves no empty run directory behind."""
+    folder = Path(folder)
+    new = not folder.exists()
+    try:
+        yield
+    except BaseException:
+        if owner and new and folder.is_dir() and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            (folder / LOCK_FILE).unlink()
+            folder.rmdir()
+        raise

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from .config import Config, ConfigError, describe, load_config
 
 if TYPE_CHECKING:
+    from .dist import DistEnv
     from .trainer import Trainer
 
 
@@ -56,23 +57,33 @@ def train(cfg: Config) -> int:
     output it cannot write)."""
     from .checkpoint import CheckpointError
     from .data.shards import DatasetError
-    from .dist import lost_peer, runtime
+    from .dist import runtime
     from .files import OutputError
     from .optional import MissingDependency
-    from .trainer import NonFiniteLossError, Trainer
+    from .run_lock import removed_if_left_empty
+    from .trainer import NonFiniteLossError
 
     try:
         with runtime(cfg.train.device, cfg.train.init_timeout_s) as env:
-            trainer = None
-            try:
-                trainer = Trainer(cfg, env)
-                return trainer.train()
-            except RuntimeError as err:
-                if env.world_size == 1 or not lost_peer(err):
-                    raise
-                return peer_lost(cfg, trainer, err)
+            with removed_if_left_empty(cfg.run_dir, env.is_main):
+                return train_here(cfg, env)
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, OutputError, MissingDependency) as err:
         return fail(err)
+
+
+def train_here(cfg: Config, env: DistEnv) -> int:
+    """This rank's part of the run; a lost peer (another rank or node ended) is one sentence and exit 75."""
+    from .dist import lost_peer
+    from .trainer import Trainer
+
+    trainer = None
+    try:
+        trainer = Trainer(cfg, env)
+        return trainer.train()
+    except RuntimeError as err:
+        if env.world_size == 1 or not lost_peer(err):
+            raise
+        return peer_lost(cfg, trainer, err)
 
 
 def peer_lost(cfg: Config, trainer: Trainer | None, err: RuntimeError) -> int:
