@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from ..inference import sliding_window_logits
+from ..inference import gaussian_importance, outer, pad_to_patch, sliding_window_logits, weight_sums, window_starts
 from ..metrics import class_metrics
 from ..model import ResUNet3D
 from ..optional import medpy_binary as medpy
@@ -78,6 +79,28 @@ class Echo(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([-x, x], dim=1)
+
+
+@torch.no_grad()
+def full_volume_logits(
+    model: nn.Module, image: torch.Tensor, patch: tuple[int, int, int], num_classes: int, overlap: float, batch: int
+) -> torch.Tensor:
+    """The stitching the package had before streaming, kept as the reference: gaussian-weighted window logits added
+    into one (num_classes, X, Y, Z) float32 array, divided by the weight sum at the end."""
+    shape = tuple(image.shape[1:])
+    image = pad_to_patch(image, patch, 0.0)
+    padded = list(image.shape[1:])
+    starts = [window_starts(size, side, overlap) for size, side in zip(padded, patch)]
+    corners = list(itertools.product(*starts))
+    logits = torch.zeros((num_classes, *padded), dtype=torch.float32)
+    for first in range(0, len(corners), batch):
+        chosen = corners[first : first + batch]
+        cut = torch.stack([image[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]] for x, y, z in chosen])
+        out = model(cut).float().contiguous().mul_(gaussian_importance(tuple(patch)))
+        for (x, y, z), window in zip(chosen, out):
+            logits[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]] += window
+    logits /= outer(*(total.float() for total in weight_sums(padded, starts, tuple(patch))))
+    return logits[:, : shape[0], : shape[1], : shape[2]]
 
 
 def bench_window(
