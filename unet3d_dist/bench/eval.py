@@ -1,10 +1,13 @@
-"""Evaluation benchmarks: ``python -m unet3d_dist.bench eval [--part metrics|window|all]``.
+"""Evaluation benchmarks: ``python -m unet3d_dist.bench eval [--part metrics|window|stitch|all]``.
 
 - metrics: our per-class metrics (one call: Dice ... HD in mm and voxels) against medpy's asd, assd, hd95 and hd on
   a 256x256x200 volume holding an organ-sized object; also checks that the values are identical.
 - window: our sliding window against MONAI's ``sliding_window_inference`` (``pip install -e .[bench]``) with the same
   model, patch, overlap, batch and gaussian weighting, once with an echo model (stitching cost alone) and once with
   the ResUNet3D (end to end); their runs alternate so that load from elsewhere hits both alike.
+- stitch: peak resident memory and time of stitching the whole volume's logits (the reference) against the
+  package's slab-by-slab stitching, each in a fresh process, on a 256x256x200 volume with 118 classes from a 1x1x1
+  stand-in network, so that stitching is what is measured; projected to 512x512x400 and to a 16 GiB machine.
 """
 
 from __future__ import annotations
