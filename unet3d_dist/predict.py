@@ -47,7 +47,13 @@ from .data.shards import channel_names
 from .dist import gather_to_main, on_main, runtime
 from .ensemble import Loaded, Member, build_members, mean_probabilities, read_checkpoints
 from .files import OutputError, atomic_write
-from .inference import keep_largest_component, predict_labels, resample_to_shape, sliding_window_logits
+from .inference import (
+    keep_largest_component,
+    predict_labels,
+    resample_to_shape,
+    sliding_window_labels,
+    sliding_window_logits,
+)
 from .optional import MissingDependency, require, sitk
 from .precision import resolve_amp
 from .report import DISPLAY_WINDOWS, slice_panel
@@ -88,27 +94,34 @@ class Predictor:
         trained at another spacing predicts on the scan prepared at its spacing, resampled onto ``prepared``."""
         shape = tuple(array_xyz(prepared[0]).shape)
 
+        def window_options(member: Member, voxels: torch.Tensor) -> dict[str, Any]:
+            return {
+                "overlap": self.overlap,
+                "batch_size": self.batch_size,
+                "pad_value": voxels.flatten(1).min(1).values.tolist(),
+                "amp_dtype": self.amp_dtype,
+                "device": self.device,
+                "tta_axes": member.tta_axes,
+                "channels_last": member.channels_last,
+            }
+
         def member_logits(member: Member, preprocessing: dict[str, Any]) -> torch.Tensor:
             same_grid = preprocessing.get("spacing") == self.preprocessing[0].get("spacing")
             grid = prepared if same_grid else model_input(channels, preprocessing)
             voxels = torch.from_numpy(np.stack([array_xyz(channel) for channel in grid]))
             logits = sliding_window_logits(
-                member.model,
-                voxels,
-                member.patch,
-                len(self.classes),
-                overlap=self.overlap,
-                batch_size=self.batch_size,
-                pad_value=voxels.flatten(1).min(1).values.tolist(),
-                amp_dtype=self.amp_dtype,
-                device=self.device,
-                tta_axes=member.tta_axes,
-                channels_last=member.channels_last,
+                member.model, voxels, member.patch, len(self.classes), **window_options(member, voxels)
             )
             return resample_to_shape(logits, shape) if tuple(logits.shape[1:]) != shape else logits
 
-        probabilities = mean_probabilities(map(member_logits, self.members, self.preprocessing))
-        labels = predict_labels(probabilities)
+        if len(self.members) == 1:  # argmax slab by slab: no whole-volume logits
+            (member,) = self.members
+            voxels = torch.from_numpy(np.stack([array_xyz(channel) for channel in prepared]))
+            labels = sliding_window_labels(
+                member.model, voxels, member.patch, len(self.classes), **window_options(member, voxels)
+            )
+        else:
+            labels = predict_labels(mean_probabilities(map(member_logits, self.members, self.preprocessing)))
         if self.inference.largest_component:
             labels = keep_largest_component(labels)
         return onto_grid(image_xyz(labels, like=prepared[0]), channels[0])

@@ -27,6 +27,7 @@ from .inference import (
     keep_largest_component,
     predict_labels,
     resample_to_shape,
+    sliding_window_labels,
     sliding_window_logits,
 )
 from .masks import mask_path, save_mask
@@ -112,36 +113,45 @@ def predict_case(
     member, their softmax probabilities averaged.
 
     A member trained at another spacing sees the volume resampled to that spacing; its logits are resampled back
-    (trilinear) before the softmax, so the scores are those of the case's own grid.
+    (trilinear) before the softmax, so the scores are those of the case's own grid. A single member on the case's own
+    grid takes the argmax slab by slab, so memory never holds the whole volume's logits (a CT with many classes).
     """
     record = dataset.records[case_id]
     volume = torch.from_numpy(dataset.image(case_id))
     shape = tuple(volume.shape[1:])
 
+    def own_grid(member: Member) -> bool:
+        return not member.spacing or all(abs(a - b) <= 1e-6 for a, b in zip(record["spacing"], member.spacing))
+
+    def window_options(member: Member) -> dict[str, Any]:
+        return {
+            "overlap": options.overlap,
+            "batch_size": options.batch_size,
+            "pad_value": dataset.pad_values(case_id),
+            "tta_axes": member.tta_axes,
+            "amp_dtype": options.amp_dtype,
+            "device": device,
+            "stitch_device": options.stitch_device,
+            "channels_last": member.channels_last,
+            "stop_requested": options.stop_requested,
+        }
+
     def member_logits(member: Member) -> torch.Tensor:
         image = volume
-        if member.spacing and any(abs(a - b) > 1e-6 for a, b in zip(record["spacing"], member.spacing)):
+        if not own_grid(member):
             image = resample_to_shape(
                 volume, [max(1, round(n * s / m)) for n, s, m in zip(shape, record["spacing"], member.spacing)]
             )
-        logits = sliding_window_logits(
-            member.model,
-            image,
-            member.patch,
-            dataset.num_classes,
-            overlap=options.overlap,
-            batch_size=options.batch_size,
-            pad_value=dataset.pad_values(case_id),
-            tta_axes=member.tta_axes,
-            amp_dtype=options.amp_dtype,
-            device=device,
-            stitch_device=options.stitch_device,
-            channels_last=member.channels_last,
-            stop_requested=options.stop_requested,
-        )
+        logits = sliding_window_logits(member.model, image, member.patch, dataset.num_classes, **window_options(member))
         return resample_to_shape(logits, shape) if tuple(logits.shape[1:]) != shape else logits
 
-    labels = predict_labels(mean_probabilities(member_logits(member) for member in members))
+    if len(members) == 1 and own_grid(members[0]):  # argmax slab by slab: no whole-volume logits
+        (member,) = members
+        labels = sliding_window_labels(
+            member.model, volume, member.patch, dataset.num_classes, **window_options(member)
+        )
+    else:
+        labels = predict_labels(mean_probabilities(member_logits(member) for member in members))
     return keep_largest_component(labels) if options.largest_component else labels
 
 
