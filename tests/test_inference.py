@@ -98,3 +98,20 @@ def test_streamed_stitching_keeps_only_one_patch_of_planes():
         assert slab.untyped_storage().nbytes() == classes * patch[0] * 20 * 12 * 4  # the ring, not the volume
         planes.extend(range(x, x + slab.shape[1]))
     assert planes == list(range(shape[0]))  # every plane once, in order
+
+
+def test_ensemble_probabilities_streamed_equal_the_whole_volume_mean():
+    from unet3d_dist.bench.eval import full_volume_logits
+    from unet3d_dist.ensemble import mean_probability_slabs
+    from unet3d_dist.inference import labels_from_slabs, sliding_window_slabs
+
+    image, shape = torch.randn(1, 41, 23, 17), (41, 23, 17)
+    members = [(random_classes(4), (16, 16, 8)), (nn.Conv3d(1, 4, 1).eval(), (10, 12, 8))]  # slabs cut differently
+    whole = [full_volume_logits(model, image, patch, 4, 0.5, batch=2) for model, patch in members]
+    expected = (whole[0].softmax(0) + whole[1].softmax(0)) / 2
+    streams = [sliding_window_slabs(model, image, patch, 4, overlap=0.5, batch_size=2) for model, patch in members]
+    streams[1] = iter([(0, whole[1])])  # a resampled member: its whole volume as one slab
+    got = torch.cat([slab for _, slab in mean_probability_slabs(streams)], dim=1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+    streams = [sliding_window_slabs(model, image, patch, 4, overlap=0.5, batch_size=2) for model, patch in members]
+    assert (labels_from_slabs(shape, mean_probability_slabs(streams)) == predict_labels(expected)).all()

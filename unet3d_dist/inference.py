@@ -2,8 +2,9 @@
 
 Windows overlap by ``overlap`` of the patch, are run in batches, and their logits are weighted by a gaussian
 (sigma = patch / 8) before stitching, so window borders, where the network sees least context, count least.
-Softmax/argmax is applied once, to the stitched logits. Stitching can live on the GPU or on the CPU, so a large CT
-volume only needs one batch of windows on the GPU.
+Softmax/argmax is applied once, to the stitched logits, slab by slab along x as the windows pass, so the whole
+volume's logits never need to exist (``sliding_window_slabs``). Stitching can live on the GPU or on the CPU, so a
+large CT volume only needs one batch of windows on the GPU.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -189,7 +190,7 @@ def sliding_window_logits(
     model: nn.Module, image: torch.Tensor, patch: tuple[int, int, int], num_classes: int, **options: Any
 ) -> torch.Tensor:
     """The whole volume's logits (num_classes, X, Y, Z) from ``sliding_window_slabs`` (same options), for callers that
-    resample or average them; it holds the classes times the volume in float32, ``sliding_window_labels`` does not."""
+    resample them as a whole; it holds the classes times the volume in float32, ``sliding_window_labels`` does not."""
     logits = None
     for x, slab in sliding_window_slabs(model, image, patch, num_classes, **options):
         if logits is None:
@@ -203,8 +204,13 @@ def sliding_window_labels(
 ) -> np.ndarray:
     """Class map (uint8, X, Y, Z) of ``sliding_window_slabs`` (same options), argmax taken slab by slab, so that
     memory holds ``patch[0]`` planes of logits, not the whole volume's."""
-    labels = np.empty(tuple(image.shape[1:]), np.uint8)
-    for x, slab in sliding_window_slabs(model, image, patch, num_classes, **options):
+    return labels_from_slabs(tuple(image.shape[1:]), sliding_window_slabs(model, image, patch, num_classes, **options))
+
+
+def labels_from_slabs(shape: tuple[int, ...], slabs: Iterable[tuple[int, torch.Tensor]]) -> np.ndarray:
+    """Class map (uint8) of ``shape`` from ``(x, scores slab)`` pairs covering it along x: each slab's argmax."""
+    labels = np.empty(shape, np.uint8)
+    for x, slab in slabs:
         labels[x : x + slab.shape[1]] = predict_labels(slab)
     return labels
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +21,14 @@ import torch
 
 from .data.shards import ShardedDataset
 from .dist import DistEnv, gather_to_main
-from .ensemble import Member, mean_probabilities
+from .ensemble import Member, mean_probability_slabs
 from .inference import (
     InferenceStopped,
     keep_largest_component,
-    predict_labels,
+    labels_from_slabs,
     resample_to_shape,
-    sliding_window_labels,
     sliding_window_logits,
+    sliding_window_slabs,
 )
 from .masks import mask_path, save_mask
 from .metrics import case_metrics
@@ -113,8 +113,9 @@ def predict_case(
     member, their softmax probabilities averaged.
 
     A member trained at another spacing sees the volume resampled to that spacing; its logits are resampled back
-    (trilinear) before the softmax, so the scores are those of the case's own grid. A single member on the case's own
-    grid takes the argmax slab by slab, so memory never holds the whole volume's logits (a CT with many classes).
+    (trilinear) before the softmax, so the scores are those of the case's own grid. Members on the case's own grid
+    are stitched, averaged and turned into labels slab by slab along x, so memory does not hold the whole volume's
+    logits or probabilities (a CT with many classes); a resampled member's are whole.
     """
     record = dataset.records[case_id]
     volume = torch.from_numpy(dataset.image(case_id))
@@ -136,22 +137,22 @@ def predict_case(
             "stop_requested": options.stop_requested,
         }
 
-    def member_logits(member: Member) -> torch.Tensor:
-        image = volume
-        if not own_grid(member):
-            image = resample_to_shape(
-                volume, [max(1, round(n * s / m)) for n, s, m in zip(shape, record["spacing"], member.spacing)]
+    def member_slabs(member: Member) -> Iterator[tuple[int, torch.Tensor]]:
+        """Logits slab by slab; a member at another spacing gives its whole volume's, resampled back, as one slab."""
+        if own_grid(member):
+            yield from sliding_window_slabs(
+                member.model, volume, member.patch, dataset.num_classes, **window_options(member)
             )
+            return
+        size = [max(1, round(n * s / m)) for n, s, m in zip(shape, record["spacing"], member.spacing)]
+        image = resample_to_shape(volume, size)
         logits = sliding_window_logits(member.model, image, member.patch, dataset.num_classes, **window_options(member))
-        return resample_to_shape(logits, shape) if tuple(logits.shape[1:]) != shape else logits
+        yield 0, resample_to_shape(logits, shape) if tuple(logits.shape[1:]) != shape else logits
 
-    if len(members) == 1 and own_grid(members[0]):  # argmax slab by slab: no whole-volume logits
-        (member,) = members
-        labels = sliding_window_labels(
-            member.model, volume, member.patch, dataset.num_classes, **window_options(member)
-        )
+    if len(members) == 1:  # the argmax of the logits is that of the probabilities
+        labels = labels_from_slabs(shape, member_slabs(members[0]))
     else:
-        labels = predict_labels(mean_probabilities(member_logits(member) for member in members))
+        labels = labels_from_slabs(shape, mean_probability_slabs([member_slabs(member) for member in members]))
     return keep_largest_component(labels) if options.largest_component else labels
 
 
