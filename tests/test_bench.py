@@ -150,3 +150,12 @@ def test_loader_reports_each_workers_rate_and_the_workers_a_gpu_needs(tmp_path, 
     assert record["crop"] == [112, 112, 80] and record["crops_needed_per_s"] == 2 / 0.02  # la_mri: 2 crops a step
     assert all(record["workers_needed"][name] >= 100 / rate for name, rate in rates.items())
     assert record["device_ms_per_crop"] > 0
+
+
+def test_stitch_compares_whole_volume_and_slab_stitching_in_fresh_processes(tmp_path):
+    out = tmp_path / "eval.json"
+    bench(*"eval --part stitch --stitch-shape 24 18 12 --classes 3 --patch 8 8 8".split(), "--out", str(out))
+    record = json.loads(out.with_suffix(".stitch.json").read_text())
+    assert record["label_agreement"] == 1.0
+    for run in record["runs"].values():
+        assert run["peak"] >= run["ready"] > 0 and run["wall_s"] > 0 and run["largest_cube_in_16_gib"] >= 16

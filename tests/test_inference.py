@@ -60,3 +60,58 @@ def test_resampling_to_another_grid_keeps_a_smooth_volume():
     fine = resample_to_shape(coarse, (20, 6, 4))
     assert coarse.shape == (2, 10, 3, 2) and fine.shape == (2, 20, 6, 4)
     assert torch.allclose(fine[:, 3:-3], ramp[:, 3:-3], atol=1e-6)  # linear data survives away from the borders
+
+
+def random_classes(num_classes: int) -> nn.Module:
+    """A fixed random 3x3x3 convolution to ``num_classes`` logits: windows see their neighbourhood, so they disagree."""
+    torch.manual_seed(1)
+    return nn.Conv3d(1, num_classes, 3, padding=1).eval()
+
+
+@pytest.mark.parametrize(
+    ("shape", "patch", "overlap"),
+    [
+        ((37, 29, 21), (16, 16, 8), 0.5),  # sides that are no multiple of the step
+        ((45, 20, 19), (12, 16, 8), 0.25),  # overlap 0.25, a step that does not divide the patch
+        ((11, 30, 5), (16, 16, 8), 0.5),  # smaller than the patch along two axes, x among them
+        ((7, 6, 5), (16, 16, 8), 0.25),  # smaller than the patch everywhere
+    ],
+)
+def test_streamed_stitching_equals_full_volume_stitching(shape, patch, overlap):
+    from unet3d_dist.bench.eval import full_volume_logits
+    from unet3d_dist.inference import sliding_window_labels
+
+    model, image = random_classes(5), torch.randn(1, *shape)
+    reference = full_volume_logits(model, image, patch, 5, overlap, batch=3)
+    logits = sliding_window_logits(model, image, patch, 5, overlap=overlap, batch_size=3)
+    assert torch.equal(logits, reference)
+    labels = sliding_window_labels(model, image, patch, 5, overlap=overlap, batch_size=3)
+    assert (labels == predict_labels(reference)).all()
+
+
+def test_streamed_stitching_keeps_only_one_patch_of_planes():
+    from unet3d_dist.inference import sliding_window_slabs
+
+    shape, patch, classes = (60, 20, 12), (10, 8, 8), 4
+    planes = []
+    for x, slab in sliding_window_slabs(random_classes(classes), torch.randn(1, *shape), patch, classes, overlap=0.5):
+        assert slab.untyped_storage().nbytes() == classes * patch[0] * 20 * 12 * 4  # the ring, not the volume
+        planes.extend(range(x, x + slab.shape[1]))
+    assert planes == list(range(shape[0]))  # every plane once, in order
+
+
+def test_ensemble_probabilities_streamed_equal_the_whole_volume_mean():
+    from unet3d_dist.bench.eval import full_volume_logits
+    from unet3d_dist.ensemble import mean_probability_slabs
+    from unet3d_dist.inference import labels_from_slabs, sliding_window_slabs
+
+    image, shape = torch.randn(1, 41, 23, 17), (41, 23, 17)
+    members = [(random_classes(4), (16, 16, 8)), (nn.Conv3d(1, 4, 1).eval(), (10, 12, 8))]  # slabs cut differently
+    whole = [full_volume_logits(model, image, patch, 4, 0.5, batch=2) for model, patch in members]
+    expected = (whole[0].softmax(0) + whole[1].softmax(0)) / 2
+    streams = [sliding_window_slabs(model, image, patch, 4, overlap=0.5, batch_size=2) for model, patch in members]
+    streams[1] = iter([(0, whole[1])])  # a resampled member: its whole volume as one slab
+    got = torch.cat([slab for _, slab in mean_probability_slabs(streams)], dim=1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+    streams = [sliding_window_slabs(model, image, patch, 4, overlap=0.5, batch_size=2) for model, patch in members]
+    assert (labels_from_slabs(shape, mean_probability_slabs(streams)) == predict_labels(expected)).all()

@@ -8,7 +8,7 @@ differ.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,16 +92,31 @@ def build_members(
     return members
 
 
-def mean_probabilities(logit_maps: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The members' softmax probabilities (C, X, Y, Z), averaged; the argmax of one member's is that of its logits."""
-    total, count = None, 0
-    for logits in logit_maps:
-        probabilities = logits.softmax(0)
-        total = probabilities if total is None else total.add_(probabilities)
-        count += 1
-    if total is None:
+def mean_probability_slabs(streams: list[Iterable[tuple[int, torch.Tensor]]]) -> Iterator[tuple[int, torch.Tensor]]:
+    """The members' softmax probabilities averaged, as ``(x, slab)`` pairs in order along x, from each member's
+    ``(x, logits slab)`` pairs (``sliding_window_slabs``, or one whole-volume slab). Slabs of the members are cut
+    differently (their patches differ), so each member's probabilities wait until every member reached those planes:
+    memory holds one slab per member, not the volume."""
+    if not streams:
         raise ValueError("an ensemble needs at least one member")
-    return total.div_(count)
+    members = [iter(stream) for stream in streams]
+    pending: list[torch.Tensor] = [torch.empty(0)] * len(members)  # each member's probabilities from plane ``done``
+    ends, done = [0] * len(members), 0
+    while True:
+        for i, member in enumerate(members):
+            if ends[i] == done and (item := next(member, None)) is not None:
+                x, slab = item  # its planes start at ``done``: the member's earlier ones are all used
+                pending[i] = slab.softmax(0)  # a new tensor: the slab itself is only valid until the next one
+                ends[i] = x + slab.shape[1]
+        stop = min(ends)
+        if stop == done:
+            return
+        total = pending[0][:, : stop - done].clone()
+        for more in pending[1:]:
+            total.add_(more[:, : stop - done])
+        yield done, total.div_(len(members))
+        pending = [p[:, stop - done :] for p in pending]
+        done = stop
 
 
 def describe(loaded: list[Loaded]) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,15 @@ from .data.preprocess import (
 from .data.readers import CaseError, array_xyz, image_xyz, read_channels, strip_suffix
 from .data.shards import channel_names
 from .dist import gather_to_main, on_main, runtime
-from .ensemble import Loaded, Member, build_members, mean_probabilities, read_checkpoints
+from .ensemble import Loaded, Member, build_members, mean_probability_slabs, read_checkpoints
 from .files import OutputError, atomic_write
-from .inference import keep_largest_component, predict_labels, resample_to_shape, sliding_window_logits
+from .inference import (
+    keep_largest_component,
+    labels_from_slabs,
+    resample_to_shape,
+    sliding_window_logits,
+    sliding_window_slabs,
+)
 from .optional import MissingDependency, require, sitk
 from .precision import resolve_amp
 from .report import DISPLAY_WINDOWS, slice_panel
@@ -88,27 +95,33 @@ class Predictor:
         trained at another spacing predicts on the scan prepared at its spacing, resampled onto ``prepared``."""
         shape = tuple(array_xyz(prepared[0]).shape)
 
-        def member_logits(member: Member, preprocessing: dict[str, Any]) -> torch.Tensor:
+        def window_options(member: Member, voxels: torch.Tensor) -> dict[str, Any]:
+            return {
+                "overlap": self.overlap,
+                "batch_size": self.batch_size,
+                "pad_value": voxels.flatten(1).min(1).values.tolist(),
+                "amp_dtype": self.amp_dtype,
+                "device": self.device,
+                "tta_axes": member.tta_axes,
+                "channels_last": member.channels_last,
+            }
+
+        def member_slabs(member: Member, preprocessing: dict[str, Any]) -> Iterator[tuple[int, torch.Tensor]]:
+            """Logits slab by slab; at another spacing, the whole volume's, resampled onto ``prepared``, as one."""
             same_grid = preprocessing.get("spacing") == self.preprocessing[0].get("spacing")
             grid = prepared if same_grid else model_input(channels, preprocessing)
             voxels = torch.from_numpy(np.stack([array_xyz(channel) for channel in grid]))
-            logits = sliding_window_logits(
-                member.model,
-                voxels,
-                member.patch,
-                len(self.classes),
-                overlap=self.overlap,
-                batch_size=self.batch_size,
-                pad_value=voxels.flatten(1).min(1).values.tolist(),
-                amp_dtype=self.amp_dtype,
-                device=self.device,
-                tta_axes=member.tta_axes,
-                channels_last=member.channels_last,
-            )
-            return resample_to_shape(logits, shape) if tuple(logits.shape[1:]) != shape else logits
+            options = window_options(member, voxels)
+            if same_grid:
+                yield from sliding_window_slabs(member.model, voxels, member.patch, len(self.classes), **options)
+                return
+            logits = sliding_window_logits(member.model, voxels, member.patch, len(self.classes), **options)
+            yield 0, resample_to_shape(logits, shape) if tuple(logits.shape[1:]) != shape else logits
 
-        probabilities = mean_probabilities(map(member_logits, self.members, self.preprocessing))
-        labels = predict_labels(probabilities)
+        streams = [
+            member_slabs(member, preprocessing) for member, preprocessing in zip(self.members, self.preprocessing)
+        ]
+        labels = labels_from_slabs(shape, streams[0] if len(streams) == 1 else mean_probability_slabs(streams))
         if self.inference.largest_component:
             labels = keep_largest_component(labels)
         return onto_grid(image_xyz(labels, like=prepared[0]), channels[0])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +21,14 @@ import torch
 
 from .data.shards import ShardedDataset
 from .dist import DistEnv, gather_to_main
-from .ensemble import Member, mean_probabilities
+from .ensemble import Member, mean_probability_slabs
 from .inference import (
     InferenceStopped,
     keep_largest_component,
-    predict_labels,
+    labels_from_slabs,
     resample_to_shape,
     sliding_window_logits,
+    sliding_window_slabs,
 )
 from .masks import mask_path, save_mask
 from .metrics import case_metrics
@@ -112,36 +113,46 @@ def predict_case(
     member, their softmax probabilities averaged.
 
     A member trained at another spacing sees the volume resampled to that spacing; its logits are resampled back
-    (trilinear) before the softmax, so the scores are those of the case's own grid.
+    (trilinear) before the softmax, so the scores are those of the case's own grid. Members on the case's own grid
+    are stitched, averaged and turned into labels slab by slab along x, so memory does not hold the whole volume's
+    logits or probabilities (a CT with many classes); a resampled member's are whole.
     """
     record = dataset.records[case_id]
     volume = torch.from_numpy(dataset.image(case_id))
     shape = tuple(volume.shape[1:])
 
-    def member_logits(member: Member) -> torch.Tensor:
-        image = volume
-        if member.spacing and any(abs(a - b) > 1e-6 for a, b in zip(record["spacing"], member.spacing)):
-            image = resample_to_shape(
-                volume, [max(1, round(n * s / m)) for n, s, m in zip(shape, record["spacing"], member.spacing)]
-            )
-        logits = sliding_window_logits(
-            member.model,
-            image,
-            member.patch,
-            dataset.num_classes,
-            overlap=options.overlap,
-            batch_size=options.batch_size,
-            pad_value=dataset.pad_values(case_id),
-            tta_axes=member.tta_axes,
-            amp_dtype=options.amp_dtype,
-            device=device,
-            stitch_device=options.stitch_device,
-            channels_last=member.channels_last,
-            stop_requested=options.stop_requested,
-        )
-        return resample_to_shape(logits, shape) if tuple(logits.shape[1:]) != shape else logits
+    def own_grid(member: Member) -> bool:
+        return not member.spacing or all(abs(a - b) <= 1e-6 for a, b in zip(record["spacing"], member.spacing))
 
-    labels = predict_labels(mean_probabilities(member_logits(member) for member in members))
+    def window_options(member: Member) -> dict[str, Any]:
+        return {
+            "overlap": options.overlap,
+            "batch_size": options.batch_size,
+            "pad_value": dataset.pad_values(case_id),
+            "tta_axes": member.tta_axes,
+            "amp_dtype": options.amp_dtype,
+            "device": device,
+            "stitch_device": options.stitch_device,
+            "channels_last": member.channels_last,
+            "stop_requested": options.stop_requested,
+        }
+
+    def member_slabs(member: Member) -> Iterator[tuple[int, torch.Tensor]]:
+        """Logits slab by slab; a member at another spacing gives its whole volume's, resampled back, as one slab."""
+        if own_grid(member):
+            yield from sliding_window_slabs(
+                member.model, volume, member.patch, dataset.num_classes, **window_options(member)
+            )
+            return
+        size = [max(1, round(n * s / m)) for n, s, m in zip(shape, record["spacing"], member.spacing)]
+        image = resample_to_shape(volume, size)
+        logits = sliding_window_logits(member.model, image, member.patch, dataset.num_classes, **window_options(member))
+        yield 0, resample_to_shape(logits, shape) if tuple(logits.shape[1:]) != shape else logits
+
+    if len(members) == 1:  # the argmax of the logits is that of the probabilities
+        labels = labels_from_slabs(shape, member_slabs(members[0]))
+    else:
+        labels = labels_from_slabs(shape, mean_probability_slabs([member_slabs(member) for member in members]))
     return keep_largest_component(labels) if options.largest_component else labels
 
 

@@ -8,7 +8,7 @@ PARTS = {  # what each part measures, and against which reference of the same ru
     "pipeline": "the real training loop (loader + step) against the pure step on tensors in memory: the data wait",
     "data": "crops/s per loader worker and bytes read per crop for each chunk layout, with and without checksums",
     "loader": "crops/s of one worker at a recipe's crop and augmentation (cpu or device path), workers a GPU needs",
-    "eval": "sliding window and metrics, s per volume, against MONAI's sliding_window_inference and plain medpy",
+    "eval": "sliding window and metrics against MONAI and medpy; stitching memory, whole volume against slabs",
     "ddp": "2 DDP ranks against 2 independent processes, and the gradient all-reduce alone",
     "checkpoint": "atomic checkpoint save and load against torch.save to memory",
     "gpu": "the device check (launch/gpu_check.sh): conv peaks, the bf16 step, host syncs, data paths, quickstart",

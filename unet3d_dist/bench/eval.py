@@ -1,15 +1,21 @@
-"""Evaluation benchmarks: ``python -m unet3d_dist.bench eval [--part metrics|window|all]``.
+"""Evaluation benchmarks: ``python -m unet3d_dist.bench eval [--part metrics|window|stitch|all]``.
 
 - metrics: our per-class metrics (one call: Dice ... HD in mm and voxels) against medpy's asd, assd, hd95 and hd on
   a 256x256x200 volume holding an organ-sized object; also checks that the values are identical.
 - window: our sliding window against MONAI's ``sliding_window_inference`` (``pip install -e .[bench]``) with the same
   model, patch, overlap, batch and gaussian weighting, once with an echo model (stitching cost alone) and once with
   the ResUNet3D (end to end); their runs alternate so that load from elsewhere hits both alike.
+- stitch: peak resident memory and time of stitching the whole volume's logits (the reference) against the
+  package's slab-by-slab stitching, each in a fresh process, on a 256x256x200 volume with 118 classes from a 1x1x1
+  stand-in network, so that stitching is what is measured; projected to 512x512x400 and to a 16 GiB machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +24,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from ..inference import sliding_window_logits
+from ..inference import gaussian_importance, outer, pad_to_patch, sliding_window_logits, weight_sums, window_starts
 from ..metrics import class_metrics
 from ..model import ResUNet3D
 from ..optional import medpy_binary as medpy
@@ -80,6 +86,28 @@ class Echo(nn.Module):
         return torch.cat([-x, x], dim=1)
 
 
+@torch.no_grad()
+def full_volume_logits(
+    model: nn.Module, image: torch.Tensor, patch: tuple[int, int, int], num_classes: int, overlap: float, batch: int
+) -> torch.Tensor:
+    """The stitching the package had before streaming, kept as the reference: gaussian-weighted window logits added
+    into one (num_classes, X, Y, Z) float32 array, divided by the weight sum at the end."""
+    shape = tuple(image.shape[1:])
+    image = pad_to_patch(image, patch, 0.0)
+    padded = list(image.shape[1:])
+    starts = [window_starts(size, side, overlap) for size, side in zip(padded, patch)]
+    corners = list(itertools.product(*starts))
+    logits = torch.zeros((num_classes, *padded), dtype=torch.float32)
+    for first in range(0, len(corners), batch):
+        chosen = corners[first : first + batch]
+        cut = torch.stack([image[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]] for x, y, z in chosen])
+        out = model(cut).float().contiguous().mul_(gaussian_importance(tuple(patch)))
+        for (x, y, z), window in zip(chosen, out):
+            logits[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]] += window
+    logits /= outer(*(total.float() for total in weight_sums(padded, starts, tuple(patch))))
+    return logits[:, : shape[0], : shape[1], : shape[2]]
+
+
 def bench_window(
     repeats: dict[str, int], shape: tuple[int, ...], patch: tuple[int, ...], overlap: float, batch: int
 ) -> tuple[list[list[Any]], dict[str, Any]]:
@@ -119,9 +147,107 @@ def bench_window(
     return rows, record
 
 
+STITCHERS = ("full volume", "streamed")  # full_volume_logits above, and the package's sliding_window_labels
+GIB = 1024**3
+
+
+def stitch_child(variant: str, shape: list[int], classes: int, patch: list[int], overlap: float, batch: int) -> None:
+    """Runs in a fresh process: one stitching of a random volume with a 1x1x1 stand-in network, and prints its peak
+    resident memory (before and after the volume exists) and seconds as JSON; the labels go to ``labels.npy``."""
+    import json
+    import resource
+
+    from ..inference import predict_labels, sliding_window_labels
+
+    def peak() -> int:  # bytes: ru_maxrss is in KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    torch.manual_seed(0)
+    model, before = nn.Conv3d(1, classes, 1).eval(), peak()
+    image = torch.randn(1, *shape)
+    ready = peak()
+    wall, cpu = time.perf_counter(), time.process_time()
+    if variant == "full volume":
+        labels = predict_labels(full_volume_logits(model, image, tuple(patch), classes, overlap, batch))
+    else:
+        labels = sliding_window_labels(model, image, tuple(patch), classes, overlap=overlap, batch_size=batch)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    np.save("labels.npy", labels)
+    print(json.dumps({"wall_s": wall, "cpu_s": cpu, "start": before, "ready": ready, "peak": peak()}))
+
+
+def stitch_runs(args: argparse.Namespace, folder: Path) -> dict[str, dict[str, Any]]:
+    """Each stitcher in its own fresh Python process, so that its peak resident memory is its own."""
+    import json
+    import subprocess
+    import sys
+
+    package_root = str(Path(__file__).resolve().parents[2])  # this checkout's package, not an installed one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    runs = {}
+    for variant in STITCHERS:
+        values = ", ".join(map(repr, (variant, args.stitch_shape, args.classes, args.patch, args.overlap, args.batch)))
+        code = f"from unet3d_dist.bench.eval import stitch_child; stitch_child({values})"
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True, check=True
+        )
+        runs[variant] = {**json.loads(out.stdout.splitlines()[-1]), "labels": np.load(folder / "labels.npy")}
+    return runs
+
+
+def projected_bytes(run: dict[str, Any], shape: list[int], target: list[int], streamed: bool) -> float:
+    """Peak bytes at ``target`` from a run at ``shape``: the input (float32) grows with the volume; the stitching's
+    own memory grows with the volume for the full-volume stitcher, with the y-z cross-section for the streamed one
+    (its ring holds patch[0] planes), except for the label map (1 byte a voxel)."""
+    voxels, grown = float(np.prod(shape)), float(np.prod(target))
+    own = run["peak"] - run["ready"]
+    if streamed:
+        scaled = (own - voxels) * (target[1] * target[2]) / (shape[1] * shape[2]) + grown
+    else:
+        scaled = own * grown / voxels
+    return run["start"] + 4 * grown + scaled
+
+
+def largest_cube(run: dict[str, Any], shape: list[int], streamed: bool, budget: float = 16 * GIB) -> int:
+    """The largest n (a multiple of 16) whose n x n x n volume's projected peak fits in ``budget``."""
+    n = 16
+    while projected_bytes(run, shape, [n + 16] * 3, streamed) <= budget:
+        n += 16
+    return n
+
+
+def bench_stitch(args: argparse.Namespace) -> tuple[list[list[Any]], dict[str, Any]]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        runs = stitch_runs(args, Path(folder))
+    agree = float((runs["streamed"].pop("labels") == runs["full volume"].pop("labels")).mean())
+    big, rows = [512, 512, 400], []
+    for variant, run in runs.items():
+        streamed = variant == "streamed"
+        run["projected_512x512x400_gib"] = projected_bytes(run, args.stitch_shape, big, streamed) / GIB
+        run["largest_cube_in_16_gib"] = largest_cube(run, args.stitch_shape, streamed)
+        rows.append(
+            [
+                variant,
+                run["peak"] / 2**20,
+                (run["peak"] - run["ready"]) / 2**20,
+                run["wall_s"],
+                run["cpu_s"],
+                run["projected_512x512x400_gib"],
+                f"{run['largest_cube_in_16_gib']}^3",
+                "-" if not streamed else f"{agree:.6%}",
+            ]
+        )
+    record = {"shape": args.stitch_shape, "classes": args.classes, "patch": args.patch, "overlap": args.overlap}
+    return rows, {**record, "batch": args.batch, "runs": runs, "label_agreement": agree}
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m unet3d_dist.bench eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["metrics", "window", "all"], default="all")
+    parser.add_argument("--part", choices=["metrics", "window", "stitch", "all"], default="all")
+    parser.add_argument("--classes", type=int, default=118, help="stitch: classes of the stand-in network")
+    parser.add_argument("--stitch-shape", type=int, nargs=3, default=[256, 256, 200], help="stitch benchmark volume")
     parser.add_argument(
         "--repeat", type=int, default=10, help="timed runs of our metrics and of the echo windows (medpy runs once)"
     )
@@ -152,3 +278,9 @@ def main(argv: list[str]) -> None:
             f"{args.overlap}"
         )
         report(title, columns, rows, record, args.out and args.out.with_suffix(".window.json"))
+    if args.part in ("stitch", "all"):
+        rows, record = bench_stitch(args)
+        columns = ["", "peak MiB", "stitching MiB", "wall s", "CPU s", "512x512x400 GiB", "16 GiB fits", "labels equal"]
+        size, patch = "x".join(map(str, args.stitch_shape)), "x".join(map(str, args.patch))
+        title = f"stitching {size}, {args.classes} classes, patch {patch}, overlap {args.overlap}, 1x1x1 stand-in"
+        report(title, columns, rows, record, args.out and args.out.with_suffix(".stitch.json"))

@@ -45,7 +45,7 @@ from ..checkpoint import rng_state, set_rng_state
 from ..config import Config, load_config
 from ..data.synthetic import ensure_synthetic
 from ..dist import any_rank, runtime, torchrun_command
-from ..inference import predict_labels, sliding_window_logits
+from ..inference import sliding_window_labels
 from ..layout import choose_channels_last
 from ..metrics import case_metrics
 from ..model import ResBlock, ResUNet3D, as_channels_last, count_parameters, to_channels_last
@@ -292,10 +292,9 @@ def one_volume(device: torch.device, sizes: Sizes) -> Iterator[dict]:
     image = torch.randn(1, *sizes.volume)
 
     def run() -> np.ndarray:
-        logits = sliding_window_logits(
+        return sliding_window_labels(
             model, image, sizes.crop, 2, batch_size=4, amp_dtype=torch.bfloat16, device=device, channels_last=True
         )
-        return predict_labels(logits)
 
     seconds = timeit(run, repeat=max(1, sizes.repeat // 3), warmup=1)["median_s"]
     labels = run()
