@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -273,3 +274,28 @@ def assert_lock_free(folder: Path) -> None:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if another process holds it
     finally:
         os.close(fd)
+
+
+def two_fake_nodes(nnodes: str) -> dict[str, str]:
+    """The environment of launch/multinode.sh for two nodes of one rank each on this machine (c10d on 127.0.0.1)."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    return {**os.environ, "NNODES": nnodes, "NPROC": "1", "RDZV_ENDPOINT": endpoint, "PYTHON": sys.executable}
+
+
+def start_nodes(command: list[str], env: dict[str, str], other_log: Path) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """Start ``command`` as two nodes: the first hosts the rendezvous store and prints to a pipe; the second only
+    joins the store (``is_host=0``, so which starts first does not matter) and prints to ``other_log``."""
+
+    def node(is_host: int, out: Any) -> subprocess.Popen:
+        conf = ",".join(filter(None, [env.get("RDZV_CONF"), f"is_host={is_host}"]))
+        return subprocess.Popen(
+            command,
+            env={**env, "RDZV_CONF": conf},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    with open(other_log, "w") as log:
+        return node(1, subprocess.PIPE), node(0, log)

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,10 @@ from conftest import (
     run,
     signal_job,
     start,
+    start_nodes,
     torchrun,
     trainer,
+    two_fake_nodes,
     wait_for,
     wait_until_gone,
 )
@@ -284,7 +285,7 @@ def test_an_elastic_job_loses_a_node_and_finishes_on_the_other_with_the_same_cro
         assert done.returncode == 0, done.stdout + done.stderr
     env = {**two_fake_nodes("1:2"), "RDZV_CONF": "last_call_timeout=3"}
     command = [str(REPO / "launch" / "multinode.sh"), *overrides(tiny_dataset, tmp_path, "elastic", *extra)]
-    host, other = start_nodes(command, env)
+    host, other = start_nodes(command, env, tmp_path / "other.log")
     wait_for(tmp_path / "elastic" / "checkpoints" / f"ckpt-{2 * every:08d}.pt", host)
     kill_whole_job(other)
     output = host.communicate(timeout=300)[0]
@@ -297,25 +298,6 @@ def test_an_elastic_job_loses_a_node_and_finishes_on_the_other_with_the_same_cro
     assert max_distance(ends["elastic"], ends["two"]) <= 2 * max_distance(ends["one"], ends["two"]) + 1e-7
 
 
-def two_fake_nodes(nnodes: str) -> dict[str, str]:
-    """The environment of launch/multinode.sh for two nodes of one rank each on this machine (c10d on 127.0.0.1)."""
-    endpoint = f"127.0.0.1:{free_port()}"
-    return {**os.environ, "NNODES": nnodes, "NPROC": "1", "RDZV_ENDPOINT": endpoint, "PYTHON": sys.executable}
-
-
-def start_nodes(command: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, subprocess.Popen]:
-    """Start ``command`` as two nodes; the first hosts the rendezvous store, the second joins it (its output is
-    dropped)."""
-    host = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    time.sleep(0.5)  # only the order: the rendezvous waits for the second node whenever it comes
-    other = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    return host, other
-
-
 def test_a_lost_node_of_a_fixed_size_job_ends_the_other_in_one_sentence_and_the_same_command_resumes(
     tmp_path, tiny_dataset
 ):
@@ -326,7 +308,7 @@ def test_a_lost_node_of_a_fixed_size_job_ends_the_other_in_one_sentence_and_the_
     env = two_fake_nodes("2")
     command = [str(REPO / "launch" / "multinode.sh"), *overrides(tiny_dataset, tmp_path, "fixed", *extra)]
     run_dir = tmp_path / "fixed"
-    host, other = start_nodes(command, env)
+    host, other = start_nodes(command, env, tmp_path / "other.log")
     wait_for(run_dir / "checkpoints" / "ckpt-00000006.pt", host)
     kill_whole_job(other)
     output = host.communicate(timeout=120)[0]
@@ -339,7 +321,7 @@ def test_a_lost_node_of_a_fixed_size_job_ends_the_other_in_one_sentence_and_the_
     assert lost and int(lost[1]) >= 6 and (run_dir / "checkpoints" / lost[2]).is_file(), output
     assert_lock_free(run_dir)
 
-    host, other = start_nodes(command, env)
+    host, other = start_nodes(command, env, tmp_path / "other.log")
     output = host.communicate(timeout=300)[0]
     assert host.returncode == 0 and other.wait(timeout=60) == 0, output
     assert "resumed at epoch" in output and final_state(run_dir)["train_state"]["global_step"] == 12, output

@@ -5,7 +5,6 @@ half-written and no lock left held."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
-from conftest import TINY, recipe, train
+from conftest import REPO, TINY, assert_lock_free, overrides, recipe, start_nodes, train, two_fake_nodes
 from test_evaluate import write_checkpoint
 
 from unet3d_dist.run_lock import LOCK_FILE, hold_folder
@@ -69,26 +68,18 @@ def commands(checkpoint: Path, prepare_input: tuple[Path, Path], outs: dict[str,
 
 
 def refusal(command: list[str]) -> str:
-    """Run ``command``; check it ends with exit status 2 and one error line, no traceback; return that line."""
+    """Run ``command``; check it ends with exit status 2 and one error line, no traceback, having printed nothing
+    else (refused before any work); return that line."""
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     printed = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in printed, printed
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), printed
+    assert len(lines) == 1 and lines[0].startswith("error: ") and not result.stdout.strip(), printed
     return lines[0]
 
 
 def listing(folder: Path) -> list[str]:
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
-
-
-def assert_lock_free(folder: Path) -> None:
-    """Take the folder's lock and let it go: no process holds it."""
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    finally:
-        os.close(fd)
 
 
 def test_a_folder_another_job_holds_is_refused_naming_the_holder_and_left_as_it_was(
@@ -110,21 +101,39 @@ def test_a_folder_another_job_holds_is_refused_naming_the_holder_and_left_as_it_
             os.close(fd)
 
 
+@pytest.mark.parametrize("world", [1, 2])
 def test_a_full_disk_at_a_checkpoint_names_the_file_and_the_space_it_needs_and_keeps_no_partial_file(
-    tmp_path, tiny_dataset
+    tmp_path, tiny_dataset, world
 ):
+    """With two nodes (two fake ones, one rank each) only rank 0 writes, so only it meets the full disk; the other
+    node's rank, waiting in the next step's all-reduce, sees a closed connection, repeats rank 0's sentence and exits
+    2 too, rather than taking it for a lost node (whose 75 would requeue a job that fails again)."""
     with mounted(tmp_path / "tiny", "-t", "tmpfs", "-o", "size=3m", "tmpfs") as runs:
-        bigger = ["model.widths=[8,16,32,64]", "data.samples_per_epoch=2", "train.epochs=1", "train.val_every=0"]
-        result = train(runs, tiny_dataset, "log.run_name=full", *bigger, check=False)  # a checkpoint of 3.6 MB
-        printed = result.stdout + result.stderr
-        assert result.returncode == 2 and "Traceback" not in printed, printed
+        bigger = ["model.widths=[8,16,32,64]", f"data.samples_per_epoch={2 * world}", "train.val_every=0"]
+        if world == 1:
+            result = train(runs, tiny_dataset, "log.run_name=full", *bigger, "train.epochs=1", check=False)
+            printed, codes = result.stdout + result.stderr, {result.returncode}
+        else:  # a second epoch, so that the other rank is in a collective when rank 0 fails
+            args = overrides(tiny_dataset, runs, "full", *bigger, "train.epochs=2")
+            host, other = start_nodes(
+                [str(REPO / "launch" / "multinode.sh"), *args], two_fake_nodes("2"), tmp_path / "o"
+            )
+            printed = host.communicate(timeout=120)[0]
+            codes = {host.returncode, other.wait(timeout=60)}
+            printed += (tmp_path / "o").read_text()
+        assert codes == {2} and "Traceback" not in printed, printed  # a checkpoint of 3.6 MB
         checkpoints = runs / "full" / "checkpoints"
         sentence = (
-            rf"error: {re.escape(str(checkpoints / 'ckpt-00000001.pt'))} could not be written: "
+            rf"{re.escape(str(checkpoints / 'ckpt-00000001.pt'))} could not be written: "
             rf"{re.escape(str(checkpoints))} is on a full disk \(3\.6 MB needed, \d\.\d MB free\); free space "
-            r"there, then run the same command again \(nothing half-written was kept\)\n"
+            r"there, then run the same command again \(nothing half-written was kept\)$"
         )
-        assert re.fullmatch(sentence, result.stderr), result.stderr
+        assert re.search("^error: " + sentence, printed, re.MULTILINE), printed
+        if world == 1:
+            assert re.fullmatch(f"error: {sentence}\n", result.stderr), result.stderr  # that line alone
+        else:
+            assert re.search("^error: rank 0 stopped the job: " + sentence, printed, re.MULTILINE), printed
+            assert "a node or rank was lost" not in printed, printed
         assert list(checkpoints.iterdir()) == []  # no partial checkpoint
         assert_lock_free(runs / "full")
 
@@ -147,4 +156,3 @@ def test_a_read_only_output_folder_is_refused_before_any_work_in_every_command(
             assert refusal(command) == (
                 f"error: --out {outs[name]} is on a read-only file system; set --out to a writable folder"
             ), name
-        assert listing(source) == []

@@ -292,22 +292,3 @@ def on_main(env: DistEnv, action: Callable[[], T], refusals: tuple[type[Exceptio
     if refusal is not None:
         raise refusal
     return result
-
-
-# What gloo, NCCL and the c10d store say when another process of the job is gone; they raise RuntimeError (or
-# DistError) and tell the cause only in the text.
-PEER_LOSS_SIGNS = (
-    "Connection reset by peer",
-    "Connection closed by peer",
-    "Broken pipe",
-    "Connection refused",
-    "remote process exited",
-    "NCCL communicator was aborted",
-)
-
-
-def lost_peer(err: BaseException) -> bool:
-    """Whether ``err`` is a collective or store failing because another rank or node of the job ended."""
-    return isinstance(err, c10d.DistNetworkError) or (
-        isinstance(err, RuntimeError) and any(sign in str(err) for sign in PEER_LOSS_SIGNS)
-    )

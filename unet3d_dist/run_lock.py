@@ -23,6 +23,7 @@ from pathlib import Path
 from .files import FULL, WRITE_ERRORS, OutputError
 
 LOCK_FILE = "run.lock"
+_held: set[Path] = set()  # the folders this process holds
 
 
 def hold_folder(folder: Path, what: str, instead: str, where: str) -> int:
@@ -60,6 +61,7 @@ def hold_folder(folder: Path, what: str, instead: str, where: str) -> int:
     except OSError as err:
         os.close(fd)
         raise unwritable(err, what, where) from None
+    _held.add(Path(folder).resolve())
     return fd
 
 
@@ -82,15 +84,17 @@ def describe_holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def removed_if_left_empty(folder: Path, owner: bool) -> Iterator[None]:
-    """A folder that does not exist yet, which this job (its ``owner``) then creates and fails in before writing
-    anything but its lock, is removed again: a refused run leaves no empty run directory behind."""
+def removed_if_left_empty(folder: Path) -> Iterator[None]:
+    """A folder that does not exist yet, which this process then creates, holds and fails in before
+    writing anything but its lock, is removed again: a refused run leaves no empty run directory behind. A folder
+    another job took first is left alone."""
     folder = Path(folder)
     new = not folder.exists()
     try:
         yield
     except BaseException:
-        if owner and new and folder.is_dir() and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+        ours = new and folder.resolve() in _held  # not one another job took first
+        if ours and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
             (folder / LOCK_FILE).unlink()
             folder.rmdir()
         raise

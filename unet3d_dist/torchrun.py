@@ -15,10 +15,12 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.elastic.rendezvous.api import RendezvousError
+from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 from torch.distributed.run import main as torchrun_main
 
-SENTENCE_EXIT_CODES = (2, 75)  # the ranks' exit codes that come with their own sentence (train.py)
+from .exit_codes import BAD_INPUT, REQUEUE
+
+SENTENCE_EXIT_CODES = (BAD_INPUT, REQUEUE)  # the ranks' exit codes that come with their own sentence
 
 
 class RankSaidWhy(logging.Filter):
@@ -40,13 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         if failure.exitcode not in SENTENCE_EXIT_CODES:
             raise
         return failure.exitcode
-    except RendezvousError as err:
+    except RendezvousConnectionError as err:  # once met (a first join that fails is another error, raised)
         print(
-            f"torchrun: lost the rendezvous ({type(err).__name__}: {err}): the node that hosts it has ended; "
-            "run the same command on every node to resume from the latest checkpoint",
+            f"torchrun: lost the rendezvous ({type(err).__name__}: {err}): the node that hosts it has ended or "
+            "cannot be reached; run the same command on every node to resume from the latest checkpoint",
             file=sys.stderr,
         )
-        return 75
+        return REQUEUE
     return 0
 
 

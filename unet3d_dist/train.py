@@ -8,8 +8,8 @@ module is only the command line; the Trainer lives in ``trainer.py``. torch is i
 from __future__ import annotations
 
 import argparse
-import re
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +17,6 @@ from .config import Config, ConfigError, describe, load_config
 
 if TYPE_CHECKING:
     from .dist import DistEnv
-    from .trainer import Trainer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,44 +63,29 @@ def train(cfg: Config) -> int:
     from .trainer import NonFiniteLossError
 
     try:
-        with runtime(cfg.train.device, cfg.train.init_timeout_s) as env:
-            with removed_if_left_empty(cfg.run_dir, env.is_main):
-                return train_here(cfg, env)
+        with removed_if_left_empty(cfg.run_dir), runtime(cfg.train.device, cfg.train.init_timeout_s) as env:
+            return train_here(cfg, env)
     except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, OutputError, MissingDependency) as err:
         return fail(err)
 
 
 def train_here(cfg: Config, env: DistEnv) -> int:
-    """This rank's part of the run; a lost peer (another rank or node ended) is one sentence and exit 75."""
-    from .dist import lost_peer
+    """This rank's part of the run. When another rank or node ended first, one line says why (peers.py)."""
+    from .peers import end_after_peer, leave_error, lost_peer
     from .trainer import Trainer
 
-    trainer = None
+    started, trainer = time.time(), None
     try:
         trainer = Trainer(cfg, env)
         return trainer.train()
     except RuntimeError as err:
-        if env.world_size == 1 or not lost_peer(err):
+        if not env.multi_rank:
             raise
-        return peer_lost(cfg, trainer, err)
-
-
-def peer_lost(cfg: Config, trainer: Trainer | None, err: RuntimeError) -> int:
-    """One line when another rank or node of the job ended mid-run (the collectives fail on every rank left);
-    exit code 75, as after a stop: the same command, on every node, resumes from the latest checkpoint."""
-    from .checkpoint import Checkpointer
-    from .trainer import REQUEUE_EXIT_CODE
-
-    where = f" at step {trainer.state.global_step}" if trainer is not None else " while starting"
-    latest = Checkpointer(cfg.run_dir, cfg.checkpoint.keep_last).latest()
-    resume = f"resumes from {latest.name}" if latest else "starts afresh (no checkpoint yet)"
-    reason = re.sub(r"^\[[^]]*\]\s*", "", str(err).splitlines()[0]).split(". ")[0]  # gloo starts with its source line
-    print(
-        f"error: another process of the job ended{where} ({reason}): a node or rank was "
-        f"lost; run the same command on every node: it {resume} in {cfg.run_dir}",
-        file=sys.stderr,
-    )
-    return REQUEUE_EXIT_CODE
+        if lost_peer(err):
+            return end_after_peer(cfg, env, None if trainer is None else trainer.state.global_step, err, started)
+        if trainer is not None:  # set-up errors reach every rank alike; a training error may reach this one only
+            leave_error(cfg.run_dir, env.rank, err)
+        raise
 
 
 def fail(err: Exception) -> int:

@@ -51,10 +51,12 @@ from .dist import (
     on_main,
 )
 from .ensemble import Member
+from .exit_codes import REQUEUE
 from .files import OutputError
 from .layout import choose_channels_last
 from .logger import RunLogger, new_run_id
 from .model import build_model, count_parameters, forward_flops, to_channels_last
+from .peers import ERROR_MARKER
 from .precision import amp_name, resolve_amp
 from .results import mean_metrics
 from .run_lock import hold_folder
@@ -62,7 +64,7 @@ from .scoring import ScoringOptions, default_metric_workers, score_cases
 from .step import TrainStep
 from .stop import StopRequest
 
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; run the same command again to resume
+REQUEUE_EXIT_CODE = REQUEUE  # stopped by a signal after a checkpoint; run the same command again to resume
 STOP_MARKER = "stopped_by_signal.json"  # tells launch scripts, which only see torchrun's exit code, to requeue
 
 
@@ -474,7 +476,8 @@ class Trainer:
                 self.cfg.dump(self.run_dir / "config.yaml")
             return broadcast_from_main(new_run_id() if self.env.is_main else None)
         if self.env.is_main:
-            (self.run_dir / STOP_MARKER).unlink(missing_ok=True)
+            for marker in (STOP_MARKER, ERROR_MARKER):  # of the attempt this one resumes
+                (self.run_dir / marker).unlink(missing_ok=True)
         ckpt, saved = checkpoint
         changes = resume_changes(path, ckpt, saved, self.cfg, dataset_entry(self.dataset))
         resolved = ("train.resume", "train.global_batch")  # the resume line says what the global batch does
