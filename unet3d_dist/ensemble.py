@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, inference_model, read_checkpoint
 from .config import Config
+from .inference import labels_from_slabs
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,12 @@ def mean_probability_slabs(streams: list[Iterable[tuple[int, torch.Tensor]]]) ->
         yield done, total.div_(len(members))
         pending = [p[:, stop - done :] for p in pending]
         done = stop
+
+
+def ensemble_labels(shape: tuple[int, ...], streams: list[Iterable[tuple[int, torch.Tensor]]]) -> np.ndarray:
+    """The class map of one or more members' ``(x, logits slab)`` streams: one member's argmax (that of its
+    probabilities), or the argmax of the members' mean probability."""
+    return labels_from_slabs(shape, streams[0] if len(streams) == 1 else mean_probability_slabs(streams))
 
 
 def describe(loaded: list[Loaded]) -> str:

@@ -207,11 +207,34 @@ def sliding_window_labels(
     return labels_from_slabs(tuple(image.shape[1:]), sliding_window_slabs(model, image, patch, num_classes, **options))
 
 
+def slabs_onto(
+    shape: tuple[int, ...],
+    model: nn.Module,
+    image: torch.Tensor,
+    patch: Sequence[int],
+    num_classes: int,
+    **options: Any,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Logits of ``image`` slab by slab when it lies on the ``shape`` grid; an image on another grid (a member
+    trained at another spacing) gives its whole volume's logits, resampled to ``shape``, as one slab."""
+    if tuple(image.shape[1:]) == tuple(shape):
+        yield from sliding_window_slabs(model, image, patch, num_classes, **options)
+        return
+    yield 0, resample_to_shape(sliding_window_logits(model, image, patch, num_classes, **options), shape)
+
+
 def labels_from_slabs(shape: tuple[int, ...], slabs: Iterable[tuple[int, torch.Tensor]]) -> np.ndarray:
-    """Class map (uint8) of ``shape`` from ``(x, scores slab)`` pairs covering it along x: each slab's argmax."""
+    """Class map (uint8) of ``shape`` from ``(x, scores slab)`` pairs covering it along x, in order: each slab's
+    argmax. Slabs that leave a gap or stop short are an error, never planes of uninitialised labels."""
     labels = np.empty(shape, np.uint8)
+    done = 0
     for x, slab in slabs:
+        if x != done:
+            raise RuntimeError(f"slab at x={x} does not follow the planes done (0 to {done})")
         labels[x : x + slab.shape[1]] = predict_labels(slab)
+        done = x + slab.shape[1]
+    if done != shape[0]:
+        raise RuntimeError(f"slabs cover x up to {done} of {shape[0]}")
     return labels
 
 

@@ -46,19 +46,13 @@ from .data.preprocess import (
 from .data.readers import CaseError, array_xyz, image_xyz, read_channels, strip_suffix
 from .data.shards import channel_names
 from .dist import gather_to_main, on_main, runtime
-from .ensemble import Loaded, Member, build_members, mean_probability_slabs, read_checkpoints
+from .ensemble import Loaded, Member, build_members, ensemble_labels, read_checkpoints
 from .files import OutputError, atomic_write
-from .inference import (
-    keep_largest_component,
-    labels_from_slabs,
-    resample_to_shape,
-    sliding_window_logits,
-    sliding_window_slabs,
-)
+from .inference import keep_largest_component, slabs_onto
 from .optional import MissingDependency, require, sitk
 from .precision import resolve_amp
 from .report import DISPLAY_WINDOWS, slice_panel
-from .run_lock import hold_folder
+from .run_lock import hold_out
 from .scoring import balanced_shards
 
 EXIT_SKIPPED = 3
@@ -107,21 +101,17 @@ class Predictor:
             }
 
         def member_slabs(member: Member, preprocessing: dict[str, Any]) -> Iterator[tuple[int, torch.Tensor]]:
-            """Logits slab by slab; at another spacing, the whole volume's, resampled onto ``prepared``, as one."""
+            """Logits slab by slab; a member at another spacing predicts the scan prepared at its spacing."""
             same_grid = preprocessing.get("spacing") == self.preprocessing[0].get("spacing")
             grid = prepared if same_grid else model_input(channels, preprocessing)
             voxels = torch.from_numpy(np.stack([array_xyz(channel) for channel in grid]))
             options = window_options(member, voxels)
-            if same_grid:
-                yield from sliding_window_slabs(member.model, voxels, member.patch, len(self.classes), **options)
-                return
-            logits = sliding_window_logits(member.model, voxels, member.patch, len(self.classes), **options)
-            yield 0, resample_to_shape(logits, shape) if tuple(logits.shape[1:]) != shape else logits
+            return slabs_onto(shape, member.model, voxels, member.patch, len(self.classes), **options)
 
         streams = [
             member_slabs(member, preprocessing) for member, preprocessing in zip(self.members, self.preprocessing)
         ]
-        labels = labels_from_slabs(shape, streams[0] if len(streams) == 1 else mean_probability_slabs(streams))
+        labels = ensemble_labels(shape, streams)
         if self.inference.largest_component:
             labels = keep_largest_component(labels)
         return onto_grid(image_xyz(labels, like=prepared[0]), channels[0])
@@ -156,10 +146,10 @@ def output_paths(inputs: list[Scan], out: Path, overwrite: bool) -> dict[Scan, t
     return paths
 
 
-def hold_out(inputs: list[Scan], out: Path, overwrite: bool) -> None:
+def claim_out(inputs: list[Scan], out: Path, overwrite: bool) -> None:
     """Rank 0, before any rank writes: hold ``out`` for this process (run_lock; refused if another job has it or it
     cannot be written), then check its files again now that no other job writes there."""
-    hold_folder(out, f"--out {out}", "choose another --out", "--out")  # held until this process ends
+    hold_out(out)  # held until this process ends
     output_paths(inputs, out, overwrite)
 
 
@@ -305,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         loaded = read_checkpoints(args.checkpoint)
         paths = output_paths(args.inputs, out, args.overwrite)
         with runtime(args.device) as env:
-            on_main(env, functools.partial(hold_out, args.inputs, out, args.overwrite), (CaseError, OutputError))
+            on_main(env, functools.partial(claim_out, args.inputs, out, args.overwrite), (CaseError, OutputError))
             predictor = Predictor(loaded, env.device, args.overlap, args.batch_size)
             rank_prefix = f"rank {env.rank} " if env.world_size > 1 else ""
             failures = []

@@ -21,15 +21,8 @@ import torch
 
 from .data.shards import ShardedDataset
 from .dist import DistEnv, gather_to_main
-from .ensemble import Member, mean_probability_slabs
-from .inference import (
-    InferenceStopped,
-    keep_largest_component,
-    labels_from_slabs,
-    resample_to_shape,
-    sliding_window_logits,
-    sliding_window_slabs,
-)
+from .ensemble import Member, ensemble_labels
+from .inference import InferenceStopped, keep_largest_component, resample_to_shape, slabs_onto
 from .masks import mask_path, save_mask
 from .metrics import case_metrics
 from .stop import STOP_SIGNALS
@@ -138,21 +131,15 @@ def predict_case(
         }
 
     def member_slabs(member: Member) -> Iterator[tuple[int, torch.Tensor]]:
-        """Logits slab by slab; a member at another spacing gives its whole volume's, resampled back, as one slab."""
-        if own_grid(member):
-            yield from sliding_window_slabs(
-                member.model, volume, member.patch, dataset.num_classes, **window_options(member)
+        """Logits slab by slab; a member at another spacing predicts the volume resampled to it."""
+        image = volume
+        if not own_grid(member):
+            image = resample_to_shape(
+                volume, [max(1, round(n * s / m)) for n, s, m in zip(shape, record["spacing"], member.spacing)]
             )
-            return
-        size = [max(1, round(n * s / m)) for n, s, m in zip(shape, record["spacing"], member.spacing)]
-        image = resample_to_shape(volume, size)
-        logits = sliding_window_logits(member.model, image, member.patch, dataset.num_classes, **window_options(member))
-        yield 0, resample_to_shape(logits, shape) if tuple(logits.shape[1:]) != shape else logits
+        return slabs_onto(shape, member.model, image, member.patch, dataset.num_classes, **window_options(member))
 
-    if len(members) == 1:  # the argmax of the logits is that of the probabilities
-        labels = labels_from_slabs(shape, member_slabs(members[0]))
-    else:
-        labels = labels_from_slabs(shape, mean_probability_slabs([member_slabs(member) for member in members]))
+    labels = ensemble_labels(shape, [member_slabs(member) for member in members])
     return keep_largest_component(labels) if options.largest_component else labels
 
 
