@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -193,3 +194,12 @@ def test_loader_workers_follow_the_cpus_the_job_has_per_rank_without_a_cap():
     assert workers_for(affinity=128, slurm_cpus=None, ranks_sharing=1) == 127  # no cap at 4 any more
     assert workers_for(affinity=2, slurm_cpus=None, ranks_sharing=2) == 1  # at least one
     assert workers_for(affinity=16, slurm_cpus=8, ranks_sharing=1) == 7  # srun task: its own CPUs
+
+
+def test_a_resume_forgets_later_lines_and_a_line_a_kill_cut_short(tmp_path):
+    from unet3d_dist.files import forget_lines_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in range(1, 6)) + '{"step": 6, "lo')
+    forget_lines_after(path, 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .files import forget_lines_after
+
 FOLDER = "crop_keys"
 
 
 def forget_after(run_dir: Path, step: int) -> None:
     """Drop every rank's lines of steps after ``step`` (called by the first rank before any rank trains)."""
     for path in (run_dir / FOLDER).glob("rank-*.jsonl"):
-        lines = path.read_text().splitlines()
-        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+        forget_lines_after(path, step)
 
 
 class CropKeyLog:

@@ -108,8 +108,9 @@ def exit_when_launcher_dies(rank: int) -> None:
 
 
 def torchrun_command(nproc: int) -> list[str]:
-    """Command prefix that starts ``nproc`` processes of this Python under torchrun on this machine."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    """Command prefix that starts ``nproc`` processes of this Python under torchrun on this machine (through
+    unet3d_dist.torchrun, as the launch scripts do: the ranks' exit codes, no traceback of torchrun's own)."""
+    return [sys.executable, "-m", "unet3d_dist.torchrun", "--standalone", f"--nproc_per_node={nproc}"]
 
 
 def _pick_device(preference: str, local_rank: int) -> torch.device:

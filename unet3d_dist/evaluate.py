@@ -44,7 +44,7 @@ from .optional import MissingDependency, require
 from .precision import amp_name, resolve_amp
 from .report import slice_panel
 from .results import class_table, json_ready, metric_columns, summarize, write_csv, write_json
-from .run_lock import LOCK_FILE, hold_folder
+from .run_lock import LOCK_FILE, hold_out
 from .scoring import ScoringOptions, default_metric_workers, score_cases
 
 RESULTS_JSON = "results.json"
@@ -192,7 +192,7 @@ def claim_out(out: Path, args: argparse.Namespace) -> None:
     """Rank 0, before any other output: hold ``out`` for this process (run_lock; refused if another job has it or it
     cannot be written), check it again now that no one else can change it, mark it as this command's unfinished
     output, then clear what an earlier run left, so the folder never mixes two evaluations."""
-    hold_folder(out, f"--out {out}", "choose another --out", "--out")  # held until this process ends
+    hold_out(out)  # held until this process ends
     check_out(out, args.overwrite)
     note = (
         f"unet3d-evaluate of {' '.join(map(str, args.checkpoint))} on split {args.split!r} is writing this folder; "

@@ -10,6 +10,7 @@ one sentence naming the file, which every command prints as its error line.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -76,7 +77,8 @@ def write_failure(err: BaseException, path: Path) -> OSError | None:
         if isinstance(cause, OSError) and cause.errno in WRITE_ERRORS:
             return cause
         cause = cause.__cause__ or cause.__context__
-    if free_bytes(path.parent) < NEARLY_FULL:
+    gave_no_errno = isinstance(err, RuntimeError) or (isinstance(err, OSError) and err.errno is None)
+    if gave_no_errno and free_bytes(path.parent) < NEARLY_FULL:  # not a TypeError that happens on a full disk
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     return None
 
@@ -105,6 +107,21 @@ def free_bytes(folder: Path) -> int:
 
 def megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
+
+
+def forget_lines_after(path: Path, step: int) -> None:
+    """Keep the JSON lines of ``path`` whose ``step`` is at most ``step`` (a resumed run redoes the later ones), and
+    drop a line a kill cut short; rewritten whole or not at all."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-append
+            continue
+    atomic_write_text(path, "".join(kept))
 
 
 def remove_unfinished(folder: Path) -> None:

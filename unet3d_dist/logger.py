@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .files import forget_lines_after
+
 METRICS_FILE = "metrics.jsonl"
 LOG_WIDTH = 160  # columns of console output redirected to a file
 
@@ -43,17 +45,7 @@ class RunLogger:
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resumed_step is not None:
-                self._truncate_metrics(resumed_step)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Forget lines logged after the checkpoint we resume from: that work is being redone."""
-        path = self.run_dir / METRICS_FILE
-        if not path.exists():
-            return
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        if len(kept) < len(lines):
-            path.write_text("".join(line + "\n" for line in kept))
+                forget_lines_after(self.run_dir / METRICS_FILE, resumed_step)  # that work is being redone
 
     def start_wandb(self, mode: str, project: str, name: str, run_id: str, config: dict[str, Any]) -> None:
         if not self.enabled:

@@ -51,7 +51,7 @@ from .data.shards import (
 from .files import LINK_LOOP, OutputError, atomic_write_text, is_link_loop, remove_unfinished
 from .logger import progress_bar
 from .optional import MissingDependency, require, sitk
-from .run_lock import LOCK_FILE, hold_folder
+from .run_lock import LOCK_FILE, hold_out
 
 EXIT_SKIPPED = 3
 SPLIT_ORDER = ("train", "val", "test")
@@ -113,7 +113,7 @@ def open_workspace(out: Path, plan: dict[str, Any], overwrite: bool) -> Path:
     partial = out.with_name(out.name + ".partial")
     if partial.is_dir() and not (partial / PLAN).is_file() and any(p.name != LOCK_FILE for p in partial.iterdir()):
         raise DatasetError(f"{partial} exists and was not made by prepare; move it away (nothing was changed)")
-    hold_folder(partial, f"--out {out}", "choose another --out", "--out")  # held until this process ends
+    hold_out(out, partial)  # held until this process ends
     check_out(out, overwrite)  # again: a job that held it may have finished meanwhile
     if (partial / PLAN).is_file():
         if json.loads((partial / PLAN).read_text()) == plan:

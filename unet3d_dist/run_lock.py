@@ -65,6 +65,11 @@ def hold_folder(folder: Path, what: str, instead: str, where: str) -> int:
     return fd
 
 
+def hold_out(out: Path, folder: Path | None = None) -> int:
+    """Hold a command's ``--out`` (or the ``folder`` it is built in) as ``hold_folder`` does, for this process."""
+    return hold_folder(folder or out, f"--out {out}", "choose another --out", "--out")
+
+
 def unwritable(err: OSError, what: str, where: str) -> Exception:
     """The sentence for a folder that cannot be created or written (``err`` itself for any other failure)."""
     if err.errno not in WRITE_ERRORS:

@@ -139,8 +139,8 @@ class Trainer:
         choice), else loader workers whose crop parts ``batches()`` finishes on the device when augment_device says."""
         cfg, env = self.cfg, self.env
         size = resident_bytes(self.dataset, self.train_ids)
-        setting = "off" if cfg.data.resident == "auto" and cfg.data.augment_device == "cpu" else cfg.data.resident
-        resident = broadcast_from_main(resident_reason(setting, env.device, size) if env.is_main else None)
+        choice = resident_reason(cfg.data.resident, env.device, size, cfg.data.augment_device) if env.is_main else None
+        resident = broadcast_from_main(choice)
         mode = cfg.data.augment_device
         on_device = mode == "device" or (mode == "auto" and env.device.type == "cuda")
         self.finish_on_device = resident is None and on_device

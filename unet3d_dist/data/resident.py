@@ -31,12 +31,13 @@ def resident_bytes(dataset: ShardedDataset, case_ids: list[str]) -> int:
     return sum(math.prod(dataset.records[case]["shape"]) * per_voxel for case in case_ids)
 
 
-def resident_reason(setting: str, device: torch.device, nbytes: int) -> str | None:
+def resident_reason(setting: str, device: torch.device, nbytes: int, augment_device: str = "auto") -> str | None:
     """Why the cases go on ``device`` (a phrase for the console), or None when they stay in the shards: ``on`` and
-    ``off`` as set; ``auto`` on a CUDA device whose free memory is at least 1 / SHARE_OF_FREE times ``nbytes``."""
+    ``off`` as set; ``auto`` on a CUDA device whose free memory is at least 1 / SHARE_OF_FREE times ``nbytes``,
+    unless augmentation was asked of the CPU (``data.augment_device=cpu``: the loader workers' job)."""
     if setting != "auto":
         return "data.resident=on" if setting == "on" else None
-    if device.type != "cuda":
+    if device.type != "cuda" or augment_device == "cpu":
         return None
     free, _ = torch.cuda.mem_get_info(device)
     if nbytes > SHARE_OF_FREE * free:
