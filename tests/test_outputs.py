@@ -121,7 +121,9 @@ def test_a_full_disk_at_a_checkpoint_names_the_file_and_the_space_it_needs_and_k
             printed = host.communicate(timeout=120)[0]
             codes = {host.returncode, other.wait(timeout=60)}
             printed += (tmp_path / "o").read_text()
-        assert codes == {2} and "Traceback" not in printed, printed  # a checkpoint of 3.6 MB
+        # The other node's launcher may still say 75 when the node hosting the rendezvous ended first (torchrun
+        # reports the lost rendezvous, not its rank's code); its rank's own line and exit are checked below.
+        assert 2 in codes and codes <= {2, 75} and "Traceback" not in printed, printed  # a checkpoint of 3.6 MB
         checkpoints = runs / "full" / "checkpoints"
         sentence = (
             rf"{re.escape(str(checkpoints / 'ckpt-00000001.pt'))} could not be written: "
