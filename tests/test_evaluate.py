@@ -17,16 +17,15 @@ import torch
 from conftest import TINY, box_case, torchrun, train
 from medpy.metric import binary as medpy
 
-from unet3d_dist.checkpoint import dataset_entry, inference_checkpoint, inference_model, read_checkpoint
+from unet3d_dist.checkpoint import dataset_entry, inference_checkpoint, read_checkpoint
 from unet3d_dist.config import load_config
 from unet3d_dist.data.shards import ShardedDataset, write_dataset
-from unet3d_dist.ensemble import build_members, read_checkpoints
 from unet3d_dist.evaluate import UNFINISHED, main
 from unet3d_dist.inference import resample_to_shape, sliding_window_logits
 from unet3d_dist.masks import load_mask
 from unet3d_dist.model import build_model
 from unet3d_dist.precision import resolve_amp
-from unet3d_dist.scoring import ScoringOptions, predict_case
+from unet3d_dist.segmenter import Segmenter, read_checkpoints
 
 CASES = ["big", "border", "empty", "small", "wide"]
 CLASSES = ["background", "box"]
@@ -114,7 +113,7 @@ def test_every_test_case_is_scored_once_and_matches_medpy_on_the_saved_masks(sin
 
 def test_masks_carry_the_scan_geometry_and_the_prediction(single_process, five_cases, checkpoint):
     dataset = ShardedDataset(five_cases)
-    members = build_members(read_checkpoints([checkpoint]), torch.device("cpu"))  # as the command builds them
+    segmenter = Segmenter.from_checkpoints(read_checkpoints([checkpoint]), torch.device("cpu"))  # as the command
     for case_id in ("small", "border"):
         image = sitk.ReadImage(str(single_process / "masks" / f"{case_id}.nii.gz"))
         record = dataset.records[case_id]
@@ -122,8 +121,7 @@ def test_masks_carry_the_scan_geometry_and_the_prediction(single_process, five_c
         assert image.GetSpacing() == pytest.approx(record["spacing"]) and image.GetOrigin() == pytest.approx(
             record["origin"]
         )
-        options = ScoringOptions(amp_dtype=resolve_amp("auto", torch.device("cpu")))  # the command's --amp auto
-        expected = predict_case(members, dataset, case_id, options, torch.device("cpu"))
+        expected = segmenter.labels(dataset.image(case_id), record["spacing"], dataset.pad_values(case_id))
         assert np.array_equal(sitk.GetArrayFromImage(image).transpose(2, 1, 0), expected)
 
 
@@ -337,9 +335,9 @@ def other_member(tmp_path_factory, five_cases) -> Path:
 
 def member_probabilities(checkpoint: Path, image: torch.Tensor, record: dict) -> torch.Tensor:
     """One member's softmax on the case's grid, built from the sliding window alone (the ensemble's oracle)."""
-    saved, cfg = read_checkpoint(checkpoint)
-    model = inference_model(saved, cfg, torch.device("cpu"))
-    own, spacing = saved["dataset"]["preprocessing"].get("spacing"), record["spacing"]
+    saved = read_checkpoint(checkpoint)
+    model, cfg = saved.model(torch.device("cpu")), saved.cfg
+    own, spacing = saved.spacing, record["spacing"]
     shape = tuple(image.shape[1:])
     seen = resample_to_shape(image, [round(n * s / o) for n, s, o in zip(shape, spacing, own)]) if own else image
     axes = cfg.data.flip_axis_indices if cfg.inference.tta_flips else ()

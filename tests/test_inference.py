@@ -6,7 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from unet3d_dist.inference import predict_labels, sliding_window_logits
+from unet3d_dist.inference import sliding_window_logits
+
+
+def predict_labels(logits: torch.Tensor):
+    return logits.argmax(0).to(torch.uint8).numpy()
 
 
 class Echo(nn.Module):
@@ -39,7 +43,7 @@ def test_stitching_reconstructs_the_echoed_volume(shape, patch, overlap, flips):
 def test_largest_component_keeps_one_object_per_class():
     import numpy as np
 
-    from unet3d_dist.inference import keep_largest_component
+    from unet3d_dist.windows import keep_largest_component
 
     labels = np.zeros((20, 20, 20), np.uint8)
     labels[2:8, 2:8, 2:8] = 1  # 216 voxels: kept
@@ -50,6 +54,10 @@ def test_largest_component_keeps_one_object_per_class():
     assert (out[2:8, 2:8, 2:8] == 1).all() and (out[12:14, 12:14, 12:14] == 0).all()
     assert (out[15:18, 2:5, 2:5] == 2).all() and out[9, 9, 9] == 0
     assert out.sum() == 216 + 2 * 27
+    corner = np.zeros((6, 6, 6), np.uint8)
+    corner[0:2, 0:2, 0:2] = corner[2:5, 2:5, 2:5] = 1  # two cubes touching at one corner only
+    assert (keep_largest_component(corner) == corner).all()  # 26-connected: one object
+    assert keep_largest_component(corner, connectivity=6).sum() == 27  # 6-connected: the small cube goes
 
 
 def test_resampling_to_another_grid_keeps_a_smooth_volume():
@@ -102,8 +110,9 @@ def test_streamed_stitching_keeps_only_one_patch_of_planes():
 
 def test_ensemble_probabilities_streamed_equal_the_whole_volume_mean():
     from unet3d_dist.bench.eval import full_volume_logits
-    from unet3d_dist.ensemble import mean_probability_slabs
-    from unet3d_dist.inference import labels_from_slabs, sliding_window_slabs
+    from unet3d_dist.inference import sliding_window_slabs
+    from unet3d_dist.segmenter import softmax
+    from unet3d_dist.windows import labels_from_slabs, mean_probability_slabs
 
     image, shape = torch.randn(1, 41, 23, 17), (41, 23, 17)
     members = [(random_classes(4), (16, 16, 8)), (nn.Conv3d(1, 4, 1).eval(), (10, 12, 8))]  # slabs cut differently
@@ -111,7 +120,7 @@ def test_ensemble_probabilities_streamed_equal_the_whole_volume_mean():
     expected = (whole[0].softmax(0) + whole[1].softmax(0)) / 2
     streams = [sliding_window_slabs(model, image, patch, 4, overlap=0.5, batch_size=2) for model, patch in members]
     streams[1] = iter([(0, whole[1])])  # a resampled member: its whole volume as one slab
-    got = torch.cat([slab for _, slab in mean_probability_slabs(streams)], dim=1)
+    got = torch.cat([slab for _, slab in mean_probability_slabs(streams, softmax)], dim=1)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
     streams = [sliding_window_slabs(model, image, patch, 4, overlap=0.5, batch_size=2) for model, patch in members]
-    assert (labels_from_slabs(shape, mean_probability_slabs(streams)) == predict_labels(expected)).all()
+    assert (labels_from_slabs(shape, mean_probability_slabs(streams, softmax)) == predict_labels(expected)).all()

@@ -16,11 +16,11 @@ from unet3d_dist.data.layouts import Source
 from unet3d_dist.data.recipe import SplitSpec
 from unet3d_dist.data.splits import fold_assignment
 from unet3d_dist.files import atomic_write_text, remove_unfinished
-from unet3d_dist.inference import window_starts
 from unet3d_dist.optim import lr_factor
 from unet3d_dist.prepare import assign_splits, plan_shards
 from unet3d_dist.scoring import balanced_shards
 from unet3d_dist.stop import StopRequest
+from unet3d_dist.windows import window_starts
 
 
 def test_poly_decay_starts_at_one_ends_at_zero_and_stays_there():

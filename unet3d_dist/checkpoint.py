@@ -93,48 +93,122 @@ def training_checkpoint(
     }
 
 
-def restore_training(
-    checkpoint: dict[str, Any], step: Trainable
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
-    """Load the weights and optimizer, schedule and scaler states into ``step``; return the train state, every
-    rank's RNGs and notes on what could not be restored as it was.
+class Checkpoint:
+    """A checkpoint read from disk, with typed access to what it holds: no other module knows its keys."""
 
-    The GradScaler's state belongs to its precision: a checkpoint of another precision (or one whose scaler was
-    disabled, as before every precision had one) leaves the scaler as it starts.
-    """
-    step.model.load_state_dict(checkpoint["model"])
-    step.optimizer.load_state_dict(checkpoint["optimizer"])
-    step.scheduler.load_state_dict(checkpoint["scheduler"])
-    saved, now = checkpoint.get("precision"), amp_name(step.amp_dtype)
-    notes = []
-    if saved == now and checkpoint["scaler"]:
-        step.scaler.load_state_dict(checkpoint["scaler"])
-    elif saved != now:
-        notes.append(f"precision: {saved or 'unrecorded'} -> {now}; the loss scaler starts afresh")
-    return checkpoint["train_state"], checkpoint["rng"], notes
+    def __init__(self, path: Path, state: dict[str, Any], cfg: Config):
+        self.path, self.state, self.cfg = Path(path), state, cfg
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        """Its training data's ``dataset_entry``."""
+        return self.state["dataset"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.dataset["classes"]
+
+    @property
+    def modality(self) -> str:
+        return self.dataset.get("modality", "")
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """How its training scans were prepared, which predict repeats on new scans (empty for a synthetic set)."""
+        return self.dataset.get("preprocessing", {})
+
+    @property
+    def channels(self) -> list[str]:
+        return preprocessing_channels(self.dataset)
+
+    @property
+    def spacing(self) -> tuple[float, float, float] | None:
+        """The spacing its training data was resampled to, if it was."""
+        spacing = self.preprocessing.get("spacing")
+        return tuple(spacing) if spacing else None
+
+    @property
+    def intensity_range(self) -> dict[str, list[float]] | None:
+        """Per channel, the raw 0.5 and 99.5 percentiles of its training scans (None before they were recorded)."""
+        return self.dataset.get("intensity_range")
+
+    @property
+    def train_state(self) -> dict[str, Any]:
+        return self.state["train_state"]
+
+    @property
+    def run_id(self) -> str:
+        return self.state["run_id"]
+
+    @property
+    def world_size(self) -> int:
+        """The ranks that wrote it (older checkpoints record one RNG state per rank instead)."""
+        return self.train_state.get("world_size") or len(self.state["rng"])
+
+    def global_batch(self, batch_size: int) -> int:
+        """The crops per step its run trained with (older checkpoints: their world size x ``batch_size``)."""
+        return self.train_state.get("global_batch") or self.world_size * batch_size
+
+    def model(self, device: torch.device) -> nn.Module:
+        """Its network on ``device``, in eval mode and the memory format it was trained in."""
+        model = build_model(self.cfg.model, in_channels=len(self.channels), num_classes=len(self.classes))
+        model.load_state_dict(self.state["model"])
+        model.to(device).eval()
+        return to_channels_last(model) if self.cfg.train.channels_last == "on" else model  # resolved when it trained
+
+    def restore_into(self, step: Trainable) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+        """Load the weights and optimizer, schedule and scaler states into ``step``; return the train state, every
+        rank's RNGs and notes on what could not be restored as it was.
+
+        The GradScaler's state belongs to its precision: a checkpoint of another precision (or one whose scaler was
+        disabled, as before every precision had one) leaves the scaler as it starts.
+        """
+        state = self.state
+        step.model.load_state_dict(state["model"])
+        step.optimizer.load_state_dict(state["optimizer"])
+        step.scheduler.load_state_dict(state["scheduler"])
+        saved, now = state.get("precision"), amp_name(step.amp_dtype)
+        notes = []
+        if saved == now and state["scaler"]:
+            step.scaler.load_state_dict(state["scaler"])
+        elif saved != now:
+            notes.append(f"precision: {saved or 'unrecorded'} -> {now}; the loss scaler starts afresh")
+        return state["train_state"], state["rng"], notes
+
+    def resume_changes(self, cfg: Config, dataset: dict[str, Any]) -> list[str]:
+        """The settings a resume with ``cfg`` on ``dataset`` (its ``dataset_entry``) changes (``section.key: old ->
+        new``), or CheckpointError listing every difference that would not fit the saved weights: the model section
+        and the data's classes and channels."""
+        saved, now = self.cfg.to_dict(), cfg.to_dict()
+        differences = config_differences(saved, now, INCOMPATIBLE_SECTIONS)
+        for name, was, new in (
+            ("classes", self.classes, dataset["classes"]),
+            ("channels", self.channels, preprocessing_channels(dataset)),
+        ):
+            if was != new:
+                differences.append(f"dataset {name}: {was} -> {new}")
+        if differences:
+            raise CheckpointError(
+                f"cannot resume from {self.path}: the configuration is incompatible:\n  "
+                + "\n  ".join(differences)
+                + "\nuse the original settings, another log.run_name, or train.resume=never"
+            )
+        sections = tuple(name for name in self.state["config"] if name not in INCOMPATIBLE_SECTIONS)
+        return config_differences(saved, now, sections)
 
 
-def read_checkpoint(path: Path, resume: bool = False) -> tuple[dict[str, Any], Config]:
+def read_checkpoint(path: Path, resume: bool = False) -> Checkpoint:
     """A checkpoint with every entry that inference (or, with ``resume``, training) needs, and its Config."""
-    checkpoint = load_checkpoint(path)
-    missing = [key for key in INFERENCE_KEYS + (RESUME_KEYS if resume else ()) if key not in checkpoint]
+    state = load_checkpoint(path)
+    missing = [key for key in INFERENCE_KEYS + (RESUME_KEYS if resume else ()) if key not in state]
     if missing:
         raise CheckpointError(
             f"checkpoint {path} has no {', '.join(missing)} entry: it was not written by unet3d-train"
         )
     try:
-        return checkpoint, config_from_dict(checkpoint["config"])
+        return Checkpoint(Path(path), state, config_from_dict(state["config"]))
     except ConfigError as err:
         raise CheckpointError(f"checkpoint {path} holds a config this version cannot use: {err}") from None
-
-
-def inference_model(checkpoint: dict[str, Any], cfg: Config, device: torch.device) -> nn.Module:
-    """The checkpoint's model on ``device``, in eval mode and the memory format it was trained in."""
-    channels = len(preprocessing_channels(checkpoint["dataset"]))
-    model = build_model(cfg.model, in_channels=channels, num_classes=len(checkpoint["dataset"]["classes"]))
-    model.load_state_dict(checkpoint["model"])
-    model.to(device).eval()
-    return to_channels_last(model) if cfg.train.channels_last == "on" else model  # resolved when it trained
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -240,29 +314,6 @@ def config_differences(
             if old.get(key) != new.get(key):
                 lines.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
     return lines
-
-
-def resume_changes(
-    path: Path, checkpoint: dict[str, Any], saved: Config, cfg: Config, dataset: dict[str, Any]
-) -> list[str]:
-    """The settings a resume from ``path`` changes (``section.key: old -> new``), or CheckpointError listing every
-    difference that would not fit the saved weights: the model section and the data's classes and channels."""
-    differences = config_differences(saved.to_dict(), cfg.to_dict(), INCOMPATIBLE_SECTIONS)
-    old, new = checkpoint["dataset"], dataset
-    for name, was, now in (
-        ("classes", old["classes"], new["classes"]),
-        ("channels", preprocessing_channels(old), preprocessing_channels(new)),
-    ):
-        if was != now:
-            differences.append(f"dataset {name}: {was} -> {now}")
-    if differences:
-        raise CheckpointError(
-            f"cannot resume from {path}: the configuration is incompatible:\n  "
-            + "\n  ".join(differences)
-            + "\nuse the original settings, another log.run_name, or train.resume=never"
-        )
-    sections = tuple(name for name in checkpoint["config"] if name not in INCOMPATIBLE_SECTIONS)
-    return config_differences(saved.to_dict(), cfg.to_dict(), sections)
 
 
 def preprocessing_channels(entry: dict[str, Any]) -> list[str]:

@@ -1,6 +1,6 @@
 """Evaluation entry point: ``python -m unet3d_dist.evaluate --checkpoint PATH... [--data DATASET] [--split test]``.
 
-Several checkpoints (the folds of a cross-validation, say) are evaluated as one ensemble (``ensemble.py``): their
+Several checkpoints (the folds of a cross-validation, say) are evaluated as one ensemble (``segmenter.py``): their
 softmax probabilities, each after its own flip averaging and at its own spacing, are averaged before the argmax.
 
 The same command runs under ``torchrun --nproc_per_node=N``: each rank predicts and scores its own volumes, and
@@ -30,22 +30,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, run_dir_of
-from .config import Config, ConfigError, side_divisor
+from .checkpoint import Checkpoint, CheckpointError, run_dir_of
+from .config import Config, ConfigError
 from .data.shards import DatasetError, ShardedDataset
 from .data.source import open_dataset
 from .data.splits import run_cases
 from .dist import default_workers, on_main, runtime
-from .ensemble import Loaded, build_members, describe, read_checkpoints
 from .files import OutputError, atomic_write, atomic_write_text
 from .logger import RunLogger, new_run_id
 from .masks import load_mask, mask_path
 from .optional import MissingDependency, require
-from .precision import amp_name, resolve_amp
+from .precision import amp_name
 from .report import slice_panel
 from .results import class_table, json_ready, metric_columns, summarize, write_csv, write_json
 from .run_lock import LOCK_FILE, hold_out
 from .scoring import ScoringOptions, default_metric_workers, score_cases
+from .segmenter import Segmenter, add_inference_flags, describe, read_checkpoints
 
 RESULTS_JSON = "results.json"
 UNFINISHED = "unfinished.txt"
@@ -83,41 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "unless --overwrite"
         ),
     )
-    parser.add_argument(
-        "--patch", type=int, nargs=3, metavar=("X", "Y", "Z"), help="window size (default: each checkpoint's crop)"
-    )
-    parser.add_argument(
-        "--overlap",
-        type=float,
-        help="overlap of neighbouring windows, in [0, 1) (default: the checkpoint's inference.overlap)",
-    )
-    parser.add_argument(
-        "--batch-size", type=int, help="windows per forward pass (default: the checkpoint's inference.batch_size)"
-    )
-    parser.add_argument(
-        "--tta",
-        action=argparse.BooleanOptionalAction,
-        help="average the logits over every flip along the axes training mirrored (data.flip_axes; default: the "
-        "checkpoint's inference.tta_flips)",
-    )
-    parser.add_argument(
-        "--largest-component",
-        action=argparse.BooleanOptionalAction,
-        help="keep each class's largest connected component (default: the checkpoint's inference.largest_component)",
-    )
-    parser.add_argument(
-        "--amp",
-        choices=["auto", "bf16", "fp16", "off"],
-        default="auto",
-        help="mixed precision; auto: bf16 on GPUs and CPUs that run it in hardware, fp16 on older GPUs, else off",
-    )
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument(
-        "--stitch-device",
-        choices=["device", "cpu"],
-        default="device",
-        help="where window logits are summed; cpu keeps only one batch of windows on the GPU (large CT)",
-    )
+    add_inference_flags(parser)
     parser.add_argument(
         "--workers", type=int, default=-1, help="metric processes per rank (default: from the CPU count)"
     )
@@ -152,16 +118,7 @@ def default_out(checkpoints: list[Path], split: str) -> Path:
     return run_dir_of(checkpoints[0]) / f"eval-{split}"
 
 
-def check_arguments(args: argparse.Namespace, out: Path, loaded: list[Loaded]) -> None:
-    levels = max(len(item.cfg.model.widths) for item in loaded)
-    step = side_divisor(levels)
-    if args.patch and any(side < step or side % step for side in args.patch):
-        raise ConfigError(
-            f"--patch must be multiples of {step} (the {levels}-level UNet halves each side {levels - 1} times), "
-            f"not {args.patch}"
-        )
-    if args.overlap is not None and not 0 <= args.overlap < 1:
-        raise ConfigError(f"--overlap must be in [0, 1), not {args.overlap}")
+def check_arguments(args: argparse.Namespace, out: Path) -> None:
     if args.mask_format == "nifti":  # before any work, not at the first mask
         require("SimpleITK", "--mask-format nifti (use --mask-format hdf5 without it)", "SimpleITK")
     check_out(out, args.overwrite)
@@ -206,18 +163,15 @@ def claim_out(out: Path, args: argparse.Namespace) -> None:
             path.unlink(missing_ok=True)
 
 
-def check_dataset(
-    dataset: ShardedDataset, split: str, checkpoint: dict[str, Any], path: Path, cfg: Config
-) -> list[str]:
+def check_dataset(dataset: ShardedDataset, split: str, checkpoint: Checkpoint, cfg: Config) -> list[str]:
     """The split's case ids, once the dataset is known to have the checkpoint's classes.
 
     For a checkpoint trained on one fold of a cross-validation (data.folds > 0), 'val' is that fold's held-out cases.
     """
-    trained = checkpoint["dataset"]["classes"]
-    if dataset.classes != trained:
+    if dataset.classes != checkpoint.classes:
         raise DatasetError(
-            f"dataset {dataset.root} has classes {dataset.classes} but checkpoint {path} was trained on {trained}; "
-            "pass --data with a dataset of the same classes"
+            f"dataset {dataset.root} has classes {dataset.classes} but checkpoint {checkpoint.path} was trained on "
+            f"{checkpoint.classes}; pass --data with a dataset of the same classes"
         )
     case_ids = run_cases(dataset, cfg.data, "val") if split == "val" and cfg.data.folds else dataset.case_ids(split)
     if not case_ids:
@@ -272,6 +226,7 @@ class Request:
     split: str
     out: Path
     panels: int
+    largest_component: bool  # whether each class's largest connected component alone was kept
 
 
 def write_outputs(
@@ -305,7 +260,7 @@ def write_outputs(
     )
 
 
-def check_ensemble_split(loaded: list[Loaded], split: str) -> None:
+def check_ensemble_split(loaded: list[Checkpoint], split: str) -> None:
     """A fold's 'val' cases are the other folds' training cases: an ensemble of folds scored there would be scored
     on what its members learnt from."""
     folds = [item.path for item in loaded if item.cfg.data.folds]
@@ -318,40 +273,35 @@ def check_ensemble_split(loaded: list[Loaded], split: str) -> None:
 
 def evaluate(args: argparse.Namespace) -> None:
     loaded = read_checkpoints(args.checkpoint)
-    checkpoint, cfg = loaded[0].checkpoint, loaded[0].cfg
+    cfg = loaded[0].cfg
     if args.data:
         cfg.data.dataset = args.data
     out = args.out or default_out(args.checkpoint, args.split)
-    check_arguments(args, out, loaded)
+    check_arguments(args, out)
     check_ensemble_split(loaded, args.split)
     with runtime(args.device) as env:
+        segmenter = Segmenter.from_checkpoints(loaded, env.device, args)
         dataset = open_dataset(cfg.data, env)
-        case_ids = check_dataset(dataset, args.split, checkpoint, loaded[0].path, cfg)
+        case_ids = check_dataset(dataset, args.split, loaded[0], cfg)
         on_main(env, functools.partial(claim_out, out, args), (ConfigError, OutputError))  # before any rank writes
         options = ScoringOptions(
-            overlap=cfg.inference.overlap if args.overlap is None else args.overlap,
-            batch_size=args.batch_size or cfg.inference.batch_size,
-            largest_component=cfg.inference.largest_component
-            if args.largest_component is None
-            else args.largest_component,
-            amp_dtype=resolve_amp(args.amp, env.device),
-            stitch_device="cpu" if args.stitch_device == "cpu" else None,
             distances=True,
             metric_workers=args.workers if args.workers >= 0 else default_metric_workers(default_workers(env)),
             masks_dir=out / "masks",
             mask_format=args.mask_format,
         )
-        members = build_members(loaded, env.device, args.patch, args.tta)
         logger = RunLogger(env.is_main, out)
-        patches = sorted({"x".join(map(str, member.patch)) for member in members})
+        settings = segmenter.settings
+        patches = sorted({"x".join(map(str, member.patch)) for member in segmenter.members})
         logger.info(
-            f"[bold]unet3d-evaluate[/] {describe(loaded)} on {len(case_ids)} {args.split!r} cases of {dataset.root}  "
-            f"world={env.world_size}  device={env.device.type}  patch={','.join(patches)}  overlap={options.overlap}  "
-            f"amp={amp_name(options.amp_dtype)}  metric workers/rank={options.metric_workers}"
+            f"[bold]unet3d-evaluate[/] {describe(args.checkpoint)} on {len(case_ids)} {args.split!r} cases of "
+            f"{dataset.root}  world={env.world_size}  device={env.device.type}  patch={','.join(patches)}  "
+            f"overlap={settings.overlap}  amp={amp_name(settings.amp_dtype)}  largest component="
+            f"{'yes' if settings.largest_component else 'no'}  metric workers/rank={options.metric_workers}"
         )
-        records = score_cases(members, dataset, case_ids, env, options)
+        records = score_cases(segmenter, dataset, case_ids, env, options)
         if records is not None:
-            request = Request(args.checkpoint, dataset.root, args.split, out, args.panels)
+            request = Request(args.checkpoint, dataset.root, args.split, out, args.panels, settings.largest_component)
             write_outputs(records, dataset, options, request, cfg, args.wandb or cfg.log.wandb, logger)
 
 

@@ -10,9 +10,9 @@ neighbour, so ``DIR/<name>_mask.nii.gz`` has the input's exact size, spacing, or
 are indices into the checkpoint's classes. ``DIR/<name>_panel.png`` shows three slices (of the first channel).
 ``DIR`` defaults to ``<run dir>/predictions`` (``runs/<name>/predictions`` for ``runs/<name>/checkpoints/<file>``).
 
-Several checkpoints predict as one ensemble (``ensemble.py``): each member on the input prepared at its own
-spacing, with its own patch and flips; their softmax probabilities, on the first member's grid, are averaged before
-the argmax.
+Several checkpoints predict as one ensemble (``segmenter.py``): the input is prepared like the first member's
+training data; a member trained at another spacing sees it resampled to that spacing, with its own patch and flips;
+their softmax probabilities, on the first member's grid, are averaged before the argmax.
 
 Under torchrun every rank takes a disjoint, size-balanced share of the inputs; rank 0 holds ``DIR`` (``run.lock``,
 run_lock.py) before any rank writes there, so a second prediction into it is refused naming the first. A bad input
@@ -25,96 +25,29 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 
-from .checkpoint import CheckpointError, run_dir_of
+from .checkpoint import Checkpoint, CheckpointError, run_dir_of
 from .config import ConfigError
 from .data.preprocess import (
     CANONICAL_ORIENTATION,
     axes_smaller,
     dims,
     intensity_percentiles,
-    model_input,
-    onto_grid,
     reorient,
 )
-from .data.readers import CaseError, array_xyz, image_xyz, read_channels, strip_suffix
-from .data.shards import channel_names
+from .data.readers import CaseError, array_xyz, read_channels, strip_suffix
 from .dist import gather_to_main, on_main, runtime
-from .ensemble import Loaded, Member, build_members, ensemble_labels, read_checkpoints
 from .files import OutputError, atomic_write
-from .inference import keep_largest_component, slabs_onto
 from .optional import MissingDependency, require, sitk
-from .precision import resolve_amp
 from .report import DISPLAY_WINDOWS, slice_panel
 from .run_lock import hold_out
 from .scoring import balanced_shards
+from .segmenter import Segmenter, add_inference_flags, read_checkpoints
 
 EXIT_SKIPPED = 3
-
-
-class Predictor:
-    """Trained models (one, or an ensemble) with the preprocessing and patches their training used."""
-
-    def __init__(self, loaded: list[Loaded], device: torch.device, overlap: float | None, batch_size: int | None):
-        first, cfg = loaded[0], loaded[0].cfg
-        self.inference = cfg.inference
-        self.classes: list[str] = first.dataset["classes"]
-        self.modality: str = first.dataset.get("modality", "")
-        self.preprocessing: list[dict[str, Any]] = [item.dataset["preprocessing"] for item in loaded]
-        self.channels = channel_names(self.preprocessing[0])
-        self.intensity_range: dict[str, list[float]] | None = first.dataset.get("intensity_range")
-        if "normalization" not in self.preprocessing[0]:
-            raise CheckpointError(
-                f"checkpoint {first.path}'s dataset records no preprocessing.normalization, so new scans cannot be "
-                "prepared like its training data"
-            )
-        self.members = build_members(loaded, device)
-        self.patch = self.members[0].patch
-        self.device, self.batch_size = device, batch_size or cfg.inference.batch_size
-        self.overlap = cfg.inference.overlap if overlap is None else overlap
-        self.amp_dtype = resolve_amp("auto", device)
-
-    def prepare(self, channels: list[sitk.Image]) -> list[sitk.Image]:
-        """The scan's channels on the grid and scale the (first) network was trained on."""
-        return model_input(channels, self.preprocessing[0])
-
-    def mask(self, channels: list[sitk.Image], prepared: list[sitk.Image]) -> sitk.Image:
-        """Class map on the scan's own grid (uint8), predicted on ``prepared`` (``self.prepare(channels)``); a member
-        trained at another spacing predicts on the scan prepared at its spacing, resampled onto ``prepared``."""
-        shape = tuple(array_xyz(prepared[0]).shape)
-
-        def window_options(member: Member, voxels: torch.Tensor) -> dict[str, Any]:
-            return {
-                "overlap": self.overlap,
-                "batch_size": self.batch_size,
-                "pad_value": voxels.flatten(1).min(1).values.tolist(),
-                "amp_dtype": self.amp_dtype,
-                "device": self.device,
-                "tta_axes": member.tta_axes,
-                "channels_last": member.channels_last,
-            }
-
-        def member_slabs(member: Member, preprocessing: dict[str, Any]) -> Iterator[tuple[int, torch.Tensor]]:
-            """Logits slab by slab; a member at another spacing predicts the scan prepared at its spacing."""
-            same_grid = preprocessing.get("spacing") == self.preprocessing[0].get("spacing")
-            grid = prepared if same_grid else model_input(channels, preprocessing)
-            voxels = torch.from_numpy(np.stack([array_xyz(channel) for channel in grid]))
-            options = window_options(member, voxels)
-            return slabs_onto(shape, member.model, voxels, member.patch, len(self.classes), **options)
-
-        streams = [
-            member_slabs(member, preprocessing) for member, preprocessing in zip(self.members, self.preprocessing)
-        ]
-        labels = ensemble_labels(shape, streams)
-        if self.inference.largest_component:
-            labels = keep_largest_component(labels)
-        return onto_grid(image_xyz(labels, like=prepared[0]), channels[0])
 
 
 Scan = tuple[Path, ...]  # one input: its channels' files (or one file holding them all)
@@ -164,16 +97,16 @@ def padding_line(path: object, prepared: sitk.Image, patch: tuple[int, int, int]
     )
 
 
-def intensity_line(path: object, channels: list[sitk.Image], predictor: Predictor) -> str | None:
+def intensity_line(path: object, channels: list[sitk.Image], trained: Checkpoint) -> str | None:
     """A warning for a scan unlike the training data (another modality, units or scaling): a channel's 0.5 or 99.5
     percentile beyond the training range by more than the range's width. None without a recorded range."""
-    if not predictor.intensity_range:
+    if not trained.intensity_range:
         return None
     far = []
-    for name, image in zip(predictor.channels, channels):
+    for name, image in zip(trained.channels, channels):
         (low, high), (trained_low, trained_high) = (
             intensity_percentiles(sitk.GetArrayViewFromImage(image)),
-            predictor.intensity_range[name],
+            trained.intensity_range[name],
         )
         width = trained_high - trained_low
         if low < trained_low - width or high > trained_high + width:
@@ -186,22 +119,24 @@ def intensity_line(path: object, channels: list[sitk.Image], predictor: Predicto
     )
 
 
-def predict_file(predictor: Predictor, scan: Scan, mask_path: Path, panel_path: Path) -> None:
+def predict_file(segmenter: Segmenter, scan: Scan, mask_path: Path, panel_path: Path) -> None:
     """Write the mask NIfTI and the slice panel of one input (each file atomically); say if the input is padded."""
-    whose = "the checkpoint was trained on" if len(predictor.members) == 1 else "the ensemble was trained on"
-    channels = read_channels(scan, predictor.channels, whose)
+    trained = segmenter.checkpoints[0]
+    whose = "the checkpoint was trained on" if len(segmenter.members) == 1 else "the ensemble was trained on"
+    channels = read_channels(scan, trained.channels, whose)
     path = scan[0]
-    prepared = predictor.prepare(channels)
-    for line in (intensity_line(path, channels, predictor), padding_line(path, prepared[0], predictor.patch)):
+    prepared = segmenter.prepare(channels)
+    patch = segmenter.members[0].patch
+    for line in (intensity_line(path, channels, trained), padding_line(path, prepared[0], patch)):
         if line:
             print(line, flush=True)
     image = channels[0]  # the panel shows the first channel
-    mask = predictor.mask(channels, prepared)
+    mask = segmenter.segment_scan(channels, prepared)
     atomic_write(mask_path, lambda tmp: sitk.WriteImage(mask, str(tmp), useCompression=True))
     # report.slice_panel draws LPS arrays the radiological way
     shown_image, shown_mask = reorient(image, CANONICAL_ORIENTATION), array_xyz(reorient(mask, CANONICAL_ORIENTATION))
-    counts = np.bincount(shown_mask.ravel(), minlength=len(predictor.classes))
-    names = [f"{name} ({counts[i]} voxels)" if i else name for i, name in enumerate(predictor.classes)]
+    counts = np.bincount(shown_mask.ravel(), minlength=len(segmenter.classes))
+    names = [f"{name} ({counts[i]} voxels)" if i else name for i, name in enumerate(segmenter.classes)]
     found = (
         ", ".join(names[1:]) if len(names) == 2 else f"{int((counts[1:] > 0).sum())} of {len(names) - 1} classes found"
     )
@@ -214,7 +149,7 @@ def predict_file(predictor: Predictor, scan: Scan, mask_path: Path, panel_path: 
             shown_image.GetSpacing(),
             tmp,
             f"{path.name}: {found}",
-            DISPLAY_WINDOWS.get(predictor.modality),
+            DISPLAY_WINDOWS.get(trained.modality),
             names,
         ),
     )
@@ -262,17 +197,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="folder for <name>_mask.nii.gz and <name>_panel.png (default: <run dir>/predictions; for an ensemble "
         "<runs dir>/ensemble-predictions)",
     )
-    parser.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the local rank's GPU if there is one"
-    )
-    parser.add_argument(
-        "--overlap",
-        type=float,
-        help="sliding-window overlap as a fraction of the patch (default: the checkpoint's inference.overlap)",
-    )
-    parser.add_argument(
-        "--batch-size", type=int, help="windows per forward pass (default: the checkpoint's inference.batch_size)"
-    )
+    add_inference_flags(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing masks and panels")
     return parser.parse_args(argv)
 
@@ -296,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         paths = output_paths(args.inputs, out, args.overwrite)
         with runtime(args.device) as env:
             on_main(env, functools.partial(claim_out, args.inputs, out, args.overwrite), (CaseError, OutputError))
-            predictor = Predictor(loaded, env.device, args.overlap, args.batch_size)
+            segmenter = Segmenter.from_checkpoints(loaded, env.device, args)
             rank_prefix = f"rank {env.rank} " if env.world_size > 1 else ""
             failures = []
             scans = {",".join(map(str, scan)): scan for scan in args.inputs}
@@ -304,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
             for key in shares[env.rank]:
                 mask_file, panel_file = paths[scans[key]]
                 try:
-                    predict_file(predictor, scans[key], mask_file, panel_file)
+                    predict_file(segmenter, scans[key], mask_file, panel_file)
                     print(f"{rank_prefix}wrote {mask_file} and {panel_file}", flush=True)
                 except CaseError as err:
                     failures.append(str(err))

@@ -18,12 +18,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .batching import accumulation, check_divides, chunks
 from .checkpoint import (
+    Checkpoint,
     Checkpointer,
     CheckpointError,
     dataset_entry,
     read_checkpoint,
-    restore_training,
-    resume_changes,
     rng_state,
     seed_rngs,
     set_rng_state,
@@ -50,7 +49,6 @@ from .dist import (
     mean_over_ranks,
     on_main,
 )
-from .ensemble import Member
 from .exit_codes import REQUEUE
 from .files import OutputError
 from .layout import choose_channels_last
@@ -61,6 +59,7 @@ from .precision import amp_name, resolve_amp
 from .results import mean_metrics
 from .run_lock import hold_folder
 from .scoring import ScoringOptions, default_metric_workers, score_cases
+from .segmenter import Segmenter
 from .step import TrainStep
 from .stop import StopRequest
 
@@ -108,8 +107,8 @@ class Trainer:
             self.checkpointer.remove_unfinished()
         resume_from = self.resume_path()
         checkpoint = read_checkpoint(resume_from, resume=True) if resume_from else None
-        self.model = self.make_model(checkpoint[1] if checkpoint else None)
-        self.global_batch = self.resolve_global_batch(checkpoint[0] if checkpoint else None)
+        self.model = self.make_model(checkpoint.cfg if checkpoint else None)
+        self.global_batch = self.resolve_global_batch(checkpoint)
         self.accumulate = accumulation(self.global_batch, cfg.train.batch_size, env.world_size)
         sampler_of = (cfg.data.samples_per_epoch, env.world_size, env.rank, cfg.train.seed, cfg.train.batch_size)
         self.sampler = EpochSampler(*sampler_of, self.global_batch)
@@ -125,7 +124,7 @@ class Trainer:
         self.state = TrainState(world_size=env.world_size, global_batch=self.global_batch)
         self.resume_changes: list[str] = []
         self.resumed_world = env.world_size  # the ranks that wrote the checkpoint resumed from
-        self.run_id = self.restore(resume_from, checkpoint)  # before DDP, so every rank starts from the same weights
+        self.run_id = self.restore(checkpoint)  # before DDP, so every rank starts from the same weights
         self.step.nonfinite_run.fill_(self.state.nonfinite_in_row)
         self.step.net = self.wrapped_model()
         self.loader = self.make_loader()
@@ -167,14 +166,13 @@ class Trainer:
         barrier()
         return CropKeyLog(self.run_dir, self.env.rank, self.env.world_size)
 
-    def resolve_global_batch(self, checkpoint: dict | None) -> int:
+    def resolve_global_batch(self, checkpoint: Checkpoint | None) -> int:
         """The run's global batch: its checkpoint's (older ones: their world size x batch), else train.global_batch,
         else batch x world size; refused in one sentence if it does not divide over this run's ranks."""
         cfg, env = self.cfg, self.env
         configured, batch = cfg.train.global_batch, cfg.train.batch_size
         if checkpoint is not None:
-            state = checkpoint["train_state"]
-            saved = state.get("global_batch") or (state.get("world_size") or len(checkpoint["rng"])) * batch
+            saved = checkpoint.global_batch(batch)
             if configured and configured != saved:
                 raise ConfigError(
                     f"train.global_batch={configured}, but the run being resumed trains {saved} crops per step; a "
@@ -383,16 +381,17 @@ class Trainer:
             return False
         cfg, distances = self.cfg, self.cfg.train.val_distances
         options = ScoringOptions(
-            overlap=cfg.inference.overlap,
-            largest_component=cfg.inference.largest_component,
-            batch_size=cfg.inference.batch_size,
+            distances=distances, metric_workers=default_metric_workers(default_workers(self.env)) if distances else 0
+        )
+        segmenter = Segmenter.for_validation(
+            self.model,
+            cfg,
+            self.dataset.classes,
+            self.env.device,
             amp_dtype=self.step.amp_dtype,
-            distances=distances,
-            metric_workers=default_metric_workers(default_workers(self.env)) if distances else 0,
             stop_requested=lambda: self.stop.requested,
         )
-        member = Member(self.model, tuple(cfg.data.crop), cfg.inference_tta_axes, None, cfg.train.channels_last == "on")
-        records = score_cases([member], self.dataset, self.val_ids, self.env, options)
+        records = score_cases(segmenter, self.dataset, self.val_ids, self.env, options)
         if any_rank(self.stop.requested):
             return None
         means = broadcast_from_main(mean_metrics(records) if records is not None else None)
@@ -468,8 +467,8 @@ class Trainer:
             )
         return None if resume == "never" else self.checkpointer.latest() if resume == "auto" else Path(resume)
 
-    def restore(self, path: Path | None, checkpoint: tuple[dict, Config] | None) -> str:
-        """Load the checkpoint read from ``path`` into the step; return the logging run id (a new one for a new run)."""
+    def restore(self, checkpoint: Checkpoint | None) -> str:
+        """Load the checkpoint into the step; return the logging run id (a new one for a new run)."""
         if checkpoint is None:
             if self.env.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -478,12 +477,11 @@ class Trainer:
         if self.env.is_main:
             for marker in (STOP_MARKER, ERROR_MARKER):  # of the attempt this one resumes
                 (self.run_dir / marker).unlink(missing_ok=True)
-        ckpt, saved = checkpoint
-        changes = resume_changes(path, ckpt, saved, self.cfg, dataset_entry(self.dataset))
+        changes = checkpoint.resume_changes(self.cfg, dataset_entry(self.dataset))
         resolved = ("train.resume", "train.global_batch")  # the resume line says what the global batch does
         self.resume_changes = [line for line in changes if not line.startswith(resolved)]
-        world = ckpt["train_state"].get("world_size") or len(ckpt["rng"])
-        train_state, rngs, notes = restore_training(ckpt, self.step)
+        world = checkpoint.world_size
+        train_state, rngs, notes = checkpoint.restore_into(self.step)
         self.resume_changes += notes
         if "global_batch" not in train_state and world > 1 and train_state["step_in_epoch"]:
             self.resume_changes.append(
@@ -501,4 +499,4 @@ class Trainer:
             seed_rngs(self.cfg.train.seed, self.state.global_step, self.env.rank)
         if self.env.is_main and not self.complete:  # a finished run's files stay as they are
             self.cfg.dump(self.run_dir / "config.yaml")
-        return ckpt["run_id"]
+        return checkpoint.run_id

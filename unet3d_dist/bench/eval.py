@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import time
 from pathlib import Path
@@ -24,10 +23,11 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from ..inference import gaussian_importance, outer, pad_to_patch, sliding_window_logits, weight_sums, window_starts
+from ..inference import sliding_window_logits
 from ..metrics import class_metrics
 from ..model import ResUNet3D
 from ..optional import medpy_binary as medpy
+from ..windows import gaussian_importance, outer, pad_to_patch, window_grid
 from .common import compare, report, timeit
 
 MEDPY_DISTANCES = ("asd", "assd", "hd95", "hd")  # medpy.metric.binary functions, imported on use
@@ -92,20 +92,18 @@ def full_volume_logits(
 ) -> torch.Tensor:
     """The stitching the package had before streaming, kept as the reference: gaussian-weighted window logits added
     into one (num_classes, X, Y, Z) float32 array, divided by the weight sum at the end."""
-    shape = tuple(image.shape[1:])
-    image = pad_to_patch(image, patch, 0.0)
-    padded = list(image.shape[1:])
-    starts = [window_starts(size, side, overlap) for size, side in zip(padded, patch)]
-    corners = list(itertools.product(*starts))
-    logits = torch.zeros((num_classes, *padded), dtype=torch.float32)
-    for first in range(0, len(corners), batch):
-        chosen = corners[first : first + batch]
+    grid = window_grid(image.shape[1:], patch, overlap)
+    image = torch.from_numpy(pad_to_patch(image.numpy(), patch, 0.0))
+    weight = torch.from_numpy(gaussian_importance(tuple(patch)))
+    logits = torch.zeros((num_classes, *grid.padded), dtype=torch.float32)
+    for first in range(0, len(grid.corners), batch):
+        chosen = grid.corners[first : first + batch]
         cut = torch.stack([image[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]] for x, y, z in chosen])
-        out = model(cut).float().contiguous().mul_(gaussian_importance(tuple(patch)))
+        out = model(cut).float().contiguous().mul_(weight)
         for (x, y, z), window in zip(chosen, out):
             logits[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]] += window
-    logits /= outer(*(total.float() for total in weight_sums(padded, starts, tuple(patch))))
-    return logits[:, : shape[0], : shape[1], : shape[2]]
+    logits /= outer(*(torch.from_numpy(total).float() for total in grid.divisors))
+    return logits[:, : grid.shape[0], : grid.shape[1], : grid.shape[2]]
 
 
 def bench_window(
@@ -157,7 +155,7 @@ def stitch_child(variant: str, shape: list[int], classes: int, patch: list[int],
     import json
     import resource
 
-    from ..inference import predict_labels, sliding_window_labels
+    from ..inference import sliding_window_labels
 
     def peak() -> int:  # bytes: ru_maxrss is in KiB on Linux
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -168,7 +166,8 @@ def stitch_child(variant: str, shape: list[int], classes: int, patch: list[int],
     ready = peak()
     wall, cpu = time.perf_counter(), time.process_time()
     if variant == "full volume":
-        labels = predict_labels(full_volume_logits(model, image, tuple(patch), classes, overlap, batch))
+        logits = full_volume_logits(model, image, tuple(patch), classes, overlap, batch)
+        labels = logits.argmax(0).to(torch.uint8).numpy()
     else:
         labels = sliding_window_labels(model, image, tuple(patch), classes, overlap=overlap, batch_size=batch)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

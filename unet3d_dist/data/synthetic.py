@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..windows import largest_component
 from .preprocess import ct_window, intensity_percentiles
 from .shards import MANIFEST, Case, channels_first, write_dataset
 
@@ -53,14 +54,6 @@ def _ellipsoid(grid: tuple[np.ndarray, ...], centre, radii, rotation_deg: float 
     t = np.deg2rad(rotation_deg)
     xr, yr = np.cos(t) * x + np.sin(t) * y, -np.sin(t) * x + np.cos(t) * y
     return np.sqrt((xr / radii[0]) ** 2 + (yr / radii[1]) ** 2 + (z / radii[2]) ** 2)
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """A liver is one organ: drop islands the deformation may have split off."""
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
 
 
 def make_phantom(
@@ -111,7 +104,7 @@ def make_phantom(
     left_centre = (centre[0] + rng.uniform(60, 90), centre[1] - rng.uniform(15, 35), centre[2] + rng.uniform(0, 20))
     left = _ellipsoid(grid, left_centre, (rng.uniform(35, 55), rng.uniform(25, 40), rng.uniform(30, 45)))
     distance = np.minimum(right, left) + 0.22 * _smooth_noise(rng, shape, 5) + 0.06 * _smooth_noise(rng, shape, 12)
-    liver = _largest_component((distance < 1) & cavity & ~spine)
+    liver = largest_component((distance < 1) & cavity & ~spine, connectivity=6)  # one organ: no islands
 
     # Neighbours with overlapping intensity.
     spleen = (

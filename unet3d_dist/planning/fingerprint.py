@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from ..inference import CONNECTIVITY
+from ..windows import connected_pieces
 
 PERCENTILES = (0.5, 50.0, 99.5)
 SAMPLES_PER_CASE = 10_000  # foreground intensities kept per case and channel for the pooled statistics
@@ -60,7 +60,7 @@ def largest_piece_shares(label: np.ndarray, num_classes: int) -> list[float | No
         if box is None:
             shares.append(None)
             continue
-        pieces, _ = ndimage.label(label[box] == cls, structure=CONNECTIVITY)
+        pieces, _ = connected_pieces(label[box] == cls)
         sizes = np.bincount(pieces.ravel())[1:]
         shares.append(float(sizes.max() / sizes.sum()))
     return shares
