@@ -43,7 +43,7 @@ def test_stitching_reconstructs_the_echoed_volume(shape, patch, overlap, flips):
 def test_largest_component_keeps_one_object_per_class():
     import numpy as np
 
-    from unet3d_dist.windows import keep_largest_component
+    from unet3d_dist.components import keep_largest_component
 
     labels = np.zeros((20, 20, 20), np.uint8)
     labels[2:8, 2:8, 2:8] = 1  # 216 voxels: kept

@@ -125,12 +125,9 @@ def test_jpeg2000_dicom_series_is_paired_with_its_flipped_label_volume(tmp_path,
     out = tmp_path / "dicom"
     config = recipe(tmp_path, input__image="series", preprocessing__spacing=None)
     code, printed = prepare(capsys, "--config", config, "--input", SHARED_DATA / "ct_dicom", "--out", out, "--jobs", 1)
-    assert code == 0
+    assert code == 0 and "warning" not in printed
     data = ShardedDataset(out)
     record = data.records["ct_dicom"]
-    assert (
-        "warning ct_dicom: prepared shape" in printed and "64x64x48 along z;" in printed
-    )  # 20 slices: thin, in z only
     labels = sitk.ReadImage(str(SHARED_DATA / "ct_dicom/labels.nii.gz"))
     assert labels.GetDirection()[4] == -1  # stored with y flipped against the series
     assert record["class_voxels"][1] == int((array_xyz(labels) == 5).sum()) == 366_708
@@ -340,18 +337,21 @@ def test_rerun_after_a_crash_skips_finished_shards_and_nothing_is_overwritten_by
     assert code == 1 and "shard-00000.h5: sha256 differs from the manifest" in printed
 
 
-def test_a_case_smaller_than_the_default_training_crop_is_kept_with_a_one_line_warning(tmp_path, capsys):
+def test_a_case_smaller_than_a_training_crop_is_kept_without_a_warning_and_training_names_it(tmp_path, capsys):
+    from unet3d_dist.data.crops import padding_note
+
     out = tmp_path / "dataset"
     config = recipe(tmp_path, preprocessing__spacing=[12, 12, 12], preprocessing__crop={"to": "none"})
     code, printed = prepare(capsys, "--config", config, "--input", small_cases(tmp_path, 1), "--out", out, "--jobs", 1)
-    assert code == 0
-    warning = (
-        "prepared shape 30x25x28 is smaller than the default training crop 64x64x48 along x, y, z; "
-        "crops of that size will be padded there (normal for a small or thin volume)"
+    assert code == 0 and "warning" not in printed  # prepare cannot know the crop a run will use
+    assert json.loads((out / "manifest.json").read_text())["warnings"] == {}
+    shapes = {case: ShardedDataset(out).records[case]["shape"] for case in ("case0",)}
+    assert shapes["case0"] == [30, 25, 28]
+    assert padding_note(shapes | {"big": [70, 70, 50]}, (64, 64, 48)) == (
+        "1 of 2 train cases are smaller than the crop 64x64x48 along x, y, z (case0: 30x25x28); their crops are "
+        "padded there"
     )
-    assert f"warning case0: {warning}" in printed
-    assert json.loads((out / "manifest.json").read_text())["warnings"] == {"case0": [warning]}
-    assert ShardedDataset(out).records["case0"]["shape"] == [30, 25, 28]
+    assert padding_note(shapes, (16, 16, 16)) is None
 
 
 def test_recipe_mistakes_stop_with_one_sentence(tmp_path, capsys):

@@ -37,6 +37,17 @@ def test_tiny_run_learns_and_leaves_checkpoints_and_a_loss_plot(tmp_path, tiny_d
     assert (run / "config.yaml").is_file()
     assert "validation Dice" in result.stdout and "done" in result.stdout
 
+    # Every class of these cases is one piece, so the manifest advises the largest component, training keeps that in
+    # the checkpoint, and a plain evaluate applies it and says so in results.json.
+    assert json.loads((tiny_dataset / "manifest.json").read_text())["largest_component"] is True
+    assert ckpt["config"]["inference"]["largest_component"] is True
+    out = tmp_path / "eval"
+    evaluate = [sys.executable, "-m", "unet3d_dist.evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt")]
+    evaluate += ["--split", "val", "--panels", "0", "--out", str(out)]
+    done = subprocess.run(evaluate, capture_output=True, text=True, env=os.environ | {"WANDB_MODE": "disabled"})
+    assert done.returncode == 0 and "largest component=yes" in done.stdout, done.stdout + done.stderr
+    assert json.loads((out / "results.json").read_text())["largest_component"] is True
+
     # The same command again: the run is complete, so it says so and leaves every file as it was.
     def files() -> dict:  # the lock file records who holds the run directory, which is each run anew
         return {path: path.read_bytes() for path in run.rglob("*") if path.is_file() and path.name != "run.lock"}

@@ -191,8 +191,10 @@ class InferenceConfig:
     tta_flips: bool = setting(
         False, "average the logits over every flip along data.flip_axes (8 passes for xyz, 4 for the default yz)"
     )
-    largest_component: bool = setting(
-        False, "keep only the largest connected component of each class (single-structure targets)"
+    largest_component: Literal["auto", True, False] = setting(
+        "auto",
+        "keep only the largest connected component of each class; auto: what the dataset's manifest advises (true "
+        "when every class is one piece in its labels), resolved when training starts and kept in the checkpoint",
     )
 
 
@@ -330,7 +332,7 @@ def _coerce(key: str, value: Any, hint: Any, meta: Any) -> Any:
         if isinstance(value, bool) and ("off" if not value else "on") in choices:
             value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean: train.amp=off
         if value not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, not {value!r}")
+            raise ConfigError(f"{key} must be one of {choice_names(choices)}, not {value!r}")
         return value
     if origin is tuple:
         item_types = typing.get_args(hint)
@@ -359,6 +361,11 @@ def _coerce(key: str, value: Any, hint: Any, meta: Any) -> Any:
             raise ConfigError(f"{key} must be a non-empty string, not {value!r}")
         return value
     raise TypeError(f"config field {key} has an unsupported type {hint}")
+
+
+def choice_names(choices: tuple[Any, ...]) -> str:
+    """``auto, true, false``: the choices as YAML spells them."""
+    return ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
 
 
 def _number_from_text(value: Any, kind: type) -> Any:
@@ -419,6 +426,6 @@ def describe() -> str:
         for f in dataclasses.fields(section_type):
             default = list(f.default) if isinstance(f.default, tuple) else f.default
             choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
-            allowed = f" (one of: {', '.join(choices)})" if choices else ""
+            allowed = f" (one of: {choice_names(choices)})" if choices else ""
             lines.append(f"  {f.name}: {default!r}  # {f.metadata['doc']}{allowed}")
     return "\n".join(lines)

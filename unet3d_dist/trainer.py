@@ -31,7 +31,7 @@ from .checkpoint import (
 from .config import Config, ConfigError
 from .crop_classes import CropClasses
 from .crop_keys import CropKeyLog, forget_after
-from .data.crops import EpochSampler, training_loader
+from .data.crops import EpochSampler, padding_note, training_loader
 from .data.device_augment import finish_batch
 from .data.resident import ResidentLoader, resident_bytes, resident_reason
 from .data.shards import DatasetError
@@ -94,6 +94,8 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.hold_run_dir()
         self.dataset = open_dataset(cfg.data, env)
+        if cfg.inference.largest_component == "auto":  # the dataset's advice, recorded in every checkpoint
+            cfg.inference.largest_component = self.dataset.largest_component
         self.train_ids = run_cases(self.dataset, cfg.data, "train")
         self.val_ids = run_cases(self.dataset, cfg.data, "val")
         if not self.train_ids:
@@ -311,6 +313,9 @@ class Trainer:
             f"global batch {self.global_batch} = {self.batch_text()}, "
             f"{self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
         )
+        shapes = {case: self.dataset.records[case]["shape"] for case in self.train_ids}
+        if note := padding_note(shapes, cfg.data.crop):
+            self.logger.info(f"data: {note}")
         if self.state.global_step and self.resumed_world != env.world_size:
             self.logger.info(
                 f"resumed at step {self.state.global_step} on {env.world_size} rank(s) (was {self.resumed_world}): "

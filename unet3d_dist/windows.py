@@ -229,32 +229,3 @@ def ensemble_labels(shape: Sequence[int], streams: list[Slabs], softmax: Callabl
     """The class map of one or more members' ``(x, logits slab)`` streams: one member's argmax (that of its
     probabilities), or the argmax of the members' mean probability."""
     return labels_from_slabs(shape, streams[0] if len(streams) == 1 else mean_probability_slabs(streams, softmax))
-
-
-CONNECTIVITY = {6: 1, 18: 2, 26: 3}  # neighbours -> scipy's generate_binary_structure(3, rank)
-
-
-def connected_pieces(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
-    """Each connected piece of a boolean mask numbered from 1, and their count (26-connected: voxels touching at a
-    corner are one piece; 18: at an edge; 6: only at a face)."""
-    from scipy import ndimage
-
-    return ndimage.label(mask, structure=ndimage.generate_binary_structure(3, CONNECTIVITY[connectivity]))
-
-
-def largest_component(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
-    """The largest connected piece of a boolean mask; a mask of one piece or none is returned as it is."""
-    pieces, count = connected_pieces(mask, connectivity)
-    if count <= 1:
-        return mask
-    return pieces == np.argmax(np.bincount(pieces.ravel())[1:]) + 1
-
-
-def keep_largest_component(labels: np.ndarray, connectivity: int = 26) -> np.ndarray:
-    """Per foreground class, drop every connected component but the largest."""
-    out = labels.copy()
-    for cls in np.unique(labels):
-        if cls != 0:
-            mask = labels == cls
-            out[mask & ~largest_component(mask, connectivity)] = 0
-    return out

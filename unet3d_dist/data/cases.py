@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import DataConfig
 from ..optional import sitk
 from .layouts import Source
 from .preprocess import (
-    axes_smaller,
     bounding_box,
-    dims,
     intensity_percentiles,
     map_labels,
     model_input,
@@ -44,18 +41,6 @@ def _crop_mask(recipe: Recipe, image: sitk.Image, label: sitk.Image, grid: sitk.
         return array_xyz(label) > 0
     body = image > crop.threshold
     return array_xyz(onto_grid(reorient(body, recipe.preprocessing.orientation), grid)) > 0
-
-
-def _smaller_than_default_crop(prepared: sitk.Image) -> list[str]:
-    """A calm warning for a case that default-sized training crops will pad (prepare cannot know the run's crop)."""
-    axes = axes_smaller(prepared.GetSize(), DataConfig.crop)
-    if not axes:
-        return []
-    return [
-        f"prepared shape {dims(prepared.GetSize())} is smaller than the default training crop "
-        f"{dims(DataConfig.crop)} along {axes}; "
-        "crops of that size will be padded there (normal for a small or thin volume)"
-    ]
 
 
 def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list[str]]:
@@ -90,7 +75,6 @@ def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list
         else:
             prepared_channels, prepared_label = [c[box] for c in prepared_channels], prepared_label[box]
             prepared = prepared_channels[0]
-    warnings += _smaller_than_default_crop(prepared)
     case = Case(
         id=source.id,
         image=np.stack([array_xyz(c) for c in prepared_channels]),

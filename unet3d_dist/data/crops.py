@@ -6,7 +6,7 @@ ranks, and a run resumed in the middle of an epoch sees exactly the crops it wou
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
@@ -25,6 +25,7 @@ from .augment import (
     transformed_crop,
 )
 from .device_augment import collate_parts, crop_parts, draw_for_device
+from .preprocess import axes_smaller, dims
 from .shards import ShardedDataset
 
 if TYPE_CHECKING:
@@ -242,4 +243,18 @@ def training_crops(
         d.flip_axis_indices,
         augmentation,
         finish_on_device,
+    )
+
+
+def padding_note(shapes: dict[str, Sequence[int]], crop: Sequence[int]) -> str | None:
+    """One line for the cases smaller than the run's crop, which their crops are padded to (None if there are none):
+    normal for small or thin volumes, worth knowing for a crop that does not suit the data."""
+    axes = {case: axes_smaller(shape, crop) for case, shape in shapes.items()}
+    small = [case for case, along in axes.items() if along]
+    if not small:
+        return None
+    along = ", ".join(axis for axis in "xyz" if any(axis in axes[case] for case in small))
+    return (
+        f"{len(small)} of {len(shapes)} train cases are smaller than the crop {dims(crop)} along {along} "
+        f"({small[0]}: {dims(shapes[small[0]])}); their crops are padded there"
     )

@@ -39,6 +39,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ..components import largest_piece_shares, split_classes
 from ..files import atomic_write, atomic_write_text
 
 FORMAT = "unet3d-dist-shards"
@@ -142,6 +143,7 @@ def case_record(case: Case, shard: str, num_classes: int) -> dict[str, Any]:
         "origin": [float(v) for v in case.origin],
         "direction": [float(v) for v in case.direction],
         "class_voxels": [int(v) for v in np.bincount(case.label.ravel(), minlength=num_classes)],
+        "largest_piece_share": largest_piece_shares(case.label, num_classes),
         "image_min": [float(channel.min()) for channel in channels_first(case.image)],
         "source": case.source,
         **case.extra,
@@ -230,6 +232,7 @@ def new_manifest(
 ) -> dict[str, Any]:
     """The manifest of shards written by ``write_shard`` with the same ``checksums``."""
     observed = intensity_range(records, channel_names(preprocessing))
+    split = split_classes([record["largest_piece_share"] for record in records if "largest_piece_share" in record])
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -240,6 +243,7 @@ def new_manifest(
         **({"chunk_checksums": CHUNK_CHECKSUM} if checksums else {}),
         "preprocessing": preprocessing,
         **({"intensity_range": observed} if observed else {}),
+        "largest_component": split == [],  # every class one piece in its labels: keep the largest predicted piece
         "shards": shards,
         "cases": records,
     }
@@ -303,6 +307,12 @@ class ShardedDataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def largest_component(self) -> bool:
+        """The manifest's advice: keep each class's largest predicted piece, since every class is one piece in the
+        labels (False for datasets prepared before it was recorded)."""
+        return bool(self.manifest.get("largest_component", False))
 
     @property
     def channels(self) -> list[str]:

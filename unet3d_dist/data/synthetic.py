@@ -21,15 +21,16 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ..windows import largest_component
+from ..components import largest_component
 from .preprocess import ct_window, intensity_percentiles
 from .shards import MANIFEST, Case, channels_first, write_dataset
 
 # Names the cache folder. v4: chunk checksums; v5: the liver label stops at the spine, which v4 painted over up to
 # 5 % of some livers (labelled liver, looking like bone), and a fat plane parts the spleen from the liver, which it
 # touched in some cases (the same HU on both sides of a one-voxel seam); v6: the same voxels, with the intensity
-# range in the manifest and the class and channel names in each shard, which a v5 cache lacks.
-GENERATOR_VERSION = 6
+# range in the manifest and the class and channel names in each shard, which a v5 cache lacks; v7: the same voxels,
+# with each case's largest-piece share and the manifest's largest_component advice.
+GENERATOR_VERSION = 7
 DATA_SEED = 20240601
 SPACING_MM = 3.0
 HU_WINDOW = (-200.0, 250.0)

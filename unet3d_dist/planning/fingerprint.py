@@ -13,9 +13,8 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
-from ..windows import connected_pieces
+from ..components import largest_piece_shares
 
 PERCENTILES = (0.5, 50.0, 99.5)
 SAMPLES_PER_CASE = 10_000  # foreground intensities kept per case and channel for the pooled statistics
@@ -50,20 +49,6 @@ def case_fingerprint(
             }
         )
     return entry
-
-
-def largest_piece_shares(label: np.ndarray, num_classes: int) -> list[float | None]:
-    """Per foreground class, the share of its voxels in its largest piece (None where it is absent), with the
-    connectivity of inference's largest-component filter."""
-    shares: list[float | None] = []
-    for cls, box in enumerate(ndimage.find_objects(label, max_label=num_classes - 1), start=1):
-        if box is None:
-            shares.append(None)
-            continue
-        pieces, _ = connected_pieces(label[box] == cls)
-        sizes = np.bincount(pieces.ravel())[1:]
-        shares.append(float(sizes.max() / sizes.sum()))
-    return shares
 
 
 def pool(cases: dict[str, dict[str, Any]], classes: list[str], channel_names: list[str]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..components import ONE_PIECE
 from ..config import MAX_LEVELS, MIN_LEVELS, side_divisor
 
 ANISOTROPY = 3.0  # nnU-Net: a spacing ratio above this marks an anisotropic data set
@@ -23,7 +24,6 @@ MIN_SIDE = 16  # voxels: a 3-level network's bottleneck then still has 4 per sid
 SIDE_STEP = side_divisor(4)  # crop sides start as multiples of the default 4-level network's divisor
 BOTTLENECK_SIDE = 4  # nnU-Net halves a side while the bottleneck keeps at least this many voxels along it
 FIRST_WIDTH, MAX_WIDTH = 16, 320  # channels double per level from 16, capped at nnU-Net's 320
-ONE_PIECE = 0.9  # a class whose largest piece holds this share of its voxels (in 9 of 10 cases) is one structure
 
 
 @dataclass(frozen=True)
