@@ -14,7 +14,7 @@ from conftest import SHARED_DATA, TINY, free_port, recipe, small_cases
 from rich.console import Console
 
 from unet3d_dist.data.recipe import load_recipe
-from unet3d_dist.predict import main
+from unet3d_dist.predict import expand_inputs, main
 from unet3d_dist.prepare import prepare
 
 pytestmark = pytest.mark.skipif(
@@ -251,3 +251,62 @@ def test_a_scan_unlike_the_training_data_is_predicted_with_a_warning_and_a_link_
     torch.save(saved, older)
     result = predict(older, noise, "--out", tmp_path / "older")
     assert result.returncode == 0 and "warning" not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_a_folder_gives_its_scans_by_name_and_a_list_file_its_lines(tmp_path):
+    scans = tmp_path / "scans"
+    (scans / "nested").mkdir(parents=True)
+    for name in ("b.nrrd", "a.nii.gz", "c.mha", "notes.txt", ".hidden.nii.gz", "nested/deeper.nii.gz"):
+        (scans / name).write_bytes(b"")
+    (scans / "series").symlink_to(SHARED_DATA / "ct_dicom/series")  # a DICOM series among the files
+    (scans / "predictions").mkdir()  # --out inside the input folder is not a scan
+    (scans / "predictions" / "a_mask.nii.gz").write_bytes(b"")
+    out = scans / "predictions"
+    assert expand_inputs([(scans,)], None, out) == [(scans / n,) for n in ("a.nii.gz", "b.nrrd", "c.mha", "series")]
+    # a DICOM series folder given itself stays one scan; a folder of files with a README beside series expands
+    series = SHARED_DATA / "ct_dicom/series"
+    assert expand_inputs([(series,)], None, out) == [(series,)]
+    (scans / "nested" / "README").write_text("scans from the clinic")
+    (scans / "nested" / "deeper.nii.gz").unlink()
+    (scans / "nested" / "series").symlink_to(series)
+    assert expand_inputs([(scans / "nested",)], None, out) == [(scans / "nested" / "series",)]
+
+    listed = tmp_path / "lists" / "scans.txt"
+    listed.parent.mkdir()
+    listed.write_text(f"# the clinic's scans\n\n../scans/a.nii.gz\n  {scans / 'b.nrrd'}  \nt1.nii.gz, t2.nii.gz\n")
+    assert expand_inputs([(scans / "a.nii.gz",)], listed, out) == [
+        (scans / "a.nii.gz",),
+        (listed.parent / "../scans/a.nii.gz",),
+        (scans / "b.nrrd",),
+        (listed.parent / "t1.nii.gz", listed.parent / "t2.nii.gz"),
+    ]
+
+
+def test_an_empty_folder_or_list_or_a_folder_that_is_out_is_refused_in_one_sentence(checkpoint, tmp_path, capsys):
+    empty, listed, missing, out = tmp_path / "empty", tmp_path / "scans.txt", tmp_path / "missing.txt", tmp_path / "out"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("")
+    listed.write_text("# nothing yet\n\n")
+    refusals = [
+        (
+            [empty, "--out", out],
+            f"input folder {empty} holds no scans; expected NIfTI/NRRD/MHA files or DICOM series folders in it",
+        ),
+        (
+            ["--input-list", listed, "--out", out],
+            f"input list {listed} names no scans; expected one scan per line (blank lines and # comments are skipped)",
+        ),
+        (
+            ["--input-list", missing, "--out", out],
+            f"input list {missing} does not exist; expected a text file with one scan per line",
+        ),
+        (
+            [empty, "--out", empty],
+            f"input folder {empty} is also --out, so its masks would be read as scans; choose another --out",
+        ),
+    ]
+    for arguments, sentence in refusals:
+        with pytest.raises(SystemExit) as refused:
+            main(["--checkpoint", str(checkpoint), *map(str, arguments)])
+        assert (refused.value.code, capsys.readouterr().err) == (2, f"error: {sentence}\n")
+    assert not out.exists() and sorted(p.name for p in empty.iterdir()) == ["notes.txt", "sub"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,11 +44,11 @@ from .data.preprocess import (
     onto_grid,
     reorient,
 )
-from .data.readers import CaseError, array_xyz, image_xyz, read_channels, strip_suffix
+from .data.readers import IMAGE_SUFFIXES, CaseError, array_xyz, image_xyz, read_channels, strip_suffix
 from .data.shards import channel_names
 from .dist import gather_to_main, on_main, runtime
 from .ensemble import Loaded, Member, build_members, ensemble_labels, read_checkpoints
-from .files import OutputError, atomic_write
+from .files import OutputError, atomic_write, is_link_loop, why_missing
 from .inference import keep_largest_component, slabs_onto
 from .optional import MissingDependency, require, sitk
 from .precision import resolve_amp
@@ -118,11 +119,112 @@ class Predictor:
 
 
 Scan = tuple[Path, ...]  # one input: its channels' files (or one file holding them all)
+SCANS_EXPECTED = "NIfTI/NRRD/MHA files or DICOM series folders"
 
 
-def parse_scan(argument: str) -> Scan:
-    """``t1.nii.gz,t2.nii.gz`` -> the files of one scan's channels."""
-    return tuple(Path(part) for part in argument.split(","))
+def parse_scan(argument: str, relative_to: Path | None = None) -> Scan:
+    """``t1.nii.gz,t2.nii.gz`` -> the files of one scan's channels; a relative path in a list file is relative to
+    the list, so the list works from any working directory."""
+    parts = [Path(part.strip()) for part in argument.split(",")]
+    return tuple(relative_to / part if relative_to and not part.is_absolute() else part for part in parts)
+
+
+def is_scan_name(name: str) -> bool:
+    return name.endswith(IMAGE_SUFFIXES)
+
+
+def visible_entries(folder: Path) -> list[os.DirEntry]:
+    """A folder's entries but hidden ones (``.DS_Store``, a killed writer's ``.tmp-`` files), sorted by name."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted((entry for entry in entries if not entry.name.startswith(".")), key=lambda entry: entry.name)
+    except OSError as err:
+        raise CaseError(f"folder {folder} cannot be listed ({err.strerror}); expected a readable folder") from None
+
+
+def has_dicom_preamble(path: str) -> bool:
+    """True for a DICOM Part 10 file (``DICM`` after its 128-byte preamble)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_series(folder: Path) -> bool:
+    """A folder read as one DICOM series rather than a folder of scans: it holds files but no NIfTI/NRRD/MHA file,
+    and either no subfolders or DICOM files among its files (a folder of series may hold a README beside them).
+    Listing names only, so thousands of subfolders are classified without reading their slices."""
+    files, subfolders = [], False
+    for entry in visible_entries(folder):
+        if is_scan_name(entry.name):
+            return False
+        if entry.is_dir():
+            subfolders = True
+        elif entry.is_file():
+            files.append(entry.path)
+    return bool(files) and (not subfolders or any(has_dicom_preamble(path) for path in files))
+
+
+def is_series_or_unlisted(folder: Path) -> bool:
+    """A subfolder taken as a scan: a DICOM series, or one that cannot be listed, which reading then names."""
+    try:
+        return is_dicom_series(folder)
+    except CaseError:
+        return True
+
+
+def scans_in_folder(folder: Path, out: Path) -> list[Scan]:
+    """The scans of a folder given as an INPUT, by name: its NIfTI/NRRD/MHA files and its subfolders that are DICOM
+    series. Other files and subfolders (``--out`` among them) are left alone."""
+    if folder.resolve() == out.resolve():
+        raise CaseError(
+            f"input folder {folder} is also --out, so its masks would be read as scans; choose another --out"
+        )
+    scans = []
+    for entry in visible_entries(folder):
+        path = folder / entry.name
+        if entry.is_dir() and path.resolve() != out.resolve() and is_series_or_unlisted(path):
+            scans.append((path,))
+        elif not entry.is_dir() and is_scan_name(entry.name):
+            scans.append((path,))  # an unreadable one (a link loop, a damaged file) is reported when it is read
+    if not scans:
+        raise CaseError(f"input folder {folder} holds no scans; expected {SCANS_EXPECTED} in it")
+    return scans
+
+
+def read_input_list(path: Path) -> list[Scan]:
+    """``--input-list``: one scan per line, channels joined by commas; blank lines and ``#`` comments are skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = why_missing(path) if not path.exists() or is_link_loop(path) else f"cannot be read ({err})"
+        raise CaseError(f"input list {path} {reason}; expected a text file with one scan per line") from None
+    scans = [
+        parse_scan(line.strip(), path.parent) for line in lines if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not scans:
+        raise CaseError(
+            f"input list {path} names no scans; expected one scan per line (blank lines and # comments are skipped)"
+        )
+    return scans
+
+
+def expand_inputs(arguments: list[Scan], input_list: Path | None, out: Path) -> list[Scan]:
+    """Every scan to predict, in order: INPUT arguments (a folder that is not a DICOM series gives its scans), then
+    the list file's lines; a scan given twice is predicted once."""
+    scans: list[Scan] = []
+    for scan in arguments:
+        folder = scan[0]
+        if len(scan) == 1 and folder.is_dir() and not is_dicom_series(folder):
+            scans += scans_in_folder(folder, out)
+        else:
+            scans.append(scan)
+    if input_list is not None:
+        scans += read_input_list(input_list)
+    if stray := [path for scan in scans for path in scan if path.suffix == ".pt"]:
+        raise CaseError(f"input {stray[0]} is a checkpoint; give each member of an ensemble its own --checkpoint")
+    return list(dict.fromkeys(scans))
 
 
 def output_paths(inputs: list[Scan], out: Path, overwrite: bool) -> dict[Scan, tuple[Path, Path]]:
@@ -251,10 +353,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "inputs",
         type=parse_scan,
-        nargs="+",
+        nargs="*",
         metavar="INPUT",
-        help="NIfTI/NRRD/MHA files or DICOM series folders; for several channels, one file per channel joined by "
-        "commas (t1.nii.gz,t2.nii.gz) in the checkpoint's channel order, or one 4-D file",
+        help="NIfTI/NRRD/MHA files, DICOM series folders, or folders of them (each scan in the folder, by name); for "
+        "several channels, one file per channel joined by commas (t1.nii.gz,t2.nii.gz) in the checkpoint's channel "
+        "order, or one 4-D file",
+    )
+    parser.add_argument(
+        "--input-list",
+        type=Path,
+        metavar="FILE",
+        help="a text file with one scan per line (channels joined by commas; blank lines and # comments skipped; "
+        "relative paths are relative to the file)",
     )
     parser.add_argument(
         "--out",
@@ -274,7 +384,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--batch-size", type=int, help="windows per forward pass (default: the checkpoint's inference.batch_size)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing masks and panels")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.inputs and args.input_list is None:
+        parser.error("give the scans to predict as INPUT arguments or with --input-list FILE")
+    return args
 
 
 def default_out(checkpoints: list[Path]) -> Path:
@@ -289,17 +402,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = args.out or default_out(args.checkpoint)
     try:
-        if stray := [path for scan in args.inputs for path in scan if path.suffix == ".pt"]:
-            raise CaseError(f"input {stray[0]} is a checkpoint; give each member of an ensemble its own --checkpoint")
+        inputs = expand_inputs(args.inputs, args.input_list, out)
         require("SimpleITK", "predict (reading scans, writing masks)", "SimpleITK")
         loaded = read_checkpoints(args.checkpoint)
-        paths = output_paths(args.inputs, out, args.overwrite)
+        paths = output_paths(inputs, out, args.overwrite)
         with runtime(args.device) as env:
-            on_main(env, functools.partial(claim_out, args.inputs, out, args.overwrite), (CaseError, OutputError))
+            on_main(env, functools.partial(claim_out, inputs, out, args.overwrite), (CaseError, OutputError))
             predictor = Predictor(loaded, env.device, args.overlap, args.batch_size)
             rank_prefix = f"rank {env.rank} " if env.world_size > 1 else ""
             failures = []
-            scans = {",".join(map(str, scan)): scan for scan in args.inputs}
+            scans = {",".join(map(str, scan)): scan for scan in inputs}
             shares = balanced_shards({key: input_bytes(scan) for key, scan in scans.items()}, env.world_size)
             for key in shares[env.rank]:
                 mask_file, panel_file = paths[scans[key]]
