@@ -227,32 +227,39 @@ def expand_inputs(arguments: list[Scan], input_list: Path | None, out: Path) -> 
     return list(dict.fromkeys(scans))
 
 
-def output_paths(inputs: list[Scan], out: Path, overwrite: bool) -> dict[Scan, tuple[Path, Path]]:
-    """Input -> (mask, panel) paths, named after its first file; refuses name clashes and, without ``overwrite``,
-    existing files."""
-    paths: dict[Scan, tuple[Path, Path]] = {}
+MASK_FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}  # --format -> suffix; SimpleITK writes each
+Outputs = tuple[Path, Path | None]  # a scan's mask and panel (None with --no-panels)
+
+
+def output_paths(
+    inputs: list[Scan], out: Path, overwrite: bool, mask_format: str = "nii.gz", panels: bool = True
+) -> dict[Scan, Outputs]:
+    """Input -> (mask, panel) paths, named after its first file (``<name>_mask.<format>``, ``<name>_panel.png``);
+    refuses name clashes and, without ``overwrite``, existing files."""
+    paths: dict[Scan, Outputs] = {}
     by_name: dict[str, Path] = {}
+    suffix = MASK_FORMATS[mask_format]
     for scan in inputs:
         name = strip_suffix(scan[0])
         if name in by_name:
             raise CaseError(
-                f"inputs {by_name[name]} and {scan[0]} would both write {name}_mask.nii.gz; predict them into "
+                f"inputs {by_name[name]} and {scan[0]} would both write {name}_mask{suffix}; predict them into "
                 "different --out folders"
             )
         by_name[name] = scan[0]
-        paths[scan] = (out / f"{name}_mask.nii.gz", out / f"{name}_panel.png")
-    existing = [str(p) for pair in paths.values() for p in pair if p.exists()]
+        paths[scan] = (out / f"{name}_mask{suffix}", out / f"{name}_panel.png" if panels else None)
+    existing = [str(p) for pair in paths.values() for p in pair if p is not None and p.exists()]
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more files)" if len(existing) > 1 else ""
         raise CaseError(f"{existing[0]} already exists{more}; pass --overwrite to replace it")
     return paths
 
 
-def claim_out(inputs: list[Scan], out: Path, overwrite: bool) -> None:
+def claim_out(inputs: list[Scan], out: Path, overwrite: bool, mask_format: str, panels: bool) -> None:
     """Rank 0, before any rank writes: hold ``out`` for this process (run_lock; refused if another job has it or it
     cannot be written), then check its files again now that no other job writes there."""
     hold_out(out)  # held until this process ends
-    output_paths(inputs, out, overwrite)
+    output_paths(inputs, out, overwrite, mask_format, panels)
 
 
 def padding_line(path: object, prepared: sitk.Image, patch: tuple[int, int, int]) -> str | None:
@@ -288,8 +295,9 @@ def intensity_line(path: object, channels: list[sitk.Image], predictor: Predicto
     )
 
 
-def predict_file(predictor: Predictor, scan: Scan, mask_path: Path, panel_path: Path) -> None:
-    """Write the mask NIfTI and the slice panel of one input (each file atomically); say if the input is padded."""
+def predict_file(predictor: Predictor, scan: Scan, mask_path: Path, panel_path: Path | None) -> None:
+    """Write the slice panel (unless None), then the mask, of one input, each file atomically: a mask that exists
+    marks a finished input, which a rerun skips. Say if the input is padded or unlike the training data."""
     whose = "the checkpoint was trained on" if len(predictor.members) == 1 else "the ensemble was trained on"
     channels = read_channels(scan, predictor.channels, whose)
     path = scan[0]
@@ -297,9 +305,14 @@ def predict_file(predictor: Predictor, scan: Scan, mask_path: Path, panel_path: 
     for line in (intensity_line(path, channels, predictor), padding_line(path, prepared[0], predictor.patch)):
         if line:
             print(line, flush=True)
-    image = channels[0]  # the panel shows the first channel
     mask = predictor.mask(channels, prepared)
+    if panel_path is not None:
+        write_panel(predictor, channels[0], mask, panel_path, path.name)  # the panel shows the first channel
     atomic_write(mask_path, lambda tmp: sitk.WriteImage(mask, str(tmp), useCompression=True))
+
+
+def write_panel(predictor: Predictor, image: sitk.Image, mask: sitk.Image, panel_path: Path, title: str) -> None:
+    """Three slices of ``image`` with ``mask``, titled with the classes found."""
     # report.slice_panel draws LPS arrays the radiological way
     shown_image, shown_mask = reorient(image, CANONICAL_ORIENTATION), array_xyz(reorient(mask, CANONICAL_ORIENTATION))
     counts = np.bincount(shown_mask.ravel(), minlength=len(predictor.classes))
@@ -315,7 +328,7 @@ def predict_file(predictor: Predictor, scan: Scan, mask_path: Path, panel_path: 
             shown_mask,
             shown_image.GetSpacing(),
             tmp,
-            f"{path.name}: {found}",
+            f"{title}: {found}",
             DISPLAY_WINDOWS.get(predictor.modality),
             names,
         ),
@@ -369,7 +382,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        help="folder for <name>_mask.nii.gz and <name>_panel.png (default: <run dir>/predictions; for an ensemble "
+        help="folder for <name>_mask.<format> and <name>_panel.png (default: <run dir>/predictions; for an ensemble "
         "<runs dir>/ensemble-predictions)",
     )
     parser.add_argument(
@@ -382,6 +395,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--batch-size", type=int, help="windows per forward pass (default: the checkpoint's inference.batch_size)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=tuple(MASK_FORMATS),
+        default="nii.gz",
+        help="file format of the masks, <name>_mask.<format> (default: nii.gz)",
+    )
+    parser.add_argument(
+        "--panels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write <name>_panel.png, three slices with the mask, per scan (default: on; --no-panels saves a "
+        "second or so per scan)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing masks and panels")
     args = parser.parse_args(argv)
@@ -405,9 +431,10 @@ def main(argv: list[str] | None = None) -> None:
         inputs = expand_inputs(args.inputs, args.input_list, out)
         require("SimpleITK", "predict (reading scans, writing masks)", "SimpleITK")
         loaded = read_checkpoints(args.checkpoint)
-        paths = output_paths(inputs, out, args.overwrite)
+        paths = output_paths(inputs, out, args.overwrite, args.format, args.panels)
         with runtime(args.device) as env:
-            on_main(env, functools.partial(claim_out, inputs, out, args.overwrite), (CaseError, OutputError))
+            claim = functools.partial(claim_out, inputs, out, args.overwrite, args.format, args.panels)
+            on_main(env, claim, (CaseError, OutputError))
             predictor = Predictor(loaded, env.device, args.overlap, args.batch_size)
             rank_prefix = f"rank {env.rank} " if env.world_size > 1 else ""
             failures = []
@@ -417,7 +444,8 @@ def main(argv: list[str] | None = None) -> None:
                 mask_file, panel_file = paths[scans[key]]
                 try:
                     predict_file(predictor, scans[key], mask_file, panel_file)
-                    print(f"{rank_prefix}wrote {mask_file} and {panel_file}", flush=True)
+                    written = f"{mask_file} and {panel_file}" if panel_file else mask_file
+                    print(f"{rank_prefix}wrote {written}", flush=True)
                 except CaseError as err:
                     failures.append(str(err))
             gathered = gather_to_main(failures)
