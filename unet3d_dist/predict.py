@@ -23,15 +23,20 @@ skipped (exit status 3); nothing is written for it and it does not stop the othe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from .checkpoint import CheckpointError, run_dir_of
 from .config import ConfigError
@@ -46,17 +51,19 @@ from .data.preprocess import (
 )
 from .data.readers import IMAGE_SUFFIXES, CaseError, array_xyz, image_xyz, read_channels, strip_suffix
 from .data.shards import channel_names
-from .dist import gather_to_main, on_main, runtime
+from .dist import DistEnv, broadcast_from_main, gather_to_main, on_main, runtime
 from .ensemble import Loaded, Member, build_members, ensemble_labels, read_checkpoints
-from .files import OutputError, atomic_write, is_link_loop, why_missing
+from .exit_codes import SOME_SKIPPED
+from .files import LINK_LOOP, OutputError, atomic_write, is_link_loop, remove_unfinished, why_missing
 from .inference import keep_largest_component, slabs_onto
+from .logger import progress_bar
 from .optional import MissingDependency, require, sitk
 from .precision import resolve_amp
 from .report import DISPLAY_WINDOWS, slice_panel
 from .run_lock import hold_out
 from .scoring import balanced_shards
 
-EXIT_SKIPPED = 3
+EXIT_SKIPPED = SOME_SKIPPED
 
 
 class Predictor:
@@ -174,22 +181,30 @@ def is_series_or_unlisted(folder: Path) -> bool:
         return True
 
 
+def same_path(path: Path, other: Path) -> bool:
+    """Whether two spellings name one file or folder (a symbolic link loop only matches itself; no error)."""
+    return os.path.realpath(path) == os.path.realpath(other)
+
+
 def scans_in_folder(folder: Path, out: Path) -> list[Scan]:
     """The scans of a folder given as an INPUT, by name: its NIfTI/NRRD/MHA files and its subfolders that are DICOM
     series. Other files and subfolders (``--out`` among them) are left alone."""
-    if folder.resolve() == out.resolve():
+    if same_path(folder, out):
         raise CaseError(
             f"input folder {folder} is also --out, so its masks would be read as scans; choose another --out"
         )
     scans = []
     for entry in visible_entries(folder):
         path = folder / entry.name
-        if entry.is_dir() and path.resolve() != out.resolve() and is_series_or_unlisted(path):
+        if entry.is_dir() and not same_path(path, out) and is_series_or_unlisted(path):
             scans.append((path,))
         elif not entry.is_dir() and is_scan_name(entry.name):
             scans.append((path,))  # an unreadable one (a link loop, a damaged file) is reported when it is read
     if not scans:
-        raise CaseError(f"input folder {folder} holds no scans; expected {SCANS_EXPECTED} in it")
+        raise CaseError(
+            f"input folder {folder} holds no scans; expected {SCANS_EXPECTED} directly in it (list scans kept in "
+            "deeper folders with --input-list)"
+        )
     return scans
 
 
@@ -198,7 +213,7 @@ def read_input_list(path: Path) -> list[Scan]:
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        reason = why_missing(path) if not path.exists() or is_link_loop(path) else f"cannot be read ({err})"
+        reason = why_missing(path) if not path.exists() else f"cannot be read ({getattr(err, 'strerror', None) or err})"
         raise CaseError(f"input list {path} {reason}; expected a text file with one scan per line") from None
     scans = [
         parse_scan(line.strip(), path.parent) for line in lines if line.strip() and not line.lstrip().startswith("#")
@@ -212,7 +227,7 @@ def read_input_list(path: Path) -> list[Scan]:
 
 def expand_inputs(arguments: list[Scan], input_list: Path | None, out: Path) -> list[Scan]:
     """Every scan to predict, in order: INPUT arguments (a folder that is not a DICOM series gives its scans), then
-    the list file's lines; a scan given twice is predicted once."""
+    the list file's lines; a scan given twice (a file in a folder and in the list) is predicted once."""
     scans: list[Scan] = []
     for scan in arguments:
         folder = scan[0]
@@ -224,7 +239,8 @@ def expand_inputs(arguments: list[Scan], input_list: Path | None, out: Path) -> 
         scans += read_input_list(input_list)
     if stray := [path for scan in scans for path in scan if path.suffix == ".pt"]:
         raise CaseError(f"input {stray[0]} is a checkpoint; give each member of an ensemble its own --checkpoint")
-    return list(dict.fromkeys(scans))
+    unique = {tuple(map(os.path.realpath, scan)): scan for scan in reversed(scans)}  # the first spelling wins
+    return list(reversed(unique.values()))
 
 
 MASK_FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}  # --format -> suffix; SimpleITK writes each
@@ -232,10 +248,10 @@ Outputs = tuple[Path, Path | None]  # a scan's mask and panel (None with --no-pa
 
 
 def output_paths(
-    inputs: list[Scan], out: Path, overwrite: bool, mask_format: str = "nii.gz", panels: bool = True
+    inputs: list[Scan], out: Path, mask_format: str = "nii.gz", panels: bool = True
 ) -> dict[Scan, Outputs]:
     """Input -> (mask, panel) paths, named after its first file (``<name>_mask.<format>``, ``<name>_panel.png``);
-    refuses name clashes and, without ``overwrite``, existing files."""
+    refuses two inputs that would write the same mask."""
     paths: dict[Scan, Outputs] = {}
     by_name: dict[str, Path] = {}
     suffix = MASK_FORMATS[mask_format]
@@ -248,18 +264,37 @@ def output_paths(
             )
         by_name[name] = scan[0]
         paths[scan] = (out / f"{name}_mask{suffix}", out / f"{name}_panel.png" if panels else None)
-    existing = [str(p) for pair in paths.values() for p in pair if p is not None and p.exists()]
-    if existing and not overwrite:
-        more = f" (and {len(existing) - 1} more files)" if len(existing) > 1 else ""
-        raise CaseError(f"{existing[0]} already exists{more}; pass --overwrite to replace it")
     return paths
 
 
-def claim_out(inputs: list[Scan], out: Path, overwrite: bool, mask_format: str, panels: bool) -> None:
+@dataclass(frozen=True)
+class Plan:
+    """What rank 0 decided under ``--out``'s lock, the same for every rank."""
+
+    shares: list[list[tuple[Scan, Outputs]]]  # each rank's scans still to predict, with their outputs
+    already_done: int  # scans skipped because their mask exists
+    live: bool  # rank 0 shows a live progress bar (its console is a terminal), so no rank prints a line per scan
+
+
+def plan_work(paths: dict[Scan, Outputs], overwrite: bool, world_size: int, live: bool = False) -> Plan:
+    """Skip the scans whose mask exists (written atomically, so it is complete) unless ``overwrite``, then share out
+    the rest by size: decided before sharing, so a resumed run splits only the work left."""
+    todo = {scan_key(scan): scan for scan, (mask, _) in paths.items() if overwrite or not mask.exists()}
+    shares = balanced_shards({key: input_bytes(scan) for key, scan in todo.items()}, world_size)
+    return Plan([[(todo[key], paths[todo[key]]) for key in share] for share in shares], len(paths) - len(todo), live)
+
+
+def scan_key(scan: Scan) -> str:
+    return ",".join(map(str, scan))
+
+
+def claim_out(paths: dict[Scan, Outputs], out: Path, overwrite: bool, world_size: int) -> Plan:
     """Rank 0, before any rank writes: hold ``out`` for this process (run_lock; refused if another job has it or it
-    cannot be written), then check its files again now that no other job writes there."""
+    cannot be written), remove what a killed run left half-written, and plan the work now that no other job writes
+    there."""
     hold_out(out)  # held until this process ends
-    output_paths(inputs, out, overwrite, mask_format, panels)
+    remove_unfinished(out)
+    return plan_work(paths, overwrite, world_size, live=Console().is_terminal)
 
 
 def padding_line(path: object, prepared: sitk.Image, patch: tuple[int, int, int]) -> str | None:
@@ -352,7 +387,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Segment scans with a trained checkpoint; masks come out on each input's own grid.",
         epilog=(
             "example: torchrun --nproc_per_node=4 -m unet3d_dist.predict --checkpoint "
-            "runs/ct_liver/checkpoints/best.pt scans/*.nii.gz --out predictions"
+            "runs/ct_liver/checkpoints/best.pt scans/ --out predictions"
         ),
     )
     parser.add_argument(
@@ -379,12 +414,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a text file with one scan per line (channels joined by commas; blank lines and # comments skipped; "
         "relative paths are relative to the file)",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        help="folder for <name>_mask.<format> and <name>_panel.png (default: <run dir>/predictions; for an ensemble "
-        "<runs dir>/ensemble-predictions)",
-    )
+    add_output_options(parser)
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the local rank's GPU if there is one"
     )
@@ -396,6 +426,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size", type=int, help="windows per forward pass (default: the checkpoint's inference.batch_size)"
     )
+    args = parser.parse_args(argv)
+    if not args.inputs and args.input_list is None:
+        parser.error("give the scans to predict as INPUT arguments or with --input-list FILE")
+    return args
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """Where the outputs go, in which format, and whether a rerun keeps the ones there."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="folder for <name>_mask.<format> and <name>_panel.png (default: <run dir>/predictions; for an ensemble "
+        "<runs dir>/ensemble-predictions)",
+    )
     parser.add_argument(
         "--format",
         choices=tuple(MASK_FORMATS),
@@ -406,14 +450,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--panels",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="write <name>_panel.png, three slices with the mask, per scan (default: on; --no-panels saves a "
-        "second or so per scan)",
+        help="write <name>_panel.png, three slices with the mask, for each scan (default: on; drawing them takes a "
+        "good part of a small scan's time)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace existing masks and panels")
-    args = parser.parse_args(argv)
-    if not args.inputs and args.input_list is None:
-        parser.error("give the scans to predict as INPUT arguments or with --input-list FILE")
-    return args
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="predict every scan again, replacing its mask and panel (default: a scan whose mask is in --out is "
+        "skipped, so an interrupted run resumes)",
+    )
 
 
 def default_out(checkpoints: list[Path]) -> Path:
@@ -424,37 +469,123 @@ def default_out(checkpoints: list[Path]) -> Path:
     return run_dir_of(checkpoints[0]) / "predictions"
 
 
+PROGRESS_POLL_S = 1.0
+
+
+class ScanProgress:
+    """Rank 0's view of the whole job. On a terminal, a live bar counts every rank's masks as they appear in
+    ``--out`` (one listing a second, no messages between ranks) and shows rank 0's latest scan; elsewhere (a log
+    file) every rank prints one ``wrote`` line per scan, which reads and greps better than a redrawn bar."""
+
+    def __init__(self, env: DistEnv, plan: Plan, out: Path):
+        self.prefix = f"rank {env.rank} " if env.multi_rank else ""
+        self.live, self.out, self.bar, self.watcher = plan.live, out, None, None
+        if not (plan.live and env.is_main):
+            return
+        masks = [outputs[0] for share in plan.shares for _, outputs in share]
+        self.before = {mask.name: inode(mask) for mask in masks}  # --overwrite: an old mask is not a new one
+        self.bar = progress_bar(Console(highlight=False))
+        ranks = f" on {env.world_size} ranks" if env.multi_rank else ""
+        self.task = self.bar.add_task(f"predicting{ranks}", total=len(masks), now="")
+        self.stopped = threading.Event()
+        self.watcher = threading.Thread(target=self.watch, name="predict-progress", daemon=True)
+
+    def __enter__(self) -> ScanProgress:
+        if self.bar is not None:
+            self.bar.start()
+            self.watcher.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.stopped.set()
+            self.watcher.join()
+            self.bar.stop()
+
+    def watch(self) -> None:
+        while not self.stopped.wait(PROGRESS_POLL_S):
+            with contextlib.suppress(OSError):  # a listing that fails now and then only delays the count
+                self.bar.update(self.task, completed=self.written())
+
+    def written(self) -> int:
+        """Masks of this run in ``--out``: new names, or a new file (another inode) under an old one."""
+        with os.scandir(self.out) as entries:
+            return sum(entry.name in self.before and entry.inode() != self.before[entry.name] for entry in entries)
+
+    def wrote(self, scan: Scan, outputs: Outputs) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.written(), now=scan[0].name)
+        elif not self.live:
+            mask, panel = outputs
+            print(f"{self.prefix}wrote {mask} and {panel}" if panel else f"{self.prefix}wrote {mask}", flush=True)
+
+
+def inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
+
+
+def predict_share(
+    predictor: Predictor, share: list[tuple[Scan, Outputs]], progress: ScanProgress
+) -> tuple[int, list[str]]:
+    """This rank's scans, one by one; a bad scan's sentence is kept for the end and the others go on. Returns the
+    number of masks written and the sentences."""
+    written, failures = 0, []
+    for scan, outputs in share:
+        try:
+            predict_file(predictor, scan, *outputs)
+        except CaseError as err:
+            failures.append(str(err))
+            continue
+        written += 1
+        progress.wrote(scan, outputs)
+    return written, failures
+
+
+def summary_line(written: int, already_done: int, failed: int, seconds: float, world_size: int) -> str:
+    """The run in one line, so a resumed run shows what it took over and what it left."""
+    total, ranks = written + already_done + failed, "1 rank" if world_size == 1 else f"{world_size} ranks"
+    return (
+        f"predicted {written} of {total} scan{'s' if total != 1 else ''} in {seconds:.1f} s on {ranks}; "
+        f"{already_done} already done, {failed} failed"
+    )
+
+
+def run(args: argparse.Namespace, out: Path) -> tuple[Plan, list[tuple[int, list[str]]] | None, int]:
+    """Expand the inputs, claim ``out`` and predict this rank's share; rank 0 gets every rank's outcome."""
+    if is_link_loop(out):
+        raise CaseError(f"--out {out} {LINK_LOOP}; choose another --out")
+    inputs = expand_inputs(args.inputs, args.input_list, out)
+    require("SimpleITK", "predict (reading scans, writing masks)", "SimpleITK")
+    loaded = read_checkpoints(args.checkpoint)
+    paths = output_paths(inputs, out, args.format, args.panels)
+    with runtime(args.device) as env:
+        claim = functools.partial(claim_out, paths, out, args.overwrite, env.world_size)
+        plan = broadcast_from_main(on_main(env, claim, (CaseError, OutputError)))
+        predictor = Predictor(loaded, env.device, args.overlap, args.batch_size)
+        with ScanProgress(env, plan, out) as progress:
+            outcome = predict_share(predictor, plan.shares[env.rank], progress)
+        return plan, gather_to_main(outcome), env.world_size
+
+
 def main(argv: list[str] | None = None) -> None:
+    started = time.monotonic()
     args = parse_args(argv)
     out = args.out or default_out(args.checkpoint)
     try:
-        inputs = expand_inputs(args.inputs, args.input_list, out)
-        require("SimpleITK", "predict (reading scans, writing masks)", "SimpleITK")
-        loaded = read_checkpoints(args.checkpoint)
-        paths = output_paths(inputs, out, args.overwrite, args.format, args.panels)
-        with runtime(args.device) as env:
-            claim = functools.partial(claim_out, inputs, out, args.overwrite, args.format, args.panels)
-            on_main(env, claim, (CaseError, OutputError))
-            predictor = Predictor(loaded, env.device, args.overlap, args.batch_size)
-            rank_prefix = f"rank {env.rank} " if env.world_size > 1 else ""
-            failures = []
-            scans = {",".join(map(str, scan)): scan for scan in inputs}
-            shares = balanced_shards({key: input_bytes(scan) for key, scan in scans.items()}, env.world_size)
-            for key in shares[env.rank]:
-                mask_file, panel_file = paths[scans[key]]
-                try:
-                    predict_file(predictor, scans[key], mask_file, panel_file)
-                    written = f"{mask_file} and {panel_file}" if panel_file else mask_file
-                    print(f"{rank_prefix}wrote {written}", flush=True)
-                except CaseError as err:
-                    failures.append(str(err))
-            gathered = gather_to_main(failures)
+        plan, gathered, world_size = run(args, out)
     except (CheckpointError, ConfigError, CaseError, MissingDependency, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    failed = [line for part in gathered or [] for line in part]
+    if gathered is None:  # not rank 0, which reports for all
+        sys.exit(0)
+    failed = [line for _, lines in gathered for line in lines]
     for line in failed:
         print(f"skipped: {line}", file=sys.stderr)
+    written = sum(count for count, _ in gathered)
+    print(summary_line(written, plan.already_done, len(failed), time.monotonic() - started, world_size), flush=True)
     sys.exit(EXIT_SKIPPED if failed else 0)
 
 
