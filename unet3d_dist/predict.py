@@ -1,23 +1,34 @@
 """Prediction on new scans: ``python -m unet3d_dist.predict --checkpoint CKPT [--checkpoint ...] INPUT... [--out DIR]``.
 
-Each input (a NIfTI/NRRD/MHA file or a DICOM series folder, no label; for a model trained on several channels, one
-file per channel joined by commas in the checkpoint's channel order, or one 4-D file) goes through the preprocessing
-its training data had (the manifest's ``preprocessing``, stored in the checkpoint): reorientation, resampling,
-normalisation of each channel. The gaussian sliding window runs with the training crop as its patch (overlap, flip
-averaging and largest-component post-processing as the checkpoint's ``inference`` section says; an input smaller than
-the patch is padded, and a line says so), and the class map is moved back onto the input's own grid by nearest
-neighbour, so ``DIR/<name>_mask.nii.gz`` has the input's exact size, spacing, origin and direction. Voxel values
-are indices into the checkpoint's classes. ``DIR/<name>_panel.png`` shows three slices (of the first channel).
-``DIR`` defaults to ``<run dir>/predictions`` (``runs/<name>/predictions`` for ``runs/<name>/checkpoints/<file>``).
+An INPUT is one scan: a NIfTI/NRRD/MHA file or a DICOM series folder, no label; for a model trained on several
+channels, one file per channel joined by commas in the checkpoint's channel order, or one 4-D file. An INPUT that is
+a folder but not a DICOM series stands for the scans directly in it, by name: its NIfTI/NRRD/MHA files and its
+subfolders that are DICOM series (other files are left alone). ``--input-list FILE`` names one scan per line
+(channels joined by commas; blank lines and ``#`` comments skipped; relative paths relative to the file). A folder or
+list without scans, or a folder that is also ``DIR``, is refused in one sentence (exit status 2).
+
+Each scan goes through the preprocessing its training data had (the manifest's ``preprocessing``, stored in the
+checkpoint): reorientation, resampling, normalisation of each channel. The gaussian sliding window runs with the
+training crop as its patch (overlap, flip averaging and largest-component post-processing as the checkpoint's
+``inference`` section says; an input smaller than the patch is padded, and a line says so), and the class map is
+moved back onto the input's own grid by nearest neighbour, so ``DIR/<name>_mask.<format>`` (``--format nii.gz``,
+``nrrd`` or ``mha``) has the input's exact size, spacing, origin and direction. Voxel values are indices into the
+checkpoint's classes. ``DIR/<name>_panel.png`` shows three slices (of the first channel); ``--no-panels`` leaves it
+out. ``DIR`` defaults to ``<run dir>/predictions`` (``runs/<name>/predictions`` for ``runs/<name>/checkpoints/<file>``).
 
 Several checkpoints predict as one ensemble (``ensemble.py``): each member on the input prepared at its own
 spacing, with its own patch and flips; their softmax probabilities, on the first member's grid, are averaged before
 the argmax.
 
-Under torchrun every rank takes a disjoint, size-balanced share of the inputs; rank 0 holds ``DIR`` (``run.lock``,
-run_lock.py) before any rank writes there, so a second prediction into it is refused naming the first. A bad input
-(unreadable, or with NaN or infinite voxels, refused as ``prepare`` refuses it) is reported with one sentence and
-skipped (exit status 3); nothing is written for it and it does not stop the others.
+Resuming: the panel is written before the mask, each atomically, so a mask in ``DIR`` marks a finished scan, and a
+run skips those (unless ``--overwrite``); an interrupted run is resumed by the same command. Under torchrun rank 0
+holds ``DIR`` (``run.lock``, run_lock.py) before any rank writes there, so a second prediction into it is refused
+naming the first; it then removes what a killed run left half-written, leaves out the finished scans and deals the
+rest to the ranks by size, so every rank takes a disjoint share of the work left. Rank 0 shows a live bar of all
+ranks' masks on a terminal; in a log every rank prints one ``wrote`` line per scan. At the end rank 0 prints one
+line: scans predicted, already done and failed, seconds and ranks. A bad input (unreadable, or with NaN or infinite
+voxels, refused as ``prepare`` refuses it) is reported with one sentence and skipped (exit status 3, which
+``python -m unet3d_dist.torchrun`` passes on); nothing is written for it and it does not stop the others.
 """
 
 from __future__ import annotations
