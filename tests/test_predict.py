@@ -18,8 +18,9 @@ from rich.console import Console
 
 from unet3d_dist.data.readers import strip_suffix
 from unet3d_dist.data.recipe import load_recipe
-from unet3d_dist.dist import torchrun_command
-from unet3d_dist.predict import expand_inputs, main, output_paths, plan_work
+from unet3d_dist.dist import DistEnv, torchrun_command
+from unet3d_dist.files import atomic_write_bytes
+from unet3d_dist.predict import Plan, ScanProgress, expand_inputs, main, output_paths, plan_work
 from unet3d_dist.prepare import prepare
 
 pytestmark = pytest.mark.skipif(
@@ -435,3 +436,23 @@ def test_scans_whose_mask_exists_are_left_out_before_the_rest_is_shared_by_size(
     assert [[scan[0].name for scan, _ in share] for share in plan.shares] == [["s3.nii.gz"], ["s2.nii.gz", "s1.nii.gz"]]
     again = plan_work(paths, overwrite=True, world_size=2)
     assert again.already_done == 0 and sum(map(len, again.shares)) == 6
+
+
+def test_the_live_bar_counts_every_ranks_new_masks_and_a_log_gets_one_line_per_scan(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    old, new = out / "a_mask.nii.gz", out / "b_mask.nii.gz"
+    old.write_bytes(b"an earlier run's mask")  # replaced under --overwrite
+    shares = [[((tmp_path / "a.nii.gz",), (old, None))], [((tmp_path / "b.nii.gz",), (new, None))]]
+    rank = [DistEnv(r, r, 2, 2, torch.device("cpu")) for r in (0, 1)]
+    with ScanProgress(rank[0], Plan(shares, 0, live=True), out) as progress:
+        assert progress.written() == 0
+        new.write_bytes(b"rank 1's mask")
+        assert progress.written() == 1
+        atomic_write_bytes(old, b"rank 0's mask")  # a new file under the old name
+        progress.wrote(*shares[0][0])
+        assert progress.bar.tasks[0].completed == 2 and progress.bar.tasks[0].total == 2
+    ScanProgress(rank[1], Plan(shares, 0, live=True), out).wrote(*shares[1][0])  # rank 0's bar says it
+    assert capsys.readouterr().out.count("wrote") == 0
+    ScanProgress(rank[1], Plan(shares, 0, live=False), out).wrote(*shares[1][0])
+    assert capsys.readouterr().out == f"rank 1 wrote {new}\n"
