@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import SHARED_DATA, TINY, free_port, recipe, small_cases
+from conftest import SHARED_DATA, TINY, free_port, recipe, signal_job, small_cases, start, wait_until_gone
 from rich.console import Console
 
+from unet3d_dist.data.readers import strip_suffix
 from unet3d_dist.data.recipe import load_recipe
-from unet3d_dist.predict import main
+from unet3d_dist.dist import DistEnv, torchrun_command
+from unet3d_dist.files import atomic_write_bytes
+from unet3d_dist.predict import Plan, ScanProgress, expand_inputs, main, output_paths, plan_work
 from unet3d_dist.prepare import prepare
 
 pytestmark = pytest.mark.skipif(
@@ -60,7 +66,7 @@ def checkpoint(tmp_path_factory):
     return tmp_path / "liver/checkpoints/ckpt-00000001.pt"
 
 
-def test_masks_come_out_on_each_inputs_own_grid_from_two_ranks(checkpoint, tmp_path, capsys):
+def test_masks_come_out_on_each_inputs_own_grid_from_two_ranks(checkpoint, tmp_path):
     inputs = [SHARED_DATA / "ct_abdomen/image.nii.gz", SHARED_DATA / "ct_dicom/series"]
     out = tmp_path / "predictions"
     torchrun = [sys.executable, "-m", "torch.distributed.run", f"--master-port={free_port()}", "--nproc_per_node=2"]
@@ -98,11 +104,7 @@ def test_masks_come_out_on_each_inputs_own_grid_from_two_ranks(checkpoint, tmp_p
         assert set(np.unique(sitk.GetArrayViewFromImage(mask))) <= {0, 1}
         png = (out / f"{name}_panel.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000
-
-    with pytest.raises(SystemExit) as again:
-        main(["--checkpoint", str(checkpoint), str(inputs[0]), "--out", str(out)])
-    error = capsys.readouterr().err
-    assert again.value.code == 2 and "image_mask.nii.gz already exists" in error and "--overwrite" in error
+    assert result.stdout.splitlines()[-1].startswith("predicted 2 of 2 scans in ")
 
 
 def predict(checkpoint: Path, *arguments: object) -> subprocess.CompletedProcess:
@@ -142,10 +144,12 @@ def test_one_process_says_which_input_is_padded_and_writes_into_the_run_by_defau
     result = predict(checkpoint, image)
     assert result.returncode == 0, result.stdout + result.stderr
     out = checkpoint.parent.parent / "predictions"
-    assert result.stdout.splitlines() == [
+    *lines, summary = result.stdout.splitlines()
+    assert lines == [
         f"{image}: prepared shape 30x25x28 is smaller than the patch 32x32x32 along x, y, z, so it is padded there",
         f"wrote {out / 'image_mask.nii.gz'} and {out / 'image_panel.png'}",
     ]
+    assert re.fullmatch(r"predicted 1 of 1 scan in \d+\.\d s on 1 rank; 0 already done, 0 failed", summary), summary
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +187,29 @@ def test_an_ensemble_at_two_spacings_predicts_on_each_inputs_grid_from_two_ranks
     single = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "alone" / "image_mask.nii.gz")))
     assert not np.array_equal(sitk.GetArrayFromImage(ensemble), single)  # the second member had its say
     assert (out / "series_mask.nii.gz").is_file() and (out / "series_panel.png").is_file()
+
+
+def test_masks_in_another_format_without_panels_are_kept_by_a_rerun_and_replaced_with_overwrite(checkpoint, tmp_path):
+    image, out = SHARED_DATA / "ct_abdomen/image.nii.gz", tmp_path / "predictions"
+    first = predict(checkpoint, image, "--out", out, "--format", "mha", "--no-panels")
+    assert first.returncode == 0, first.stdout + first.stderr
+    mask = out / "image_mask.mha"
+    assert f"wrote {mask}\n" in first.stdout and sorted(p.name for p in out.iterdir()) == ["image_mask.mha", "run.lock"]
+    source, written = sitk.ReadImage(str(image)), sitk.ReadImage(str(mask))
+    assert written.GetSize() == source.GetSize() and written.GetOrigin() == pytest.approx(source.GetOrigin(), abs=1e-4)
+    before = mask.stat()
+
+    again = predict(checkpoint, image, "--out", out, "--format", "mha", "--no-panels")
+    assert again.returncode == 0 and "wrote" not in again.stdout, again.stdout + again.stderr
+    assert again.stdout.splitlines()[-1].startswith("predicted 0 of 1 scan in ")
+    assert again.stdout.splitlines()[-1].endswith(" on 1 rank; 1 already done, 0 failed")
+    assert (mask.stat().st_ino, mask.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+    replaced = predict(checkpoint, image, "--out", out, "--format", "mha", "--no-panels", "--overwrite")
+    assert replaced.returncode == 0 and f"wrote {mask}\n" in replaced.stdout, replaced.stdout + replaced.stderr
+    assert (
+        replaced.stdout.splitlines()[-1].endswith("; 0 already done, 0 failed") and mask.stat().st_ino != before.st_ino
+    )
 
 
 def test_a_checkpoint_given_as_an_input_or_a_mismatched_member_is_refused_in_one_sentence(checkpoint, tmp_path):
@@ -251,3 +278,181 @@ def test_a_scan_unlike_the_training_data_is_predicted_with_a_warning_and_a_link_
     torch.save(saved, older)
     result = predict(older, noise, "--out", tmp_path / "older")
     assert result.returncode == 0 and "warning" not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_a_folder_gives_its_scans_by_name_and_a_list_file_its_lines(tmp_path):
+    scans = tmp_path / "scans"
+    (scans / "nested").mkdir(parents=True)
+    for name in ("b.nrrd", "a.nii.gz", "c.mha", "notes.txt", ".hidden.nii.gz", "nested/deeper.nii.gz"):
+        (scans / name).write_bytes(b"")
+    (scans / "series").symlink_to(SHARED_DATA / "ct_dicom/series")  # a DICOM series among the files
+    (scans / "predictions").mkdir()  # --out inside the input folder is not a scan
+    (scans / "predictions" / "a_mask.nii.gz").write_bytes(b"")
+    out = scans / "predictions"
+    assert expand_inputs([(scans,)], None, out) == [(scans / n,) for n in ("a.nii.gz", "b.nrrd", "c.mha", "series")]
+    # a DICOM series folder given itself stays one scan; a folder of files with a README beside series expands
+    series = SHARED_DATA / "ct_dicom/series"
+    assert expand_inputs([(series,)], None, out) == [(series,)]
+    (scans / "nested" / "README").write_text("scans from the clinic")
+    (scans / "nested" / "deeper.nii.gz").unlink()
+    (scans / "nested" / "series").symlink_to(series)
+    assert expand_inputs([(scans / "nested",)], None, out) == [(scans / "nested" / "series",)]
+
+    listed = tmp_path / "lists" / "scans.txt"
+    listed.parent.mkdir()
+    listed.write_text(f"# the clinic's scans\n\n../scans/a.nii.gz\n  {scans / 'b.nrrd'}  \nt1.nii.gz, t2.nii.gz\n")
+    assert expand_inputs([(scans / "a.nii.gz",)], listed, out) == [
+        (scans / "a.nii.gz",),  # named twice, predicted once
+        (scans / "b.nrrd",),
+        (listed.parent / "t1.nii.gz", listed.parent / "t2.nii.gz"),
+    ]
+
+
+def test_an_empty_folder_or_list_a_folder_that_is_out_or_an_out_that_loops_is_refused_in_one_sentence(
+    checkpoint, tmp_path, capsys
+):
+    empty, listed, missing, out = tmp_path / "empty", tmp_path / "scans.txt", tmp_path / "missing.txt", tmp_path / "out"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("")
+    listed.write_text("# nothing yet\n\n")
+    refusals = [
+        (
+            [empty, "--out", out],
+            f"input folder {empty} holds no scans; expected NIfTI/NRRD/MHA files or DICOM series folders directly "
+            "in it (list scans kept in deeper folders with --input-list)",
+        ),
+        (
+            ["--input-list", listed, "--out", out],
+            f"input list {listed} names no scans; expected one scan per line (blank lines and # comments are skipped)",
+        ),
+        (
+            ["--input-list", missing, "--out", out],
+            f"input list {missing} does not exist; expected a text file with one scan per line",
+        ),
+        (
+            [empty, "--out", empty],
+            f"input folder {empty} is also --out, so its masks would be read as scans; choose another --out",
+        ),
+    ]
+    (tmp_path / "loop").symlink_to("loop")
+    refusals.append(
+        (
+            [empty, "--out", tmp_path / "loop"],
+            f"--out {tmp_path / 'loop'} is a symbolic link loop (following its links "
+            "leads back to it); choose another --out",
+        )
+    )
+    for arguments, sentence in refusals:
+        with pytest.raises(SystemExit) as refused:
+            main(["--checkpoint", str(checkpoint), *map(str, arguments)])
+        assert (refused.value.code, capsys.readouterr().err) == (2, f"error: {sentence}\n")
+    assert not out.exists() and sorted(p.name for p in empty.iterdir()) == ["notes.txt", "sub"]
+
+
+def small_scans(folder: Path, count: int) -> list[Path]:
+    """``count`` different 24x24x24 crops of the real abdominal CT at the checkpoint's 12 mm, as NIfTI, NRRD and MHA
+    files, so that each one is predicted in a fraction of a second."""
+    source = sitk.ReadImage(str(SHARED_DATA / "ct_abdomen/image.nii.gz"))
+    size = [round(n * s / 12) for n, s in zip(source.GetSize(), source.GetSpacing())]  # 30x25x28
+    coarse = sitk.Resample(
+        source,
+        size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        source.GetOrigin(),
+        (12.0,) * 3,
+        source.GetDirection(),
+        -1024.0,
+        source.GetPixelID(),
+    )
+    offsets = [(x, y, z) for z in range(0, 5, 2) for y in (0, 1) for x in range(0, 7, 3)][:count]
+    paths = []
+    for i, (x, y, z) in enumerate(offsets):
+        path = folder / f"scan{i:02d}{('.nii.gz', '.nrrd', '.mha')[i % 3]}"
+        sitk.WriteImage(coarse[x : x + 24, y : y + 24, z : z + 24], str(path))
+        paths.append(path)
+    return paths
+
+
+def masks_in(out: Path) -> set[Path]:
+    """The finished masks in ``out``, not a writer's temporary file (``.tmp-<pid>-<name>``)."""
+    return set(out.glob("[!.]*_mask.nii.gz")) if out.is_dir() else set()
+
+
+def test_a_folder_of_scans_killed_midway_on_two_ranks_is_resumed_writing_only_the_missing_masks(checkpoint, tmp_path):
+    scans, out = tmp_path / "scans", tmp_path / "predictions"
+    scans.mkdir()
+    good = small_scans(scans, 12)
+    (scans / "series").symlink_to(SHARED_DATA / "ct_dicom/series")  # a DICOM series among the files
+    good.append(scans / "series")
+    voxels = sitk.GetArrayFromImage(sitk.ReadImage(str(good[1]))).astype(np.float32)
+    voxels[3:5, 10, 10] = np.nan
+    bad = scans / "with_nan.nrrd"  # ITK reads NaN in NIfTI files as 0
+    sitk.WriteImage(sitk.GetImageFromArray(voxels), str(bad))
+    (scans / "notes.txt").write_text("not a scan")
+    masks = {out / f"{strip_suffix(path)}_mask.nii.gz" for path in good}
+    command = [*torchrun_command(2), "-m", "unet3d_dist.predict", "--checkpoint", str(checkpoint), str(scans)]
+    command += ["--out", str(out), "--device", "cpu"]
+
+    job = start(command)
+    deadline = time.monotonic() + 120
+    while len(masks_in(out)) < 3:
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
+        time.sleep(0.01)
+    wait_until_gone(signal_job(job.pid, signal.SIGKILL), timeout=10)  # the launcher and both ranks, mid-run
+    job.communicate()
+    done = {mask: (mask.stat().st_ino, mask.stat().st_mtime_ns) for mask in masks_in(out)}
+    assert 3 <= len(done) <= len(good) - 2, sorted(done)  # both ranks have work left to share
+    (out / ".tmp-4242-scan11_mask.nii.gz").write_bytes(b"half a mask")  # as a kill mid-write leaves it
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    printed = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 3 and "Traceback" not in printed, printed
+    assert [line for line in rerun.stderr.splitlines() if line.startswith("skipped: ")] == [
+        f"skipped: image {bad} holds 2 NaN or infinite voxels"
+    ]
+    wrote = [line for line in rerun.stdout.splitlines() if " wrote " in line]
+    assert {Path(line.split(" wrote ")[1].split(" and ")[0]) for line in wrote} == masks - set(done), printed
+    assert {line.split(" wrote ")[0] for line in wrote} == {"rank 0", "rank 1"}  # the rest shared by both ranks
+    summary = rerun.stdout.splitlines()[-1]
+    assert summary.startswith(f"predicted {len(masks) - len(done)} of 14 scans in ") and summary.endswith(
+        f" s on 2 ranks; {len(done)} already done, 1 failed"
+    ), printed
+    assert {mask: (mask.stat().st_ino, mask.stat().st_mtime_ns) for mask in done} == done  # not written again
+    assert masks_in(out) == masks and len(list(out.glob("[!.]*_panel.png"))) == len(masks)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_scans_whose_mask_exists_are_left_out_before_the_rest_is_shared_by_size(tmp_path):
+    scans, out = [(tmp_path / f"s{i}.nii.gz",) for i in range(6)], tmp_path / "out"
+    for i, (path,) in enumerate(scans):
+        path.write_bytes(b"x" * 1000 * (i + 1))
+    paths = output_paths(scans, out, "nrrd", panels=False)
+    out.mkdir()
+    for done in (5, 4, 0):  # the two largest and the smallest
+        paths[scans[done]][0].write_bytes(b"")
+    plan = plan_work(paths, overwrite=False, world_size=2)
+    assert plan.already_done == 3 and paths[scans[0]] == (out / "s0_mask.nrrd", None)
+    assert [[scan[0].name for scan, _ in share] for share in plan.shares] == [["s3.nii.gz"], ["s2.nii.gz", "s1.nii.gz"]]
+    again = plan_work(paths, overwrite=True, world_size=2)
+    assert again.already_done == 0 and sum(map(len, again.shares)) == 6
+
+
+def test_the_live_bar_counts_every_ranks_new_masks_and_a_log_gets_one_line_per_scan(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    old, new = out / "a_mask.nii.gz", out / "b_mask.nii.gz"
+    old.write_bytes(b"an earlier run's mask")  # replaced under --overwrite
+    shares = [[((tmp_path / "a.nii.gz",), (old, None))], [((tmp_path / "b.nii.gz",), (new, None))]]
+    rank = [DistEnv(r, r, 2, 2, torch.device("cpu")) for r in (0, 1)]
+    with ScanProgress(rank[0], Plan(shares, 0, live=True), out) as progress:
+        assert progress.written() == 0
+        new.write_bytes(b"rank 1's mask")
+        assert progress.written() == 1
+        atomic_write_bytes(old, b"rank 0's mask")  # a new file under the old name
+        progress.wrote(*shares[0][0])
+        assert progress.bar.tasks[0].completed == 2 and progress.bar.tasks[0].total == 2
+    ScanProgress(rank[1], Plan(shares, 0, live=True), out).wrote(*shares[1][0])  # rank 0's bar says it
+    assert capsys.readouterr().out.count("wrote") == 0
+    ScanProgress(rank[1], Plan(shares, 0, live=False), out).wrote(*shares[1][0])
+    assert capsys.readouterr().out == f"rank 1 wrote {new}\n"

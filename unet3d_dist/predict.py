@@ -1,33 +1,50 @@
 """Prediction on new scans: ``python -m unet3d_dist.predict --checkpoint CKPT [--checkpoint ...] INPUT... [--out DIR]``.
 
-Each input (a NIfTI/NRRD/MHA file or a DICOM series folder, no label; for a model trained on several channels, one
-file per channel joined by commas in the checkpoint's channel order, or one 4-D file) goes through the preprocessing
-its training data had (the manifest's ``preprocessing``, stored in the checkpoint): reorientation, resampling,
-normalisation of each channel. The gaussian sliding window runs with the training crop as its patch (overlap, flip
-averaging and largest-component post-processing as the checkpoint's ``inference`` section says; an input smaller than
-the patch is padded, and a line says so), and the class map is moved back onto the input's own grid by nearest
-neighbour, so ``DIR/<name>_mask.nii.gz`` has the input's exact size, spacing, origin and direction. Voxel values
-are indices into the checkpoint's classes. ``DIR/<name>_panel.png`` shows three slices (of the first channel).
-``DIR`` defaults to ``<run dir>/predictions`` (``runs/<name>/predictions`` for ``runs/<name>/checkpoints/<file>``).
+An INPUT is one scan: a NIfTI/NRRD/MHA file or a DICOM series folder, no label; for a model trained on several
+channels, one file per channel joined by commas in the checkpoint's channel order, or one 4-D file. An INPUT that is
+a folder but not a DICOM series stands for the scans directly in it, by name: its NIfTI/NRRD/MHA files and its
+subfolders that are DICOM series (other files are left alone). ``--input-list FILE`` names one scan per line
+(channels joined by commas; blank lines and ``#`` comments skipped; relative paths relative to the file). A folder or
+list without scans, or a folder that is also ``DIR``, is refused in one sentence (exit status 2).
+
+Each scan goes through the preprocessing its training data had (the manifest's ``preprocessing``, stored in the
+checkpoint): reorientation, resampling, normalisation of each channel. The gaussian sliding window runs with the
+training crop as its patch (overlap, flip averaging and largest-component post-processing as the checkpoint's
+``inference`` section says; an input smaller than the patch is padded, and a line says so), and the class map is
+moved back onto the input's own grid by nearest neighbour, so ``DIR/<name>_mask.<format>`` (``--format nii.gz``,
+``nrrd`` or ``mha``) has the input's exact size, spacing, origin and direction. Voxel values are indices into the
+checkpoint's classes. ``DIR/<name>_panel.png`` shows three slices (of the first channel); ``--no-panels`` leaves it
+out. ``DIR`` defaults to ``<run dir>/predictions`` (``runs/<name>/predictions`` for ``runs/<name>/checkpoints/<file>``).
 
 Several checkpoints predict as one ensemble (``segmenter.py``): the input is prepared like the first member's
 training data; a member trained at another spacing sees it resampled to that spacing, with its own patch and flips;
 their softmax probabilities, on the first member's grid, are averaged before the argmax.
 
-Under torchrun every rank takes a disjoint, size-balanced share of the inputs; rank 0 holds ``DIR`` (``run.lock``,
-run_lock.py) before any rank writes there, so a second prediction into it is refused naming the first. A bad input
-(unreadable, or with NaN or infinite voxels, refused as ``prepare`` refuses it) is reported with one sentence and
-skipped (exit status 3); nothing is written for it and it does not stop the others.
+Resuming: the panel is written before the mask, each atomically, so a mask in ``DIR`` marks a finished scan, and a
+run skips those (unless ``--overwrite``); an interrupted run is resumed by the same command. Under torchrun rank 0
+holds ``DIR`` (``run.lock``, run_lock.py) before any rank writes there, so a second prediction into it is refused
+naming the first; it then removes what a killed run left half-written, leaves out the finished scans and deals the
+rest to the ranks by size, so every rank takes a disjoint share of the work left. Rank 0 shows a live bar of all
+ranks' masks on a terminal; in a log every rank prints one ``wrote`` line per scan. At the end rank 0 prints one
+line: scans predicted, already done and failed, seconds and ranks. A bad input (unreadable, or with NaN or infinite
+voxels, refused as ``prepare`` refuses it) is reported with one sentence and skipped (exit status 3, which
+``python -m unet3d_dist.torchrun`` passes on); nothing is written for it and it does not stop the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
 
 from .checkpoint import Checkpoint, CheckpointError, run_dir_of
 from .config import ConfigError
@@ -38,52 +55,190 @@ from .data.preprocess import (
     intensity_percentiles,
     reorient,
 )
-from .data.readers import CaseError, array_xyz, read_channels, strip_suffix
-from .dist import gather_to_main, on_main, runtime
-from .files import OutputError, atomic_write
+from .data.readers import IMAGE_SUFFIXES, CaseError, array_xyz, read_channels, strip_suffix
+from .dist import DistEnv, broadcast_from_main, gather_to_main, on_main, runtime
+from .exit_codes import SOME_SKIPPED
+from .files import LINK_LOOP, OutputError, atomic_write, is_link_loop, remove_unfinished, why_missing
+from .logger import progress_bar
 from .optional import MissingDependency, require, sitk
 from .report import DISPLAY_WINDOWS, slice_panel
 from .run_lock import hold_out
 from .scoring import balanced_shards
 from .segmenter import Segmenter, add_inference_flags, read_checkpoints
 
-EXIT_SKIPPED = 3
+EXIT_SKIPPED = SOME_SKIPPED
 
 
 Scan = tuple[Path, ...]  # one input: its channels' files (or one file holding them all)
+SCANS_EXPECTED = "NIfTI/NRRD/MHA files or DICOM series folders"
 
 
-def parse_scan(argument: str) -> Scan:
-    """``t1.nii.gz,t2.nii.gz`` -> the files of one scan's channels."""
-    return tuple(Path(part) for part in argument.split(","))
+def parse_scan(argument: str, relative_to: Path | None = None) -> Scan:
+    """``t1.nii.gz,t2.nii.gz`` -> the files of one scan's channels; a relative path in a list file is relative to
+    the list, so the list works from any working directory."""
+    parts = [Path(part.strip()) for part in argument.split(",")]
+    return tuple(relative_to / part if relative_to and not part.is_absolute() else part for part in parts)
 
 
-def output_paths(inputs: list[Scan], out: Path, overwrite: bool) -> dict[Scan, tuple[Path, Path]]:
-    """Input -> (mask, panel) paths, named after its first file; refuses name clashes and, without ``overwrite``,
-    existing files."""
-    paths: dict[Scan, tuple[Path, Path]] = {}
+def is_scan_name(name: str) -> bool:
+    return name.endswith(IMAGE_SUFFIXES)
+
+
+def visible_entries(folder: Path) -> list[os.DirEntry]:
+    """A folder's entries but hidden ones (``.DS_Store``, a killed writer's ``.tmp-`` files), sorted by name."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted((entry for entry in entries if not entry.name.startswith(".")), key=lambda entry: entry.name)
+    except OSError as err:
+        raise CaseError(f"folder {folder} cannot be listed ({err.strerror}); expected a readable folder") from None
+
+
+def has_dicom_preamble(path: str) -> bool:
+    """True for a DICOM Part 10 file (``DICM`` after its 128-byte preamble)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_series(folder: Path) -> bool:
+    """A folder read as one DICOM series rather than a folder of scans: it holds files but no NIfTI/NRRD/MHA file,
+    and either no subfolders or DICOM files among its files (a folder of series may hold a README beside them).
+    Listing names only, so thousands of subfolders are classified without reading their slices."""
+    files, subfolders = [], False
+    for entry in visible_entries(folder):
+        if is_scan_name(entry.name):
+            return False
+        if entry.is_dir():
+            subfolders = True
+        elif entry.is_file():
+            files.append(entry.path)
+    return bool(files) and (not subfolders or any(has_dicom_preamble(path) for path in files))
+
+
+def is_series_or_unlisted(folder: Path) -> bool:
+    """A subfolder taken as a scan: a DICOM series, or one that cannot be listed, which reading then names."""
+    try:
+        return is_dicom_series(folder)
+    except CaseError:
+        return True
+
+
+def same_path(path: Path, other: Path) -> bool:
+    """Whether two spellings name one file or folder (a symbolic link loop only matches itself; no error)."""
+    return os.path.realpath(path) == os.path.realpath(other)
+
+
+def scans_in_folder(folder: Path, out: Path) -> list[Scan]:
+    """The scans of a folder given as an INPUT, by name: its NIfTI/NRRD/MHA files and its subfolders that are DICOM
+    series. Other files and subfolders (``--out`` among them) are left alone."""
+    if same_path(folder, out):
+        raise CaseError(
+            f"input folder {folder} is also --out, so its masks would be read as scans; choose another --out"
+        )
+    scans = []
+    for entry in visible_entries(folder):
+        path = folder / entry.name
+        if entry.is_dir() and not same_path(path, out) and is_series_or_unlisted(path):
+            scans.append((path,))
+        elif not entry.is_dir() and is_scan_name(entry.name):
+            scans.append((path,))  # an unreadable one (a link loop, a damaged file) is reported when it is read
+    if not scans:
+        raise CaseError(
+            f"input folder {folder} holds no scans; expected {SCANS_EXPECTED} directly in it (list scans kept in "
+            "deeper folders with --input-list)"
+        )
+    return scans
+
+
+def read_input_list(path: Path) -> list[Scan]:
+    """``--input-list``: one scan per line, channels joined by commas; blank lines and ``#`` comments are skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = why_missing(path) if not path.exists() else f"cannot be read ({getattr(err, 'strerror', None) or err})"
+        raise CaseError(f"input list {path} {reason}; expected a text file with one scan per line") from None
+    scans = [
+        parse_scan(line.strip(), path.parent) for line in lines if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not scans:
+        raise CaseError(
+            f"input list {path} names no scans; expected one scan per line (blank lines and # comments are skipped)"
+        )
+    return scans
+
+
+def expand_inputs(arguments: list[Scan], input_list: Path | None, out: Path) -> list[Scan]:
+    """Every scan to predict, in order: INPUT arguments (a folder that is not a DICOM series gives its scans), then
+    the list file's lines; a scan given twice (a file in a folder and in the list) is predicted once."""
+    scans: list[Scan] = []
+    for scan in arguments:
+        folder = scan[0]
+        if len(scan) == 1 and folder.is_dir() and not is_dicom_series(folder):
+            scans += scans_in_folder(folder, out)
+        else:
+            scans.append(scan)
+    if input_list is not None:
+        scans += read_input_list(input_list)
+    if stray := [path for scan in scans for path in scan if path.suffix == ".pt"]:
+        raise CaseError(f"input {stray[0]} is a checkpoint; give each member of an ensemble its own --checkpoint")
+    unique = {tuple(map(os.path.realpath, scan)): scan for scan in reversed(scans)}  # the first spelling wins
+    return list(reversed(unique.values()))
+
+
+MASK_FORMATS = {"nii.gz": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}  # --format -> suffix; SimpleITK writes each
+Outputs = tuple[Path, Path | None]  # a scan's mask and panel (None with --no-panels)
+
+
+def output_paths(
+    inputs: list[Scan], out: Path, mask_format: str = "nii.gz", panels: bool = True
+) -> dict[Scan, Outputs]:
+    """Input -> (mask, panel) paths, named after its first file (``<name>_mask.<format>``, ``<name>_panel.png``);
+    refuses two inputs that would write the same mask."""
+    paths: dict[Scan, Outputs] = {}
     by_name: dict[str, Path] = {}
+    suffix = MASK_FORMATS[mask_format]
     for scan in inputs:
         name = strip_suffix(scan[0])
         if name in by_name:
             raise CaseError(
-                f"inputs {by_name[name]} and {scan[0]} would both write {name}_mask.nii.gz; predict them into "
+                f"inputs {by_name[name]} and {scan[0]} would both write {name}_mask{suffix}; predict them into "
                 "different --out folders"
             )
         by_name[name] = scan[0]
-        paths[scan] = (out / f"{name}_mask.nii.gz", out / f"{name}_panel.png")
-    existing = [str(p) for pair in paths.values() for p in pair if p.exists()]
-    if existing and not overwrite:
-        more = f" (and {len(existing) - 1} more files)" if len(existing) > 1 else ""
-        raise CaseError(f"{existing[0]} already exists{more}; pass --overwrite to replace it")
+        paths[scan] = (out / f"{name}_mask{suffix}", out / f"{name}_panel.png" if panels else None)
     return paths
 
 
-def claim_out(inputs: list[Scan], out: Path, overwrite: bool) -> None:
+@dataclass(frozen=True)
+class Plan:
+    """What rank 0 decided under ``--out``'s lock, the same for every rank."""
+
+    shares: list[list[tuple[Scan, Outputs]]]  # each rank's scans still to predict, with their outputs
+    already_done: int  # scans skipped because their mask exists
+    live: bool  # rank 0 shows a live progress bar (its console is a terminal), so no rank prints a line per scan
+
+
+def plan_work(paths: dict[Scan, Outputs], overwrite: bool, world_size: int, live: bool = False) -> Plan:
+    """Skip the scans whose mask exists (written atomically, so it is complete) unless ``overwrite``, then share out
+    the rest by size: decided before sharing, so a resumed run splits only the work left."""
+    todo = {scan_key(scan): scan for scan, (mask, _) in paths.items() if overwrite or not mask.exists()}
+    shares = balanced_shards({key: input_bytes(scan) for key, scan in todo.items()}, world_size)
+    return Plan([[(todo[key], paths[todo[key]]) for key in share] for share in shares], len(paths) - len(todo), live)
+
+
+def scan_key(scan: Scan) -> str:
+    return ",".join(map(str, scan))
+
+
+def claim_out(paths: dict[Scan, Outputs], out: Path, overwrite: bool, world_size: int) -> Plan:
     """Rank 0, before any rank writes: hold ``out`` for this process (run_lock; refused if another job has it or it
-    cannot be written), then check its files again now that no other job writes there."""
+    cannot be written), remove what a killed run left half-written, and plan the work now that no other job writes
+    there."""
     hold_out(out)  # held until this process ends
-    output_paths(inputs, out, overwrite)
+    remove_unfinished(out)
+    return plan_work(paths, overwrite, world_size, live=Console().is_terminal)
 
 
 def padding_line(path: object, prepared: sitk.Image, patch: tuple[int, int, int]) -> str | None:
@@ -119,8 +274,9 @@ def intensity_line(path: object, channels: list[sitk.Image], trained: Checkpoint
     )
 
 
-def predict_file(segmenter: Segmenter, scan: Scan, mask_path: Path, panel_path: Path) -> None:
-    """Write the mask NIfTI and the slice panel of one input (each file atomically); say if the input is padded."""
+def predict_file(segmenter: Segmenter, scan: Scan, mask_path: Path, panel_path: Path | None) -> None:
+    """Write the slice panel (unless None), then the mask, of one input, each file atomically: a mask that exists
+    marks a finished input, which a rerun skips. Say if the input is padded or unlike the training data."""
     trained = segmenter.checkpoints[0]
     whose = "the checkpoint was trained on" if len(segmenter.members) == 1 else "the ensemble was trained on"
     channels = read_channels(scan, trained.channels, whose)
@@ -130,9 +286,14 @@ def predict_file(segmenter: Segmenter, scan: Scan, mask_path: Path, panel_path: 
     for line in (intensity_line(path, channels, trained), padding_line(path, prepared[0], patch)):
         if line:
             print(line, flush=True)
-    image = channels[0]  # the panel shows the first channel
     mask = segmenter.segment_scan(channels, prepared)
+    if panel_path is not None:
+        write_panel(segmenter, channels[0], mask, panel_path, path.name)  # the panel shows the first channel
     atomic_write(mask_path, lambda tmp: sitk.WriteImage(mask, str(tmp), useCompression=True))
+
+
+def write_panel(segmenter: Segmenter, image: sitk.Image, mask: sitk.Image, panel_path: Path, title: str) -> None:
+    """Three slices of ``image`` with ``mask``, titled with the classes found."""
     # report.slice_panel draws LPS arrays the radiological way
     shown_image, shown_mask = reorient(image, CANONICAL_ORIENTATION), array_xyz(reorient(mask, CANONICAL_ORIENTATION))
     counts = np.bincount(shown_mask.ravel(), minlength=len(segmenter.classes))
@@ -148,8 +309,8 @@ def predict_file(segmenter: Segmenter, scan: Scan, mask_path: Path, panel_path: 
             shown_mask,
             shown_image.GetSpacing(),
             tmp,
-            f"{path.name}: {found}",
-            DISPLAY_WINDOWS.get(trained.modality),
+            f"{title}: {found}",
+            DISPLAY_WINDOWS.get(segmenter.checkpoints[0].modality),
             names,
         ),
     )
@@ -172,7 +333,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Segment scans with a trained checkpoint; masks come out on each input's own grid.",
         epilog=(
             "example: torchrun --nproc_per_node=4 -m unet3d_dist.predict --checkpoint "
-            "runs/ct_liver/checkpoints/best.pt scans/*.nii.gz --out predictions"
+            "runs/ct_liver/checkpoints/best.pt scans/ --out predictions"
         ),
     )
     parser.add_argument(
@@ -186,20 +347,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "inputs",
         type=parse_scan,
-        nargs="+",
+        nargs="*",
         metavar="INPUT",
-        help="NIfTI/NRRD/MHA files or DICOM series folders; for several channels, one file per channel joined by "
-        "commas (t1.nii.gz,t2.nii.gz) in the checkpoint's channel order, or one 4-D file",
+        help="NIfTI/NRRD/MHA files, DICOM series folders, or folders of them (each scan in the folder, by name); for "
+        "several channels, one file per channel joined by commas (t1.nii.gz,t2.nii.gz) in the checkpoint's channel "
+        "order, or one 4-D file",
     )
+    parser.add_argument(
+        "--input-list",
+        type=Path,
+        metavar="FILE",
+        help="a text file with one scan per line (channels joined by commas; blank lines and # comments skipped; "
+        "relative paths are relative to the file)",
+    )
+    add_output_options(parser)
+    add_inference_flags(parser)
+    args = parser.parse_args(argv)
+    if not args.inputs and args.input_list is None:
+        parser.error("give the scans to predict as INPUT arguments or with --input-list FILE")
+    return args
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """Where the outputs go, in which format, and whether a rerun keeps the ones there."""
     parser.add_argument(
         "--out",
         type=Path,
-        help="folder for <name>_mask.nii.gz and <name>_panel.png (default: <run dir>/predictions; for an ensemble "
+        help="folder for <name>_mask.<format> and <name>_panel.png (default: <run dir>/predictions; for an ensemble "
         "<runs dir>/ensemble-predictions)",
     )
-    add_inference_flags(parser)
-    parser.add_argument("--overwrite", action="store_true", help="replace existing masks and panels")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--format",
+        choices=tuple(MASK_FORMATS),
+        default="nii.gz",
+        help="file format of the masks, <name>_mask.<format> (default: nii.gz)",
+    )
+    parser.add_argument(
+        "--panels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write <name>_panel.png, three slices with the mask, for each scan (default: on; drawing them takes a "
+        "good part of a small scan's time)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="predict every scan again, replacing its mask and panel (default: a scan whose mask is in --out is "
+        "skipped, so an interrupted run resumes)",
+    )
 
 
 def default_out(checkpoints: list[Path]) -> Path:
@@ -210,36 +405,123 @@ def default_out(checkpoints: list[Path]) -> Path:
     return run_dir_of(checkpoints[0]) / "predictions"
 
 
+PROGRESS_POLL_S = 1.0
+
+
+class ScanProgress:
+    """Rank 0's view of the whole job. On a terminal, a live bar counts every rank's masks as they appear in
+    ``--out`` (one listing a second, no messages between ranks) and shows rank 0's latest scan; elsewhere (a log
+    file) every rank prints one ``wrote`` line per scan, which reads and greps better than a redrawn bar."""
+
+    def __init__(self, env: DistEnv, plan: Plan, out: Path):
+        self.prefix = f"rank {env.rank} " if env.multi_rank else ""
+        self.live, self.out, self.bar, self.watcher = plan.live, out, None, None
+        if not (plan.live and env.is_main):
+            return
+        masks = [outputs[0] for share in plan.shares for _, outputs in share]
+        self.before = {mask.name: inode(mask) for mask in masks}  # --overwrite: an old mask is not a new one
+        self.bar = progress_bar(Console(highlight=False))
+        ranks = f" on {env.world_size} ranks" if env.multi_rank else ""
+        self.task = self.bar.add_task(f"predicting{ranks}", total=len(masks), now="")
+        self.stopped = threading.Event()
+        self.watcher = threading.Thread(target=self.watch, name="predict-progress", daemon=True)
+
+    def __enter__(self) -> ScanProgress:
+        if self.bar is not None:
+            self.bar.start()
+            self.watcher.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.stopped.set()
+            self.watcher.join()
+            self.bar.stop()
+
+    def watch(self) -> None:
+        while not self.stopped.wait(PROGRESS_POLL_S):
+            with contextlib.suppress(OSError):  # a listing that fails now and then only delays the count
+                self.bar.update(self.task, completed=self.written())
+
+    def written(self) -> int:
+        """Masks of this run in ``--out``: new names, or a new file (another inode) under an old one."""
+        with os.scandir(self.out) as entries:
+            return sum(entry.name in self.before and entry.inode() != self.before[entry.name] for entry in entries)
+
+    def wrote(self, scan: Scan, outputs: Outputs) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.written(), now=scan[0].name)
+        elif not self.live:
+            mask, panel = outputs
+            print(f"{self.prefix}wrote {mask} and {panel}" if panel else f"{self.prefix}wrote {mask}", flush=True)
+
+
+def inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
+
+
+def predict_share(
+    segmenter: Segmenter, share: list[tuple[Scan, Outputs]], progress: ScanProgress
+) -> tuple[int, list[str]]:
+    """This rank's scans, one by one; a bad scan's sentence is kept for the end and the others go on. Returns the
+    number of masks written and the sentences."""
+    written, failures = 0, []
+    for scan, outputs in share:
+        try:
+            predict_file(segmenter, scan, *outputs)
+        except CaseError as err:
+            failures.append(str(err))
+            continue
+        written += 1
+        progress.wrote(scan, outputs)
+    return written, failures
+
+
+def summary_line(written: int, already_done: int, failed: int, seconds: float, world_size: int) -> str:
+    """The run in one line, so a resumed run shows what it took over and what it left."""
+    total, ranks = written + already_done + failed, "1 rank" if world_size == 1 else f"{world_size} ranks"
+    return (
+        f"predicted {written} of {total} scan{'s' if total != 1 else ''} in {seconds:.1f} s on {ranks}; "
+        f"{already_done} already done, {failed} failed"
+    )
+
+
+def run(args: argparse.Namespace, out: Path) -> tuple[Plan, list[tuple[int, list[str]]] | None, int]:
+    """Expand the inputs, claim ``out`` and predict this rank's share; rank 0 gets every rank's outcome."""
+    if is_link_loop(out):
+        raise CaseError(f"--out {out} {LINK_LOOP}; choose another --out")
+    inputs = expand_inputs(args.inputs, args.input_list, out)
+    require("SimpleITK", "predict (reading scans, writing masks)", "SimpleITK")
+    loaded = read_checkpoints(args.checkpoint)
+    paths = output_paths(inputs, out, args.format, args.panels)
+    with runtime(args.device) as env:
+        claim = functools.partial(claim_out, paths, out, args.overwrite, env.world_size)
+        plan = broadcast_from_main(on_main(env, claim, (CaseError, OutputError)))
+        segmenter = Segmenter.from_checkpoints(loaded, env.device, args)
+        with ScanProgress(env, plan, out) as progress:
+            outcome = predict_share(segmenter, plan.shares[env.rank], progress)
+        return plan, gather_to_main(outcome), env.world_size
+
+
 def main(argv: list[str] | None = None) -> None:
+    started = time.monotonic()
     args = parse_args(argv)
     out = args.out or default_out(args.checkpoint)
     try:
-        if stray := [path for scan in args.inputs for path in scan if path.suffix == ".pt"]:
-            raise CaseError(f"input {stray[0]} is a checkpoint; give each member of an ensemble its own --checkpoint")
-        require("SimpleITK", "predict (reading scans, writing masks)", "SimpleITK")
-        loaded = read_checkpoints(args.checkpoint)
-        paths = output_paths(args.inputs, out, args.overwrite)
-        with runtime(args.device) as env:
-            on_main(env, functools.partial(claim_out, args.inputs, out, args.overwrite), (CaseError, OutputError))
-            segmenter = Segmenter.from_checkpoints(loaded, env.device, args)
-            rank_prefix = f"rank {env.rank} " if env.world_size > 1 else ""
-            failures = []
-            scans = {",".join(map(str, scan)): scan for scan in args.inputs}
-            shares = balanced_shards({key: input_bytes(scan) for key, scan in scans.items()}, env.world_size)
-            for key in shares[env.rank]:
-                mask_file, panel_file = paths[scans[key]]
-                try:
-                    predict_file(segmenter, scans[key], mask_file, panel_file)
-                    print(f"{rank_prefix}wrote {mask_file} and {panel_file}", flush=True)
-                except CaseError as err:
-                    failures.append(str(err))
-            gathered = gather_to_main(failures)
+        plan, gathered, world_size = run(args, out)
     except (CheckpointError, ConfigError, CaseError, MissingDependency, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    failed = [line for part in gathered or [] for line in part]
+    if gathered is None:  # not rank 0, which reports for all
+        sys.exit(0)
+    failed = [line for _, lines in gathered for line in lines]
     for line in failed:
         print(f"skipped: {line}", file=sys.stderr)
+    written = sum(count for count, _ in gathered)
+    print(summary_line(written, plan.already_done, len(failed), time.monotonic() - started, world_size), flush=True)
     sys.exit(EXIT_SKIPPED if failed else 0)
 
 

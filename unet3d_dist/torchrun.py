@@ -3,9 +3,9 @@
 The ranks say in one sentence why they stopped (a stop signal, bad input, a lost node). Plain torchrun then adds a
 traceback of its own and exits 1: ``SignalException`` when it was signalled, ``ChildFailedError`` when a rank
 exited non-zero, a rendezvous error when the node that hosted the rendezvous is gone. Here the first failed rank's
-exit code is torchrun's (2 for bad input, 75 for "run the same command again"), so the launch scripts and Slurm see
-it, and nothing is printed after the ranks' sentence. A rank that crashed (exit 1, or killed by a signal) keeps
-torchrun's report, which names it.
+exit code is torchrun's (2 for bad input, 3 for bad scans that predict skipped, 75 for "run the same command
+again"), so the launch scripts and Slurm see it, and nothing is printed after the ranks' sentence. A rank that
+crashed (exit 1, or killed by a signal) keeps torchrun's report, which names it.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 from torch.distributed.run import main as torchrun_main
 
-from .exit_codes import BAD_INPUT, REQUEUE
+from .exit_codes import BAD_INPUT, REQUEUE, SOME_SKIPPED
 
-SENTENCE_EXIT_CODES = (BAD_INPUT, REQUEUE)  # the ranks' exit codes that come with their own sentence
+SENTENCE_EXIT_CODES = (BAD_INPUT, SOME_SKIPPED, REQUEUE)  # the ranks' exit codes that come with their own sentence
 
 
 class RankSaidWhy(logging.Filter):
