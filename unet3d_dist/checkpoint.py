@@ -145,9 +145,16 @@ class Checkpoint:
         """The ranks that wrote it (older checkpoints record one RNG state per rank instead)."""
         return self.train_state.get("world_size") or len(self.state["rng"])
 
-    def global_batch(self, batch_size: int) -> int:
-        """The crops per step its run trained with (older checkpoints: their world size x ``batch_size``)."""
-        return self.train_state.get("global_batch") or self.world_size * batch_size
+    def global_batch(self, batch_size: int, configured: int = 0) -> int:
+        """The crops per step its run trained with (older checkpoints: their world size x ``batch_size``), which a
+        resumed run keeps: a ``configured`` train.global_batch other than that is refused in one sentence."""
+        saved = self.train_state.get("global_batch") or self.world_size * batch_size
+        if configured and configured != saved:
+            raise ConfigError(
+                f"train.global_batch={configured}, but the run being resumed trains {saved} crops per step; a "
+                "run keeps its global batch (leave train.global_batch at 0, or start a new run)"
+            )
+        return saved
 
     def model(self, device: torch.device) -> nn.Module:
         """Its network on ``device``, in eval mode and the memory format it was trained in."""

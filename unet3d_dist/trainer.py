@@ -174,13 +174,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         configured, batch = cfg.train.global_batch, cfg.train.batch_size
         if checkpoint is not None:
-            saved = checkpoint.global_batch(batch)
-            if configured and configured != saved:
-                raise ConfigError(
-                    f"train.global_batch={configured}, but the run being resumed trains {saved} crops per step; a "
-                    "run keeps its global batch (leave train.global_batch at 0, or start a new run)"
-                )
-            configured = saved
+            configured = checkpoint.global_batch(batch, configured)
         global_batch = configured or batch * env.world_size
         check_divides(global_batch, batch, env.world_size)
         sizes = elastic_world_sizes()  # a node range: refused now rather than at the restart that cannot continue
