@@ -29,6 +29,7 @@ from torch import nn
 
 from .config import Config, ConfigError, config_from_dict
 from .data.shards import ShardedDataset, channel_names
+from .exit_codes import BadInput
 from .files import atomic_write_bytes, remove_unfinished, why_missing
 from .model import build_model, to_channels_last
 from .precision import amp_name
@@ -42,7 +43,7 @@ RESUME_KEYS = ("optimizer", "scheduler", "scaler", "train_state", "rng", "run_id
 INCOMPATIBLE_SECTIONS = ("model",)  # config sections a resumed run must keep: they shape the weights
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BadInput, RuntimeError):
     """A checkpoint that cannot be loaded or does not fit the current run."""
 
 

@@ -16,10 +16,11 @@ from typing import Any, Literal
 
 import yaml
 
+from .exit_codes import BadInput
 from .files import atomic_write_text, why_missing
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """A configuration key or value that cannot be used; the message names the key."""
 
 

@@ -22,6 +22,7 @@ import torch
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError, load_config
 from .dist import torchrun_command
+from .exit_codes import run_command
 from .results import METRIC_COLUMNS, summarize
 
 
@@ -47,8 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(command: list[str]) -> None:
+    """Run one step (a fold's training or evaluation); when it fails, it has said why, and its exit code is ours:
+    2 for bad input, 75 after a stop (the same crossval command resumes)."""
     print("+ " + " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    code = subprocess.run(command).returncode
+    if code:
+        sys.exit(code)
 
 
 def launcher(nproc: int) -> list[str]:
@@ -112,13 +117,14 @@ def summary_table(per_fold: dict[int, list[dict[str, Any]]]) -> tuple[list[dict[
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.folds < 2:
-            raise ConfigError(f"--folds must be at least 2, not {args.folds}")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_command(lambda: crossval(args))
+
+
+def crossval(args: argparse.Namespace) -> None:
+    """Train and score the folds that have no results yet, then pool every fold's results into one table."""
+    cfg = load_config(args.config, args.overrides)
+    if args.folds < 2:
+        raise ConfigError(f"--folds must be at least 2, not {args.folds}")
     cv_dir = Path(cfg.log.runs_dir) / f"{cfg.log.run_name}-cv"
     per_fold: dict[int, list[dict[str, Any]]] = {}
     for fold in args.only or range(args.folds):

@@ -25,21 +25,21 @@ from __future__ import annotations
 import argparse
 import functools
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint, CheckpointError, run_dir_of
+from .checkpoint import Checkpoint, run_dir_of
 from .config import Config, ConfigError
 from .data.shards import DatasetError, ShardedDataset
 from .data.source import open_dataset
 from .data.splits import run_cases
 from .dist import default_workers, on_main, runtime
+from .exit_codes import run_command
 from .files import OutputError, atomic_write, atomic_write_text
 from .logger import RunLogger, new_run_id
 from .masks import load_mask, mask_path
-from .optional import MissingDependency, require
+from .optional import require
 from .precision import amp_name
 from .report import slice_panel
 from .results import class_table, json_ready, metric_columns, summarize, write_csv, write_json
@@ -307,11 +307,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        evaluate(args)
-    except (ConfigError, DatasetError, CheckpointError, MissingDependency, OutputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_command(lambda: evaluate(args))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,32 @@
-"""The exit codes every command, launcher and Slurm script agrees on (docs: README, "Launching")."""
+"""The exit codes every command, launcher and Slurm script agrees on (docs: README, "Launching"), and the one way a
+command turns bad input into its sentence and exit code."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 BAD_INPUT = 2  # one sentence said what to fix; running again as it is would fail again
 SOME_SKIPPED = 3  # prepare, predict: each bad case or scan was named in one sentence; the others were done
 REQUEUE = 75  # EX_TEMPFAIL: stopped after a checkpoint or by a lost node; the same command resumes
+
+
+class BadInput(Exception):
+    """Input a command cannot use, or an output it cannot write. The message is one sentence that names the file or
+    key and what was expected; the package's error classes (ConfigError, DatasetError, ...) derive from it."""
+
+
+def said(err: BadInput) -> int:
+    """Print the error's sentence, alone, on stderr; the exit code for it."""
+    print(f"error: {err}", file=sys.stderr)
+    return BAD_INPUT
+
+
+def run_command(body: Callable[[], int | None]) -> NoReturn:
+    """Run a command's body and exit with its code (None: 0); bad input leaves as its sentence and BAD_INPUT."""
+    try:
+        code = body()
+    except BadInput as err:
+        code = said(err)
+    sys.exit(code or 0)

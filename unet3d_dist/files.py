@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .exit_codes import BadInput
+
 TEMPORARY_PREFIX = ".tmp-"
 LINK_LOOP = "is a symbolic link loop (following its links leads back to it)"
 WRITE_ERRORS = {  # what each errno says about the path it names
@@ -29,7 +31,7 @@ FULL = (errno.ENOSPC, errno.EDQUOT)
 NEARLY_FULL = 2**20  # free bytes under which a writer that gives no errno (torch, ITK) has met a full disk
 
 
-class OutputError(RuntimeError):
+class OutputError(BadInput, RuntimeError):
     """An output the command cannot write (full disk, read-only or forbidden folder) or a folder another job holds."""
 
 

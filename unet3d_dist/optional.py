@@ -12,8 +12,10 @@ import importlib
 from types import ModuleType
 from typing import Any
 
+from .exit_codes import BadInput
 
-class MissingDependency(ImportError):
+
+class MissingDependency(BadInput, ImportError):
     """A feature needs a package that is not installed in this environment."""
 
 

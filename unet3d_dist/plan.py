@@ -16,7 +16,6 @@ recipe (``--recipe``), or from a Decathlon task's ``dataset.json``. The rules ar
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -26,9 +25,7 @@ from rich.table import Table
 
 from .config import ConfigError, load_config
 from .data.recipe import recipe_from_dict
-from .data.shards import DatasetError
-from .files import OutputError
-from .optional import MissingDependency
+from .exit_codes import run_command
 from .planning.planner import Plan, make_plan
 from .planning.sources import base_recipe, fingerprint_of
 from .prepare import prepare
@@ -116,41 +113,42 @@ def show(console: Console, plan: Plan, fingerprint: dict, device: torch.device) 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    run_command(lambda: plan_and_prepare(args))
+
+
+def plan_and_prepare(args: argparse.Namespace) -> int:
+    """Fingerprint the scans, plan, write the recipes and, unless --no-prepare, prepare the data; the exit code."""
     console = Console(soft_wrap=True, width=max(160, Console().width))  # the reasons are sentences: room for them
     data = args.out / "data"
-    try:
-        if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-            raise ConfigError(f"{args.out} is not empty; choose another --out or pass --overwrite")
-        recipe = base_recipe(args.input, args.recipe, args.modality)
-        fingerprint = fingerprint_of(args.input, recipe, console)
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda, but no GPU is visible: plan on the machine that will train")
-        device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-        plan = make_plan(fingerprint, recipe, device, args.minutes, args.memory_gb, args.spacing)
-        write_plan(args.out, plan, data)
-        show(console, plan, fingerprint, device)
-        console.print(
-            f"[bold green]wrote[/] {args.out / 'prepare.yaml'}, {args.out / 'train.yaml'} and {args.out / 'plan.md'}"
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"{args.out} is not empty; choose another --out or pass --overwrite")
+    recipe = base_recipe(args.input, args.recipe, args.modality)
+    fingerprint = fingerprint_of(args.input, recipe, console)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but no GPU is visible: plan on the machine that will train")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    plan = make_plan(fingerprint, recipe, device, args.minutes, args.memory_gb, args.spacing)
+    write_plan(args.out, plan, data)
+    show(console, plan, fingerprint, device)
+    console.print(
+        f"[bold green]wrote[/] {args.out / 'prepare.yaml'}, {args.out / 'train.yaml'} and {args.out / 'plan.md'}"
+    )
+    code = 0
+    if not args.no_prepare:
+        code = prepare(
+            recipe_from_dict(plan.recipe),
+            args.input,
+            data,
+            jobs=args.jobs,
+            overwrite=args.overwrite,
+            split_file=None,
+            console=console,
+            extra={"fingerprint": fingerprint},
         )
-        code = 0
-        if not args.no_prepare:
-            code = prepare(
-                recipe_from_dict(plan.recipe),
-                args.input,
-                data,
-                jobs=args.jobs,
-                overwrite=args.overwrite,
-                split_file=None,
-                console=console,
-                extra={"fingerprint": fingerprint},
-            )
-    except (ConfigError, DatasetError, MissingDependency, OutputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     console.print(
         f"next: python -m unet3d_dist.crossval --config {args.out / 'train.yaml'} --folds 5   (or unet3d_dist.train)"
     )
-    sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":

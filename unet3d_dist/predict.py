@@ -46,8 +46,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from .checkpoint import Checkpoint, CheckpointError, run_dir_of
-from .config import ConfigError
+from .checkpoint import Checkpoint, run_dir_of
 from .data.preprocess import (
     CANONICAL_ORIENTATION,
     axes_smaller,
@@ -57,10 +56,10 @@ from .data.preprocess import (
 )
 from .data.readers import IMAGE_SUFFIXES, CaseError, array_xyz, read_channels, strip_suffix
 from .dist import DistEnv, broadcast_from_main, gather_to_main, on_main, runtime
-from .exit_codes import SOME_SKIPPED
+from .exit_codes import SOME_SKIPPED, run_command
 from .files import LINK_LOOP, OutputError, atomic_write, is_link_loop, remove_unfinished, why_missing
 from .logger import progress_bar
-from .optional import MissingDependency, require, sitk
+from .optional import require, sitk
 from .report import DISPLAY_WINDOWS, slice_panel
 from .run_lock import hold_out
 from .scoring import balanced_shards
@@ -509,20 +508,20 @@ def run(args: argparse.Namespace, out: Path) -> tuple[Plan, list[tuple[int, list
 def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     args = parse_args(argv)
-    out = args.out or default_out(args.checkpoint)
-    try:
-        plan, gathered, world_size = run(args, out)
-    except (CheckpointError, ConfigError, CaseError, MissingDependency, OutputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_command(lambda: predict_and_report(args, started))
+
+
+def predict_and_report(args: argparse.Namespace, started: float) -> int:
+    """Predict every scan; rank 0 names the skipped ones and prints the summary line. The exit code."""
+    plan, gathered, world_size = run(args, args.out or default_out(args.checkpoint))
     if gathered is None:  # not rank 0, which reports for all
-        sys.exit(0)
+        return 0
     failed = [line for _, lines in gathered for line in lines]
     for line in failed:
         print(f"skipped: {line}", file=sys.stderr)
     written = sum(count for count, _ in gathered)
     print(summary_line(written, plan.already_done, len(failed), time.monotonic() - started, world_size), flush=True)
-    sys.exit(EXIT_SKIPPED if failed else 0)
+    return SOME_SKIPPED if failed else 0
 
 
 if __name__ == "__main__":

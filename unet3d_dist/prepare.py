@@ -48,12 +48,13 @@ from .data.shards import (
     write_manifest,
     write_shard,
 )
-from .files import LINK_LOOP, OutputError, atomic_write_text, is_link_loop, remove_unfinished
+from .exit_codes import SOME_SKIPPED, run_command
+from .files import LINK_LOOP, atomic_write_text, is_link_loop, remove_unfinished
 from .logger import progress_bar
-from .optional import MissingDependency, require, sitk
+from .optional import require, sitk
 from .run_lock import LOCK_FILE, hold_out
 
-EXIT_SKIPPED = 3
+EXIT_SKIPPED = SOME_SKIPPED
 SPLIT_ORDER = ("train", "val", "test")
 PLAN = "plan.json"
 
@@ -373,13 +374,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    run_command(lambda: prepare_command(args))
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    """--verify, or prepare the dataset; an interrupt says how to resume. The exit code."""
     console = Console(soft_wrap=True)  # long paths stay whole, for copying
+    if args.verify is not None:
+        return verify(args.verify, console)
     try:
-        if args.verify is not None:
-            sys.exit(verify(args.verify, console))
-        recipe = load_recipe(args.config)
-        code = prepare(
-            recipe,
+        return prepare(
+            load_recipe(args.config),
             args.input,
             args.out,
             jobs=args.jobs,
@@ -387,15 +392,11 @@ def main(argv: list[str] | None = None) -> None:
             split_file=args.splits,
             console=console,
         )
-    except (ConfigError, DatasetError, MissingDependency, OutputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print(
             f"interrupted: finished shards stay in {args.out}.partial; run the same command to resume", file=sys.stderr
         )
-        sys.exit(130)
-    sys.exit(code)
+        return 130
 
 
 if __name__ == "__main__":

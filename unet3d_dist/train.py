@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import Config, ConfigError, describe, load_config
+from .exit_codes import BadInput, said
 
 if TYPE_CHECKING:
     from .dist import DistEnv
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        sys.exit(fail(err))
+        sys.exit(said(err))
     if args.print_run_dir:
         print(cfg.run_dir)
         return
@@ -54,19 +55,14 @@ def main(argv: list[str] | None = None) -> None:
 def train(cfg: Config) -> int:
     """Run the Trainer in this process's place in the job; the exit code (0, 75 after a stop, 2 on bad input or an
     output it cannot write)."""
-    from .checkpoint import CheckpointError
-    from .data.shards import DatasetError
     from .dist import runtime
-    from .files import OutputError
-    from .optional import MissingDependency
     from .run_lock import removed_if_left_empty
-    from .trainer import NonFiniteLossError
 
     try:
         with removed_if_left_empty(cfg.run_dir), runtime(cfg.train.device, cfg.train.init_timeout_s) as env:
             return train_here(cfg, env)
-    except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError, OutputError, MissingDependency) as err:
-        return fail(err)
+    except BadInput as err:
+        return said(err)
 
 
 def train_here(cfg: Config, env: DistEnv) -> int:
@@ -86,12 +82,6 @@ def train_here(cfg: Config, env: DistEnv) -> int:
         if trainer is not None:  # set-up errors reach every rank alike; a training error may reach this one only
             leave_error(cfg.run_dir, env.rank, err)
         raise
-
-
-def fail(err: Exception) -> int:
-    """One line on stderr for input the run cannot use or an output it cannot write; exit code 2."""
-    print(f"error: {err}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from .dist import (
     mean_over_ranks,
     on_main,
 )
-from .exit_codes import REQUEUE
+from .exit_codes import REQUEUE, BadInput
 from .files import OutputError
 from .layout import choose_channels_last
 from .logger import RunLogger, new_run_id
@@ -67,7 +67,7 @@ REQUEUE_EXIT_CODE = REQUEUE  # stopped by a signal after a checkpoint; run the s
 STOP_MARKER = "stopped_by_signal.json"  # tells launch scripts, which only see torchrun's exit code, to requeue
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(BadInput, RuntimeError):
     """Training produced too many non-finite losses in a row."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..exit_codes import BadInput
 from ..files import why_missing
 from ..optional import sitk
 
@@ -27,7 +28,7 @@ ORIGIN_TOLERANCE = 1e-2  # in voxels
 DIRECTION_TOLERANCE = 1e-3
 
 
-class CaseError(ValueError):
+class CaseError(BadInput, ValueError):
     """One input case that cannot be used; the message names the file and what was expected."""
 
 

@@ -40,6 +40,7 @@ import h5py
 import numpy as np
 
 from ..components import largest_piece_shares, split_classes
+from ..exit_codes import BadInput
 from ..files import atomic_write, atomic_write_text
 
 FORMAT = "unet3d-dist-shards"
@@ -55,7 +56,7 @@ CHUNK_CHECKSUM = "fletcher32"
 DEFAULT_CHANNELS = ("image",)
 
 
-class DatasetError(RuntimeError):
+class DatasetError(BadInput, RuntimeError):
     """A dataset folder, manifest or shard that cannot be used; the message names the file.
 
     Torch re-raises a DataLoader worker's DatasetError as a new one whose message is the worker's whole traceback;
