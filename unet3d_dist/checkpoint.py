@@ -224,6 +224,14 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
+def default_output(checkpoints: list[Path], name: str) -> Path:
+    """Where evaluate and predict write by default: ``runs/<run>/<name>`` for ``runs/<run>/checkpoints/<file>``
+    (beside the file otherwise); for an ensemble ``runs/ensemble-<name>``, beside its first member's run."""
+    if len(checkpoints) > 1:
+        return run_dir_of(checkpoints[0]).parent / f"ensemble-{name}"
+    return run_dir_of(checkpoints[0]) / name
+
+
 def rng_state(device: torch.device) -> dict[str, Any]:
     """Every random generator this rank uses, in weights_only-loadable form: its own GPU's only, not every visible
     one, so a checkpoint restores on a node that shows its ranks fewer GPUs (8 per node, then 4)."""

@@ -191,6 +191,12 @@ def runtime(device: str = "auto", timeout_s: int = 600, require_group: bool = Fa
             c10d.destroy_process_group()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer reads the work's end (nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def default_workers(env: DistEnv) -> int:
     """One loader worker per core of this rank's share of the job's CPUs, less one for the rank itself; at least 1.
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint, run_dir_of
+from .checkpoint import Checkpoint, default_output
 from .config import Config, ConfigError
 from .data.shards import DatasetError, ShardedDataset
 from .data.source import open_dataset
@@ -108,14 +108,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="wandb mode (default: the checkpoint's log.wandb; env WANDB_MODE wins)",
     )
     return parser.parse_args(argv)
-
-
-def default_out(checkpoints: list[Path], split: str) -> Path:
-    """``runs/<name>/eval-<split>`` for ``runs/<name>/checkpoints/<file>`` (beside the file otherwise); for an
-    ensemble ``runs/ensemble-eval-<split>``, beside its first member's run."""
-    if len(checkpoints) > 1:
-        return run_dir_of(checkpoints[0]).parent / f"ensemble-eval-{split}"
-    return run_dir_of(checkpoints[0]) / f"eval-{split}"
 
 
 def check_arguments(args: argparse.Namespace, out: Path) -> None:
@@ -276,7 +268,7 @@ def evaluate(args: argparse.Namespace) -> None:
     cfg = loaded[0].cfg
     if args.data:
         cfg.data.dataset = args.data
-    out = args.out or default_out(args.checkpoint, args.split)
+    out = args.out or default_output(args.checkpoint, f"eval-{args.split}")
     check_arguments(args, out)
     check_ensemble_split(loaded, args.split)
     with runtime(args.device) as env:

@@ -13,7 +13,7 @@ import errno
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .exit_codes import BadInput
@@ -33,6 +33,12 @@ NEARLY_FULL = 2**20  # free bytes under which a writer that gives no errno (torc
 
 class OutputError(BadInput, RuntimeError):
     """An output the command cannot write (full disk, read-only or forbidden folder) or a folder another job holds."""
+
+
+def size_on_disk(paths: Iterable[Path]) -> int:
+    """Bytes of the files, and of every file under the folders, among ``paths`` (a missing path weighs nothing):
+    the load measure for sharing inputs among ranks."""
+    return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
 
 
 def atomic_write(path: Path, write: Callable[[Path], object], size: int | None = None) -> None:

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from .checkpoint import Checkpoint, run_dir_of
+from .checkpoint import Checkpoint, default_output
 from .data.preprocess import (
     CANONICAL_ORIENTATION,
     axes_smaller,
@@ -57,7 +57,7 @@ from .data.preprocess import (
 from .data.readers import IMAGE_SUFFIXES, CaseError, array_xyz, read_channels, strip_suffix
 from .dist import DistEnv, broadcast_from_main, gather_to_main, on_main, runtime
 from .exit_codes import SOME_SKIPPED, run_command
-from .files import LINK_LOOP, OutputError, atomic_write, is_link_loop, remove_unfinished, why_missing
+from .files import LINK_LOOP, OutputError, atomic_write, is_link_loop, remove_unfinished, size_on_disk, why_missing
 from .logger import progress_bar
 from .optional import require, sitk
 from .report import DISPLAY_WINDOWS, slice_panel
@@ -223,7 +223,7 @@ def plan_work(paths: dict[Scan, Outputs], overwrite: bool, world_size: int, live
     """Skip the scans whose mask exists (written atomically, so it is complete) unless ``overwrite``, then share out
     the rest by size: decided before sharing, so a resumed run splits only the work left."""
     todo = {scan_key(scan): scan for scan, (mask, _) in paths.items() if overwrite or not mask.exists()}
-    shares = balanced_shards({key: input_bytes(scan) for key, scan in todo.items()}, world_size)
+    shares = balanced_shards({key: size_on_disk(scan) for key, scan in todo.items()}, world_size)
     return Plan([[(todo[key], paths[todo[key]]) for key in share] for share in shares], len(paths) - len(todo), live)
 
 
@@ -315,17 +315,6 @@ def write_panel(segmenter: Segmenter, image: sitk.Image, mask: sitk.Image, panel
     )
 
 
-def input_bytes(scan: Scan) -> int:
-    """Size on disk, the load measure for sharing inputs among ranks (a missing input weighs nothing)."""
-    total = 0
-    for path in scan:
-        if path.is_dir():
-            total += sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-        elif path.is_file():
-            total += path.stat().st_size
-    return total
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="unet3d-predict",
@@ -394,14 +383,6 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
         help="predict every scan again, replacing its mask and panel (default: a scan whose mask is in --out is "
         "skipped, so an interrupted run resumes)",
     )
-
-
-def default_out(checkpoints: list[Path]) -> Path:
-    """``runs/<name>/predictions`` for ``runs/<name>/checkpoints/<file>``, beside evaluate's ``eval-<split>``; for an
-    ensemble ``runs/ensemble-predictions``, beside its first member's run."""
-    if len(checkpoints) > 1:
-        return run_dir_of(checkpoints[0]).parent / "ensemble-predictions"
-    return run_dir_of(checkpoints[0]) / "predictions"
 
 
 PROGRESS_POLL_S = 1.0
@@ -513,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def predict_and_report(args: argparse.Namespace, started: float) -> int:
     """Predict every scan; rank 0 names the skipped ones and prints the summary line. The exit code."""
-    plan, gathered, world_size = run(args, args.out or default_out(args.checkpoint))
+    plan, gathered, world_size = run(args, args.out or default_output(args.checkpoint, "predictions"))
     if gathered is None:  # not rank 0, which reports for all
         return 0
     failed = [line for _, lines in gathered for line in lines]

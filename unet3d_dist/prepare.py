@@ -44,6 +44,7 @@ from .data.shards import (
     new_manifest,
     read_shard_notes,
     shard_entry,
+    shard_name,
     verify_dataset,
     write_manifest,
     write_shard,
@@ -93,10 +94,6 @@ def plan_shards(sources: list[Source], splits: dict[str, str], per_shard: int) -
     rank = {name: i for i, name in enumerate(SPLIT_ORDER)}
     ordered = sorted(sources, key=lambda s: (rank.get(splits[s.id], len(rank)), splits[s.id], s.id))
     return [ordered[i : i + per_shard] for i in range(0, len(ordered), per_shard)]
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.h5"
 
 
 def _resolved(path: Path) -> str:

@@ -28,8 +28,10 @@ import numpy as np
 from rich.console import Console
 
 from ..data.crops import CropDataset
+from ..data.preprocess import dims
 from ..data.recipe import load_recipe
 from ..data.shards import DEFAULT_CHUNKS, DEFAULT_COMPRESSION, Case, ShardedDataset, write_dataset
+from ..files import size_on_disk
 from ..prepare import prepare
 from .common import report
 
@@ -48,10 +50,6 @@ def layouts() -> list[Layout]:
         (DEFAULT_CHUNKS, DEFAULT_COMPRESSION, False),
         *with_checksums[default + 1 :],
     ]
-
-
-def dims(shape: tuple[int, ...]) -> str:
-    return "x".join(map(str, shape))
 
 
 def checksum_cost(variants: list[dict]) -> dict[str, Any]:
@@ -82,17 +80,13 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def input_bytes(paths: list[Path]) -> int:
-    return sum(f.stat().st_size for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
-
-
 def bench_prepare(recipe_path: Path, inputs: list[Path], out: Path, jobs: int) -> dict[str, float]:
     recipe = load_recipe(recipe_path)
     start, cpu_start = time.perf_counter(), cpu_seconds()
     prepare(recipe, inputs, out, jobs=jobs, overwrite=False, split_file=None, console=Console(quiet=True))
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     data = ShardedDataset(out)
-    cases, in_mb = len(data.records), input_bytes(inputs) / 1e6
+    cases, in_mb = len(data.records), size_on_disk(inputs) / 1e6
     out_mb = sum(int(np.prod(r["shape"])) for r in data.records.values()) * 5 / 1e6  # float32 image + uint8 label
     return {
         "cases": cases,

@@ -44,7 +44,7 @@ import torch.distributed as c10d
 from ..checkpoint import rng_state, set_rng_state
 from ..config import Config, load_config
 from ..data.synthetic import ensure_synthetic
-from ..dist import any_rank, runtime, torchrun_command
+from ..dist import any_rank, runtime, synchronize, torchrun_command
 from ..inference import sliding_window_labels
 from ..layout import choose_channels_last
 from ..metrics import case_metrics
@@ -53,7 +53,6 @@ from ..precision import AMP_DTYPES, amp_name, fast_cpu_bf16, native_bf16, resolv
 from ..step import TrainStep
 from . import loader
 from .common import machine, timeit
-from .loader import synchronize
 from .record import RowRecorder
 from .train_step import conv3d_peak, make_step, step_flops
 

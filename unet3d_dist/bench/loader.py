@@ -26,12 +26,8 @@ from ..data.device_augment import collate_parts, finish_batch
 from ..data.resident import ResidentLoader
 from ..data.shards import ShardedDataset
 from ..data.synthetic import ensure_synthetic
+from ..dist import synchronize
 from .common import report
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def crops_per_cpu_second(crops: CropDataset, count: int) -> float:

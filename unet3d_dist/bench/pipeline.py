@@ -14,17 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from ..config import load_config
-from ..dist import runtime
+from ..dist import runtime, synchronize
 from ..trainer import Trainer
 from .common import report, timeit
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv: list[str]) -> None:

@@ -250,6 +250,10 @@ def new_manifest(
     }
 
 
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.h5"
+
+
 def write_dataset(
     root: Path,
     cases: Iterable[Case],
@@ -273,7 +277,7 @@ def write_dataset(
     channels = channel_names(preprocessing)
 
     def flush() -> None:
-        path = root / f"shard-{len(shards):05d}.h5"
+        path = root / shard_name(len(shards))
         records.extend(write_shard(path, batch, classes, compression, chunks, checksums, channels))
         shards.append(shard_entry(path, [c.id for c in batch]))
         batch.clear()

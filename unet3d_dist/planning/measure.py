@@ -16,6 +16,7 @@ import time
 import torch
 
 from ..config import Config
+from ..dist import synchronize
 from ..layout import choose_channels_last
 from ..model import build_model, to_channels_last
 from ..precision import resolve_amp
@@ -71,11 +72,6 @@ def step_seconds(cfg: Config, in_channels: int, num_classes: int, device: torch.
         if index >= 2:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def memory_budget_bytes(device: torch.device, given_gb: float | None) -> tuple[float, str]:
