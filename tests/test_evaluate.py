@@ -50,7 +50,7 @@ def five_cases(tmp_path_factory) -> Path:
 def write_checkpoint(path: Path, dataset: Path, seed: int, *overrides: str, **entry: object) -> Path:
     """An inference checkpoint as the Trainer writes it, of a fresh tiny model (the tests check plumbing, not skill);
     ``entry`` replaces items of its dataset entry (classes, preprocessing)."""
-    cfg = load_config(None, [f"data.dataset={dataset}", *TINY, *overrides])
+    cfg = load_config(None, [f"data.dataset={dataset}", *TINY, "inference.largest_component=false", *overrides])
     torch.manual_seed(seed)
     model = build_model(cfg.model, 1, len(CLASSES))
     path.parent.mkdir(parents=True, exist_ok=True)

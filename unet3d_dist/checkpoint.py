@@ -55,6 +55,7 @@ def dataset_entry(dataset: ShardedDataset) -> dict[str, Any]:
         "modality": dataset.manifest.get("modality", ""),
         "preprocessing": dataset.manifest.get("preprocessing", {}),
         "intensity_range": dataset.manifest.get("intensity_range"),
+        "largest_component": dataset.largest_component,  # the manifest's advice, for inference.largest_component=auto
     }
 
 
@@ -132,6 +133,13 @@ class Checkpoint:
     def intensity_range(self) -> dict[str, list[float]] | None:
         """Per channel, the raw 0.5 and 99.5 percentiles of its training scans (None before they were recorded)."""
         return self.dataset.get("intensity_range")
+
+    @property
+    def largest_component(self) -> bool:
+        """Whether inference keeps each class's largest piece: the recorded setting, or for ``auto`` (a checkpoint
+        not written by a training run) the advice of its training data's manifest."""
+        setting = self.cfg.inference.largest_component
+        return setting if isinstance(setting, bool) else bool(self.dataset.get("largest_component", False))
 
     @property
     def train_state(self) -> dict[str, Any]:

@@ -154,11 +154,13 @@ class Segmenter:
             for flips in [checkpoint.cfg.inference.tta_flips if tta is None else tta]
         ]
         recorded = checkpoints[0].cfg.inference
-        chosen = {key: getattr(flags, key, None) for key in ("overlap", "batch_size", "largest_component")}
+        recorded = {"overlap": recorded.overlap, "batch_size": recorded.batch_size}
+        recorded["largest_component"] = checkpoints[0].largest_component
+        chosen = {key: getattr(flags, key, None) for key in recorded}
         if chosen["overlap"] is not None and not 0 <= chosen["overlap"] < 1:
             raise ConfigError(f"--overlap must be in [0, 1), not {chosen['overlap']}")
         settings = Settings(
-            **{key: getattr(recorded, key) if value is None else value for key, value in chosen.items()},
+            **{key: recorded[key] if value is None else value for key, value in chosen.items()},
             amp_dtype=resolve_amp(getattr(flags, "amp", "auto"), device),
             device=device,
             stitch_device=torch.device("cpu") if getattr(flags, "stitch_device", None) == "cpu" else None,
