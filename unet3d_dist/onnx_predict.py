@@ -1,0 +1,212 @@
+"""Prediction without PyTorch: ``python -m unet3d_dist.onnx_predict --model DIR INPUT... --out DIR``.
+
+``DIR`` holds the ``member-<i>.onnx`` files of ``python -m unet3d_dist.export``. Each input (as for
+``unet3d_dist.predict``: a NIfTI/NRRD/MHA file or DICOM series folder, channels joined by commas) is prepared with
+the preprocessing the files record, its windows run through onnxruntime and are placed, weighted, flipped and
+stitched by ``windows.py``, the very code the PyTorch segmenter runs, so the mask is the one ``predict`` writes
+with the same settings (up to float rounding). ``--out/<name>_mask.<ext>`` lies on the input's own grid.
+
+It needs numpy, scipy, h5py (the scan readers'), SimpleITK and onnxruntime, and imports nothing of PyTorch. Members
+trained at different spacings are refused: the PyTorch segmenter resamples between them, this predictor does not. A
+bad input is skipped with one sentence (exit status 3), as in predict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data.preprocess import model_input, onto_grid
+from .data.readers import CaseError, array_xyz, image_xyz, read_channels, strip_suffix
+from .exit_codes import BAD_INPUT
+from .exported import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ExportError,
+    Recorded,
+    check_numbering,
+    ensemble_problem,
+    member_files,
+)
+from .files import OutputError, atomic_write
+from .optional import MissingDependency, require, sitk
+from .run_lock import hold_out
+from .windows import (
+    Corner,
+    SlabStitcher,
+    ensemble_labels,
+    flip_sets,
+    gaussian_importance,
+    keep_largest_component,
+    pad_to_patch,
+    stitched_slabs,
+    window_grid,
+)
+
+EXIT_SKIPPED = 3  # as predict's: some inputs were skipped, the others written
+FORMATS = ("nii.gz", "nrrd", "mha")
+
+
+@dataclass(frozen=True)
+class OnnxMember:
+    """One exported network and what its file records."""
+
+    session: Any  # onnxruntime.InferenceSession
+    recorded: Recorded
+
+
+def load_members(folder: Path, threads: int = 0) -> list[OnnxMember]:
+    """The members of an export folder, once they are known to form one ensemble this predictor can run; each
+    runs on ``threads`` CPU threads (0: onnxruntime's choice, one per core)."""
+    ort = require("onnxruntime", "onnx_predict (running the exported networks)", "onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    paths = member_files(folder)
+    members = []
+    for path in paths:
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own types for damaged or foreign files
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportError(f"{path} cannot be read by onnxruntime ({reason})") from None
+        recorded = Recorded.from_properties(session.get_modelmeta().custom_metadata_map, path)
+        members.append(OnnxMember(session, recorded))
+    records = [member.recorded for member in members]
+    problem = ensemble_problem(records, paths)
+    if problem:
+        raise ExportError(problem)
+    check_numbering(records, paths)
+    return members
+
+
+def window_runner(member: OnnxMember, image: np.ndarray) -> Callable[[list[Corner]], np.ndarray]:
+    """A function from window corners to their gaussian-weighted logits, the mean over the recorded flips: the
+    numpy side of ``inference.window_runner``."""
+    patch = tuple(member.recorded.patch)
+    flips = [tuple(2 + axis for axis in axes) for axes in flip_sets(member.recorded.tta_axes)]
+    weight = gaussian_importance(patch) / np.float32(len(flips))  # weight and mean over flips
+
+    def run(corners: list[Corner]) -> np.ndarray:
+        windows = np.stack([image[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]] for x, y, z in corners])
+        out = None
+        for axes in flips:
+            seen = np.ascontiguousarray(np.flip(windows, axes)) if axes else windows
+            (pred,) = member.session.run([OUTPUT_NAME], {INPUT_NAME: seen})
+            pred = np.flip(pred, axes) if axes else pred
+            out = pred if out is None else out + pred
+        return np.ascontiguousarray(out, dtype=np.float32) * weight
+
+    return run
+
+
+def member_slabs(member: OnnxMember, volume: np.ndarray, pad_values: Sequence[float]) -> Iterator[tuple[int, Any]]:
+    """Stitched logits of ``volume`` (C, X, Y, Z) as ``(x, slab)`` pairs along x, padded to the patch with
+    ``pad_values`` where it is smaller: the numpy side of ``inference.sliding_window_slabs``."""
+    recorded, patch = member.recorded, tuple(member.recorded.patch)
+    grid = window_grid(volume.shape[1:], patch, recorded.overlap)
+    image = pad_to_patch(volume, patch, pad_values)
+    ring = np.zeros((len(recorded.classes), patch[0], *grid.padded[1:]), np.float32)
+    divisors = [total.astype(np.float32) for total in grid.divisors]
+    run = window_runner(member, image)
+    return stitched_slabs(run, grid, SlabStitcher(grid, ring, divisors), recorded.batch_size)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    from scipy.special import softmax as scipy_softmax
+
+    return scipy_softmax(logits, axis=0)
+
+
+def segment_scan(members: list[OnnxMember], channels: list[sitk.Image]) -> sitk.Image:
+    """Class map (uint8) of a scan on its own grid, as ``Segmenter.segment_scan`` gives it: prepared like the
+    training data, padded with each channel's minimum, the members' mean probability, then the largest component
+    of each class where recorded."""
+    first = members[0].recorded
+    prepared = model_input(channels, first.preprocessing)
+    volume = np.stack([array_xyz(channel) for channel in prepared])
+    pad_values = volume.reshape(len(volume), -1).min(1).tolist()
+    streams = [member_slabs(member, volume, pad_values) for member in members]
+    labels = ensemble_labels(volume.shape[1:], streams, softmax)
+    if first.largest_component:
+        labels = keep_largest_component(labels)
+    return onto_grid(image_xyz(labels, like=prepared[0]), channels[0])
+
+
+Scan = tuple[Path, ...]  # one input: its channels' files (or one file holding them all)
+
+
+def mask_paths(inputs: list[Scan], out: Path, suffix: str, overwrite: bool) -> dict[Scan, Path]:
+    """Input -> ``<name>_mask.<suffix>``, named after its first file; refuses name clashes and, without
+    ``overwrite``, existing files."""
+    paths: dict[Scan, Path] = {}
+    for scan in inputs:
+        path = out / f"{strip_suffix(scan[0])}_mask.{suffix}"
+        if path in paths.values():
+            raise CaseError(f"two inputs would both write {path}; predict them into different --out folders")
+        if path.exists() and not overwrite:
+            raise CaseError(f"{path} already exists; pass --overwrite to replace it")
+        paths[scan] = path
+    return paths
+
+
+def predict_scan(members: list[OnnxMember], scan: Scan, path: Path) -> None:
+    whose = "the model was trained on"
+    mask = segment_scan(members, read_channels(scan, members[0].recorded.channels, whose))
+    atomic_write(path, lambda tmp: sitk.WriteImage(mask, str(tmp), useCompression=True))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="unet3d-onnx-predict",
+        description="Segment scans with the ONNX files of unet3d_dist.export, without PyTorch; masks come out on "
+        "each input's own grid.",
+        epilog="example: python -m unet3d_dist.onnx_predict --model exported/ct_liver scans/*.nii.gz --out masks",
+    )
+    parser.add_argument("--model", type=Path, required=True, help="the folder unet3d_dist.export wrote")
+    parser.add_argument(
+        "inputs",
+        type=lambda text: tuple(Path(part) for part in text.split(",")),
+        nargs="+",
+        metavar="INPUT",
+        help="NIfTI/NRRD/MHA files or DICOM series folders; for several channels, one file per channel joined by "
+        "commas in the model's channel order, or one 4-D file",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder for <name>_mask.<format>")
+    parser.add_argument("--format", choices=FORMATS, default=FORMATS[0], help="mask file format (default: nii.gz)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing masks")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads per network (default 0: onnxruntime's choice, one per core)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    skipped = []
+    try:
+        require("SimpleITK", "onnx_predict (reading scans, writing masks)", "SimpleITK")
+        members = load_members(args.model, args.threads)
+        paths = mask_paths(args.inputs, args.out, args.format, args.overwrite)
+        hold_out(args.out)  # held until this process ends
+        for scan, path in paths.items():
+            try:
+                predict_scan(members, scan, path)
+                print(f"wrote {path}", flush=True)
+            except CaseError as err:
+                skipped.append(str(err))
+    except (CaseError, ExportError, MissingDependency, OutputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(BAD_INPUT)
+    for line in skipped:
+        print(f"skipped: {line}", file=sys.stderr)
+    sys.exit(EXIT_SKIPPED if skipped else 0)
+
+
+if __name__ == "__main__":
+    main()
