@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import NoReturn
 
 BAD_INPUT = 2  # one sentence said what to fix; running again as it is would fail again
 SOME_SKIPPED = 3  # prepare, predict: each bad case or scan was named in one sentence; the others were done
@@ -23,10 +22,12 @@ def said(err: BadInput) -> int:
     return BAD_INPUT
 
 
-def run_command(body: Callable[[], int | None]) -> NoReturn:
-    """Run a command's body and exit with its code (None: 0); bad input leaves as its sentence and BAD_INPUT."""
+def run_command(body: Callable[[], int | None]) -> None:
+    """Run a command's body and exit with its code unless that is 0 (or None); bad input leaves as its sentence and
+    BAD_INPUT."""
     try:
         code = body()
     except BadInput as err:
         code = said(err)
-    sys.exit(code or 0)
+    if code:
+        sys.exit(code)

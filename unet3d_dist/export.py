@@ -20,7 +20,6 @@ import inspect
 import io
 import json
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -28,12 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .exit_codes import BAD_INPUT
+from .exit_codes import run_command
 from .exported import INPUT_NAME, OUTPUT_NAME, ExportError, Recorded, ensemble_problem, member_file
 from .files import OutputError, atomic_write, atomic_write_bytes
-from .optional import MissingDependency, require
+from .optional import require
 from .run_lock import hold_out, removed_if_left_empty
 from .segmenter import Segmenter, add_inference_flags, read_checkpoints
 from .staged_norm import with_staged_norms
@@ -175,21 +172,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.amp = "off"  # the file computes in float32 whatever the flag says
-    try:
-        require("onnx", "export (writing ONNX files)", "onnx")
-        require("onnxruntime", "export (checking the ONNX files)", "onnxruntime")
-        loaded = read_checkpoints(args.checkpoint)
-        segmenter = Segmenter.from_checkpoints(loaded, torch.device("cpu"), args)
-        recorded = records(segmenter)
-        problem = ensemble_problem(recorded, args.checkpoint)
-        if problem:
-            raise ExportError(problem)
-        with removed_if_left_empty(args.out):
-            claim_out(args.out, args.overwrite)
-            export_members(segmenter, recorded, args.out, args.pt2)
-    except (CheckpointError, ConfigError, ExportError, MissingDependency, OutputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(BAD_INPUT)
+    run_command(lambda: export(args))
+
+
+def export(args: argparse.Namespace) -> None:
+    """One ONNX file (and with --pt2 a torch.export program) per member, checked against PyTorch before it is kept."""
+    require("onnx", "export (writing ONNX files)", "onnx")
+    require("onnxruntime", "export (checking the ONNX files)", "onnxruntime")
+    loaded = read_checkpoints(args.checkpoint)
+    segmenter = Segmenter.from_checkpoints(loaded, torch.device("cpu"), args)
+    recorded = records(segmenter)
+    problem = ensemble_problem(recorded, args.checkpoint)
+    if problem:
+        raise ExportError(problem)
+    with removed_if_left_empty(args.out):
+        claim_out(args.out, args.overwrite)
+        export_members(segmenter, recorded, args.out, args.pt2)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .exit_codes import BadInput
+
 FORMAT_VERSION = 1  # raised whenever a key changes meaning; a reader refuses files newer than it knows
 FORMAT_KEY = "unet3d_dist_format"
 MEMBER_PATTERN = re.compile(r"^member-(\d+)\.onnx$")
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 
-class ExportError(ValueError):
+class ExportError(BadInput, ValueError):
     """An export folder or file that cannot be written or used; the message says which and why."""
 
 

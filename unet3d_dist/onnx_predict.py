@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from .components import keep_largest_component
 from .data.preprocess import model_input, onto_grid
 from .data.readers import CaseError, array_xyz, image_xyz, read_channels, strip_suffix
-from .exit_codes import BAD_INPUT
+from .exit_codes import SOME_SKIPPED, run_command
 from .exported import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -34,8 +35,8 @@ from .exported import (
     ensemble_problem,
     member_files,
 )
-from .files import OutputError, atomic_write
-from .optional import MissingDependency, require, sitk
+from .files import atomic_write
+from .optional import require, sitk
 from .run_lock import hold_out
 from .windows import (
     Corner,
@@ -43,13 +44,11 @@ from .windows import (
     ensemble_labels,
     flip_sets,
     gaussian_importance,
-    keep_largest_component,
     pad_to_patch,
     stitched_slabs,
     window_grid,
 )
 
-EXIT_SKIPPED = 3  # as predict's: some inputs were skipped, the others written
 FORMATS = ("nii.gz", "nrrd", "mha")
 
 
@@ -188,24 +187,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    run_command(lambda: predict_all(args))
+
+
+def predict_all(args: argparse.Namespace) -> int:
+    """A mask for every input; a bad scan is named in one sentence and the others go on. The exit code."""
+    require("SimpleITK", "onnx_predict (reading scans, writing masks)", "SimpleITK")
+    members = load_members(args.model, args.threads)
+    paths = mask_paths(args.inputs, args.out, args.format, args.overwrite)
+    hold_out(args.out)  # held until this process ends
     skipped = []
-    try:
-        require("SimpleITK", "onnx_predict (reading scans, writing masks)", "SimpleITK")
-        members = load_members(args.model, args.threads)
-        paths = mask_paths(args.inputs, args.out, args.format, args.overwrite)
-        hold_out(args.out)  # held until this process ends
-        for scan, path in paths.items():
-            try:
-                predict_scan(members, scan, path)
-                print(f"wrote {path}", flush=True)
-            except CaseError as err:
-                skipped.append(str(err))
-    except (CaseError, ExportError, MissingDependency, OutputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(BAD_INPUT)
+    for scan, path in paths.items():
+        try:
+            predict_scan(members, scan, path)
+            print(f"wrote {path}", flush=True)
+        except CaseError as err:
+            skipped.append(str(err))
     for line in skipped:
         print(f"skipped: {line}", file=sys.stderr)
-    sys.exit(EXIT_SKIPPED if skipped else 0)
+    return SOME_SKIPPED if skipped else 0
 
 
 if __name__ == "__main__":
