@@ -213,7 +213,8 @@ def test_the_real_ct_padded_to_a_larger_patch_gets_pytorchs_mask_without_torch(t
     print(f"CT: largest logit difference onnxruntime - PyTorch {difference:.2e}")
     assert difference < 1e-3
 
-    predict_without_torch("--model", out, CT, "--out", tmp_path / "masks", "--format", "nrrd")
+    result = predict_without_torch("--model", out, CT, "--out", tmp_path / "masks", "--format", "nrrd")
+    assert f"{CT}: prepared shape 61x50x56 is smaller than the patch 64x64x64 along x, y, z" in result.stdout
     mask = sitk.ReadImage(str(tmp_path / "masks" / "image_mask.nrrd"))
     scan = sitk.ReadImage(str(CT))
     assert mask.GetSize() == scan.GetSize() and mask.GetSpacing() == pytest.approx(scan.GetSpacing())

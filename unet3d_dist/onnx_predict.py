@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .components import keep_largest_component
-from .data.preprocess import model_input, onto_grid
+from .data.preprocess import intensity_line, model_input, onto_grid, padding_line
 from .data.readers import CaseError, array_xyz, image_xyz, read_channels, strip_suffix
 from .exit_codes import SOME_SKIPPED, run_command
 from .exported import (
@@ -122,12 +122,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return scipy_softmax(logits, axis=0)
 
 
-def segment_scan(members: list[OnnxMember], channels: list[sitk.Image]) -> sitk.Image:
+def segment_scan(members: list[OnnxMember], channels: list[sitk.Image], prepared: list[sitk.Image]) -> sitk.Image:
     """Class map (uint8) of a scan on its own grid, as ``Segmenter.segment_scan`` gives it: prepared like the
     training data, padded with each channel's minimum, the members' mean probability, then the largest component
     of each class where recorded."""
     first = members[0].recorded
-    prepared = model_input(channels, first.preprocessing)
     volume = np.stack([array_xyz(channel) for channel in prepared])
     pad_values = volume.reshape(len(volume), -1).min(1).tolist()
     streams = [member_slabs(member, volume, pad_values) for member in members]
@@ -155,8 +154,16 @@ def mask_paths(inputs: list[Scan], out: Path, suffix: str, overwrite: bool) -> d
 
 
 def predict_scan(members: list[OnnxMember], scan: Scan, path: Path) -> None:
-    whose = "the model was trained on"
-    mask = segment_scan(members, read_channels(scan, members[0].recorded.channels, whose))
+    first = members[0].recorded
+    channels = read_channels(scan, first.channels, "the model was trained on")
+    prepared = model_input(channels, first.preprocessing)  # ``prepare(channels)`` of segment_scan
+    for line in (
+        intensity_line(scan[0], channels, first.channels, first.intensity_range),
+        padding_line(scan[0], prepared[0], tuple(first.patch)),
+    ):
+        if line:
+            print(line, flush=True)
+    mask = segment_scan(members, channels, prepared)
     atomic_write(path, lambda tmp: sitk.WriteImage(mask, str(tmp), useCompression=True))
 
 

@@ -46,12 +46,11 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from .checkpoint import Checkpoint, default_output
+from .checkpoint import default_output
 from .data.preprocess import (
     CANONICAL_ORIENTATION,
-    axes_smaller,
-    dims,
-    intensity_percentiles,
+    intensity_line,
+    padding_line,
     reorient,
 )
 from .data.readers import IMAGE_SUFFIXES, CaseError, array_xyz, read_channels, strip_suffix
@@ -240,39 +239,6 @@ def claim_out(paths: dict[Scan, Outputs], out: Path, overwrite: bool, world_size
     return plan_work(paths, overwrite, world_size, live=Console().is_terminal)
 
 
-def padding_line(path: object, prepared: sitk.Image, patch: tuple[int, int, int]) -> str | None:
-    """The line that tells the user an input is smaller than the patch, so the sliding window pads it."""
-    axes = axes_smaller(prepared.GetSize(), patch)
-    if not axes:
-        return None
-    return (
-        f"{path}: prepared shape {dims(prepared.GetSize())} is smaller than the patch {dims(patch)} along {axes}, so "
-        "it is padded there"
-    )
-
-
-def intensity_line(path: object, channels: list[sitk.Image], trained: Checkpoint) -> str | None:
-    """A warning for a scan unlike the training data (another modality, units or scaling): a channel's 0.5 or 99.5
-    percentile beyond the training range by more than the range's width. None without a recorded range."""
-    if not trained.intensity_range:
-        return None
-    far = []
-    for name, image in zip(trained.channels, channels):
-        (low, high), (trained_low, trained_high) = (
-            intensity_percentiles(sitk.GetArrayViewFromImage(image)),
-            trained.intensity_range[name],
-        )
-        width = trained_high - trained_low
-        if low < trained_low - width or high > trained_high + width:
-            far.append(f"{name} {low:g} to {high:g} against {trained_low:g} to {trained_high:g}")
-    if not far:
-        return None
-    return (
-        f"warning: {path} has intensities far outside the training data's (0.5 to 99.5 percentile: {'; '.join(far)}), "
-        "so its mask may be meaningless"
-    )
-
-
 def predict_file(segmenter: Segmenter, scan: Scan, mask_path: Path, panel_path: Path | None) -> None:
     """Write the slice panel (unless None), then the mask, of one input, each file atomically: a mask that exists
     marks a finished input, which a rerun skips. Say if the input is padded or unlike the training data."""
@@ -282,7 +248,10 @@ def predict_file(segmenter: Segmenter, scan: Scan, mask_path: Path, panel_path: 
     path = scan[0]
     prepared = segmenter.prepare(channels)
     patch = segmenter.members[0].patch
-    for line in (intensity_line(path, channels, trained), padding_line(path, prepared[0], patch)):
+    for line in (
+        intensity_line(path, channels, trained.channels, trained.intensity_range),
+        padding_line(path, prepared[0], patch),
+    ):
         if line:
             print(line, flush=True)
     mask = segmenter.segment_scan(channels, prepared)

@@ -183,3 +183,39 @@ def bounding_box(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -
         hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
         box.append(slice(max(0, int(hits[0]) - extra), min(mask.shape[axis], int(hits[-1]) + 1 + extra)))
     return tuple(box)
+
+
+def padding_line(path: object, prepared: sitk.Image, patch: tuple[int, int, int]) -> str | None:
+    """The line that tells the user an input is smaller than the patch, so the sliding window pads it."""
+    axes = axes_smaller(prepared.GetSize(), patch)
+    if not axes:
+        return None
+    return (
+        f"{path}: prepared shape {dims(prepared.GetSize())} is smaller than the patch {dims(patch)} along {axes}, so "
+        "it is padded there"
+    )
+
+
+def intensity_line(
+    path: object, channels: list[sitk.Image], names: list[str], trained_range: dict[str, list[float]] | None
+) -> str | None:
+    """A warning for a scan unlike the training data (another modality, units or scaling): a channel's 0.5 or 99.5
+    percentile beyond the training range (``trained_range``, per channel name) by more than the range's width. None
+    without a recorded range."""
+    if not trained_range:
+        return None
+    far = []
+    for name, image in zip(names, channels):
+        (low, high), (trained_low, trained_high) = (
+            intensity_percentiles(sitk.GetArrayViewFromImage(image)),
+            trained_range[name],
+        )
+        width = trained_high - trained_low
+        if low < trained_low - width or high > trained_high + width:
+            far.append(f"{name} {low:g} to {high:g} against {trained_low:g} to {trained_high:g}")
+    if not far:
+        return None
+    return (
+        f"warning: {path} has intensities far outside the training data's (0.5 to 99.5 percentile: {'; '.join(far)}), "
+        "so its mask may be meaningless"
+    )
