@@ -201,6 +201,10 @@ def test_an_exported_ensemble_segments_the_phantom_without_torch_as_pytorch_does
     assert result.stdout.splitlines()[0] == f"wrote {tmp_path / 'masks' / 'phantom_mask.nii.gz'}"
     reference = reference_mask(members, phantom, overlap=0.5, largest_component=True, batch_size=3)
     compare_masks(reference, tmp_path / "masks" / "phantom_mask.nii.gz", "phantom")
+    written = (tmp_path / "masks" / "phantom_mask.nii.gz").stat().st_mtime_ns
+    again = predict_without_torch("--model", out, phantom.parent, "--out", tmp_path / "masks")  # the folder, resumed
+    assert f"1 of 1 scans already have a mask in {tmp_path / 'masks'}; skipped" in again.stdout
+    assert (tmp_path / "masks" / "phantom_mask.nii.gz").stat().st_mtime_ns == written
 
 
 @pytest.mark.skipif(not CT.is_file(), reason=f"the real CT is not at {CT} (set UNET3D_SHARED_DATA)")

@@ -20,8 +20,9 @@ from unet3d_dist.data.readers import strip_suffix
 from unet3d_dist.data.recipe import load_recipe
 from unet3d_dist.dist import DistEnv, torchrun_command
 from unet3d_dist.files import atomic_write_bytes
-from unet3d_dist.predict import Plan, ScanProgress, expand_inputs, main, output_paths, plan_work
+from unet3d_dist.predict import Plan, ScanProgress, main, plan_work
 from unet3d_dist.prepare import prepare
+from unet3d_dist.scans import expand_inputs, output_paths
 
 pytestmark = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"the real scans are not at {SHARED_DATA} (set UNET3D_SHARED_DATA)"

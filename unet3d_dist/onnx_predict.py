@@ -24,7 +24,7 @@ import numpy as np
 
 from .components import keep_largest_component
 from .data.preprocess import intensity_line, model_input, onto_grid, padding_line
-from .data.readers import CaseError, array_xyz, image_xyz, read_channels, strip_suffix
+from .data.readers import CaseError, array_xyz, image_xyz, read_channels
 from .exit_codes import SOME_SKIPPED, run_command
 from .exported import (
     INPUT_NAME,
@@ -35,9 +35,10 @@ from .exported import (
     ensemble_problem,
     member_files,
 )
-from .files import atomic_write
+from .files import atomic_write, remove_unfinished
 from .optional import require, sitk
 from .run_lock import hold_out
+from .scans import MASK_FORMATS, Scan, expand_inputs, output_paths, parse_scan
 from .windows import (
     Corner,
     SlabStitcher,
@@ -48,8 +49,6 @@ from .windows import (
     stitched_slabs,
     window_grid,
 )
-
-FORMATS = ("nii.gz", "nrrd", "mha")
 
 
 @dataclass(frozen=True)
@@ -136,23 +135,6 @@ def segment_scan(members: list[OnnxMember], channels: list[sitk.Image], prepared
     return onto_grid(image_xyz(labels, like=prepared[0]), channels[0])
 
 
-Scan = tuple[Path, ...]  # one input: its channels' files (or one file holding them all)
-
-
-def mask_paths(inputs: list[Scan], out: Path, suffix: str, overwrite: bool) -> dict[Scan, Path]:
-    """Input -> ``<name>_mask.<suffix>``, named after its first file; refuses name clashes and, without
-    ``overwrite``, existing files."""
-    paths: dict[Scan, Path] = {}
-    for scan in inputs:
-        path = out / f"{strip_suffix(scan[0])}_mask.{suffix}"
-        if path in paths.values():
-            raise CaseError(f"two inputs would both write {path}; predict them into different --out folders")
-        if path.exists() and not overwrite:
-            raise CaseError(f"{path} already exists; pass --overwrite to replace it")
-        paths[scan] = path
-    return paths
-
-
 def predict_scan(members: list[OnnxMember], scan: Scan, path: Path) -> None:
     first = members[0].recorded
     channels = read_channels(scan, first.channels, "the model was trained on")
@@ -177,19 +159,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, required=True, help="the folder unet3d_dist.export wrote")
     parser.add_argument(
         "inputs",
-        type=lambda text: tuple(Path(part) for part in text.split(",")),
-        nargs="+",
+        type=parse_scan,
+        nargs="*",
         metavar="INPUT",
-        help="NIfTI/NRRD/MHA files or DICOM series folders; for several channels, one file per channel joined by "
-        "commas in the model's channel order, or one 4-D file",
+        help="NIfTI/NRRD/MHA files, DICOM series folders, or folders of them; for several channels, one file per "
+        "channel joined by commas in the model's channel order, or one 4-D file",
     )
+    parser.add_argument("--input-list", type=Path, metavar="FILE", help="a text file with one scan per line")
     parser.add_argument("--out", type=Path, required=True, help="folder for <name>_mask.<format>")
-    parser.add_argument("--format", choices=FORMATS, default=FORMATS[0], help="mask file format (default: nii.gz)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing masks")
+    parser.add_argument(
+        "--format", choices=tuple(MASK_FORMATS), default="nii.gz", help="mask file format (default: nii.gz)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="predict every scan again (default: a scan whose mask exists is skipped)",
+    )
     parser.add_argument(
         "--threads", type=int, default=0, help="CPU threads per network (default 0: onnxruntime's choice, one per core)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.inputs and args.input_list is None:
+        parser.error("give the scans to predict as INPUT arguments or with --input-list FILE")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,10 +193,14 @@ def predict_all(args: argparse.Namespace) -> int:
     """A mask for every input; a bad scan is named in one sentence and the others go on. The exit code."""
     require("SimpleITK", "onnx_predict (reading scans, writing masks)", "SimpleITK")
     members = load_members(args.model, args.threads)
-    paths = mask_paths(args.inputs, args.out, args.format, args.overwrite)
+    paths = output_paths(expand_inputs(args.inputs, args.input_list, args.out), args.out, args.format, panels=False)
     hold_out(args.out)  # held until this process ends
+    remove_unfinished(args.out)
+    todo = {scan: mask for scan, (mask, _) in paths.items() if args.overwrite or not mask.exists()}
+    if len(todo) < len(paths):
+        print(f"{len(paths) - len(todo)} of {len(paths)} scans already have a mask in {args.out}; skipped", flush=True)
     skipped = []
-    for scan, path in paths.items():
+    for scan, path in todo.items():
         try:
             predict_scan(members, scan, path)
             print(f"wrote {path}", flush=True)
