@@ -197,6 +197,78 @@ def ordered_map(fn: Callable[[Any], Any], jobs: Iterable[Any], processes: int) -
             yield window.popleft().result()
 
 
+def job_plan(recipe: Recipe, shards: list[list[Source]], splits: dict[str, str]) -> dict[str, Any]:
+    """What a rerun must match to resume in the same workspace: the recipe, and each shard's cases with their splits
+    and real paths."""
+    return {
+        "recipe": recipe.to_dict(),
+        "shards": [
+            [
+                {
+                    "id": s.id,
+                    "split": splits[s.id],
+                    "images": [_resolved(p) for p in s.images],
+                    "label": _resolved(s.label),
+                }
+                for s in shard
+            ]
+            for shard in shards
+        ],
+    }
+
+
+def write_shards(
+    partial: Path, shards: list[list[Source]], splits: dict[str, str], recipe: Recipe, jobs: int, console: Console
+) -> None:
+    """Prepare the cases of every shard not yet in ``partial`` on ``jobs`` processes and write each shard as soon as
+    its cases are done, so a crash loses at most the shard in hand. A case that fails is left out, named on the
+    console, and noted with its reason in its shard, for the manifest."""
+    todo = [i for i in range(len(shards)) if not (partial / shard_name(i)).is_file()]
+    if len(todo) < len(shards):
+        console.print(f"resuming in {partial}: {len(shards) - len(todo)} of {len(shards)} shards are already done")
+    with progress_bar(console) as progress:
+        task = progress.add_task(f"preparing {recipe.name}", total=sum(len(shards[i]) for i in todo), now="")
+        results = ordered_map(_prepare_one, ((s, recipe, splits[s.id]) for i in todo for s in shards[i]), jobs)
+        for index in todo:
+            done, skipped, warnings = [], [], {}
+            for _ in shards[index]:
+                result = next(results)
+                progress.update(task, advance=1, now=result["id"])
+                if "case" in result:
+                    done.append(result["case"])
+                    if result["warnings"]:
+                        warnings[result["id"]] = result["warnings"]
+                else:
+                    skipped.append({k: result[k] for k in ("id", "source", "reason")})
+                    progress.console.print(f"[red]skipped[/] {result['id']}: {result['reason']}")
+            write_shard(
+                partial / shard_name(index),
+                done,
+                list(recipe.labels.classes),
+                recipe.shards.compression,
+                tuple(recipe.shards.chunks),
+                channels=recipe.input.names,
+                notes={"skipped": skipped, "warnings": warnings},
+            )
+
+
+def read_shards(partial: Path, count: int) -> tuple[list[dict], list[dict], list[dict], dict[str, list[str]]]:
+    """The manifest's shard entries and case records, and the skipped cases and warnings, from the ``count`` shards'
+    own notes (those written by an earlier, crashed run too); a shard whose every case was skipped is removed."""
+    entries, records, skipped, warnings = [], [], [], {}
+    for index in range(count):
+        path = partial / shard_name(index)
+        shard_records, notes = read_shard_notes(path)
+        skipped += notes["skipped"]
+        warnings.update(notes["warnings"])
+        if shard_records:
+            records += shard_records
+            entries.append(shard_entry(path, [r["id"] for r in shard_records]))
+        else:
+            path.unlink()  # every case of this shard was skipped
+    return entries, records, skipped, warnings
+
+
 def prepare(
     recipe: Recipe,
     inputs: list[Path],
@@ -216,62 +288,9 @@ def prepare(
     sources = find_cases(inputs, spec.layout, spec.image_patterns, spec.label)
     splits = assign_splits([s.id for s in sources], recipe.splits, split_file)
     shards = plan_shards(sources, splits, recipe.shards.cases_per_shard)
-    plan = {
-        "recipe": recipe.to_dict(),
-        "shards": [
-            [
-                {
-                    "id": s.id,
-                    "split": splits[s.id],
-                    "images": [_resolved(p) for p in s.images],
-                    "label": _resolved(s.label),
-                }
-                for s in shard
-            ]
-            for shard in shards
-        ],
-    }
-    partial = open_workspace(out, plan, overwrite)
-    todo = [i for i in range(len(shards)) if not (partial / shard_name(i)).is_file()]
-    if len(todo) < len(shards):
-        console.print(f"resuming in {partial}: {len(shards) - len(todo)} of {len(shards)} shards are already done")
-    classes = list(recipe.labels.classes)
-    with progress_bar(console) as progress:
-        task = progress.add_task(f"preparing {recipe.name}", total=sum(len(shards[i]) for i in todo), now="")
-        results = ordered_map(_prepare_one, ((s, recipe, splits[s.id]) for i in todo for s in shards[i]), jobs)
-        for index in todo:
-            done, skipped, warnings = [], [], {}
-            for _ in shards[index]:
-                result = next(results)
-                progress.update(task, advance=1, now=result["id"])
-                if "case" in result:
-                    done.append(result["case"])
-                    if result["warnings"]:
-                        warnings[result["id"]] = result["warnings"]
-                else:
-                    skipped.append({k: result[k] for k in ("id", "source", "reason")})
-                    progress.console.print(f"[red]skipped[/] {result['id']}: {result['reason']}")
-            write_shard(
-                partial / shard_name(index),
-                done,
-                classes,
-                recipe.shards.compression,
-                tuple(recipe.shards.chunks),
-                channels=recipe.input.names,
-                notes={"skipped": skipped, "warnings": warnings},
-            )
-
-    entries, records, skipped, warnings = [], [], [], {}
-    for index in range(len(shards)):
-        path = partial / shard_name(index)
-        shard_records, notes = read_shard_notes(path)
-        skipped += notes["skipped"]
-        warnings.update(notes["warnings"])
-        if shard_records:
-            records += shard_records
-            entries.append(shard_entry(path, [r["id"] for r in shard_records]))
-        else:
-            path.unlink()  # every case of this shard was skipped
+    partial = open_workspace(out, job_plan(recipe, shards, splits), overwrite)
+    write_shards(partial, shards, splits, recipe, jobs, console)
+    entries, records, skipped, warnings = read_shards(partial, len(shards))
     print_summary(console, records, skipped, warnings, entries, time.perf_counter() - start)
     if not records:
         shutil.rmtree(partial)
@@ -279,7 +298,7 @@ def prepare(
     manifest = new_manifest(
         recipe.name,
         recipe.modality,
-        classes,
+        list(recipe.labels.classes),
         recipe.manifest_preprocessing(),
         entries,
         records,

@@ -59,6 +59,29 @@ def focus_slices(mask: np.ndarray | None, shape: tuple[int, ...]) -> list[int]:
     return [int(np.argmax(mask.sum(axis=tuple(a for a in axes if a != axis)))) for axis in axes]
 
 
+def panel_focus(reference: np.ndarray | None, prediction: np.ndarray, many: bool) -> np.ndarray | None:
+    """The mask the slices go through: the prediction (what predict has), but the reference when there are ``many``
+    classes: a poor model's prediction may cover the whole scan, and the organs are what the picture is for."""
+    if many and reference is not None and reference.any():
+        return reference > 0
+    return prediction > 0 if prediction.any() else (reference > 0 if reference is not None else None)
+
+
+def caption(
+    fig: plt.Figure, title: str, reference: np.ndarray | None, prediction: np.ndarray, classes: list[str] | None
+) -> None:
+    """The title and what the colours mean: with ``classes`` (the labels are filled) a legend naming the classes
+    shown, else a line naming the outlines."""
+    if classes is not None:
+        shown = np.union1d(np.unique(prediction), np.unique(reference) if reference is not None else [])
+        handles = [Patch(color=colour_of(c), label=classes[int(c)]) for c in shown if c]
+        fig.suptitle(title)
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4) or 1, frameon=False)
+    else:
+        legend = "reference: green, prediction: red" if reference is not None else "prediction: red"
+        fig.suptitle(f"{title}\n{legend}")
+
+
 def slice_panel(
     image: np.ndarray,
     reference: np.ndarray | None,
@@ -77,12 +100,7 @@ def slice_panel(
     Arrays are (x, y, z); aspect ratios follow the voxel spacing so anisotropic scans are not distorted.
     """
     many = classes is not None and len(classes) > 2
-    # Through the prediction (what predict has), but through the reference when there are many classes: a poor
-    # model's prediction may cover the whole scan, and the organs are what the picture is for.
-    focus = prediction > 0 if prediction.any() else (reference > 0 if reference is not None else None)
-    if many and reference is not None and reference.any():
-        focus = reference > 0
-    centre = focus_slices(focus, image.shape)
+    centre = focus_slices(panel_focus(reference, prediction, many), image.shape)
     # Radiological display for LPS arrays: superior up in sagittal/coronal views, anterior up in the axial view.
     views = [
         (f"sagittal (x = {centre[0]})", lambda a: a[centre[0], :, :].T, (spacing[1], spacing[2]), "lower"),
@@ -110,14 +128,7 @@ def slice_panel(
                 outline(ax, take(prediction) > 0, "red")
             ax.set_title(f"{row_name}: {name}" if row_name else name)
             ax.axis("off")
-    if many:
-        shown = np.union1d(np.unique(prediction), np.unique(reference) if reference is not None else [])
-        handles = [Patch(color=colour_of(c), label=classes[int(c)]) for c in shown if c]
-        fig.suptitle(title)
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4) or 1, frameon=False)
-    else:
-        legend = "reference: green, prediction: red" if reference is not None else "prediction: red"
-        fig.suptitle(f"{title}\n{legend}")
+    caption(fig, title, reference, prediction, classes if many else None)
     fig.savefig(out_png, dpi=90)
     plt.close(fig)
 

@@ -176,7 +176,20 @@ def table_rows(variants: list[dict[str, Any]]) -> list[list[Any]]:
     ]
 
 
-def main(argv: list[str] | None = None) -> None:
+COLUMNS = [
+    "chunks",
+    "compression",
+    "checksums",
+    "crop",
+    "read / crop bytes",
+    "crops per CPU s",
+    "disk MB",
+    "write MB per CPU s",
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The input to prepare (or a prepared dataset) and how many crops each layout reads."""
     parser = argparse.ArgumentParser(prog="python -m unet3d_dist.bench data", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--input", type=Path, nargs="+", default=[Path("../shared/data/la_mri/train")], help="scans to prepare"
@@ -188,8 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="prepare worker processes")
     parser.add_argument("--crops", type=int, default=100, help="crops read per chunking/compression/crop size")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-data-") as scratch:
         work = Path(scratch)
         record: dict = {"crops_per_measure": args.crops}
@@ -221,16 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     report(
         f"crop reads from {record['dataset']['name']} ({record['dataset']['cases']} cases, "
         f"{record['dataset']['voxel_mb']:.0f} MB of voxels)",
-        [
-            "chunks",
-            "compression",
-            "checksums",
-            "crop",
-            "read / crop bytes",
-            "crops per CPU s",
-            "disk MB",
-            "write MB per CPU s",
-        ],
+        COLUMNS,
         table_rows(variants),
         record,
         args.out,

@@ -14,48 +14,61 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from ..config import load_config
 from ..dist import runtime, synchronize
 from ..trainer import Trainer
 from .common import report, timeit
 
+WARMUP = 5  # steps before any is timed; they also let the CPU's kept heap settle (host_memory)
 
-def main(argv: list[str]) -> None:
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The run's config and overrides, and how many steps to time."""
     parser = argparse.ArgumentParser(prog="python -m unet3d_dist.bench pipeline", description=__doc__)
     parser.add_argument("--config", type=Path)
-    parser.add_argument("--steps", type=int, default=30, help="measured steps (after 5 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=30, help=f"measured steps (after {WARMUP} warm-up steps)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/pipeline.json"))
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def time_steps(trainer: Trainer, device: torch.device, steps: int) -> tuple[float, float, list[float], list[float]]:
+    """Median pure step seconds before and after the real loop, and the real loop's data waits and step totals. Pure
+    steps come before and after the real ones, so a drift in the machine's speed does not pass for data waits."""
+    trainer.sampler.set_epoch(0)
+    batches = trainer.batches()
+    image, label = next(batches)
+
+    def pure_block() -> float:
+        return timeit(lambda: trainer.step(image, label), repeat=steps, warmup=0)["median_s"]
+
+    for _ in range(WARMUP):
+        trainer.step(*next(batches))
+    pure_before = pure_block()
+    waits, totals = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        batch = next(batches)
+        arrived = time.perf_counter()
+        trainer.step(*batch)
+        synchronize(device)
+        waits.append(arrived - start)
+        totals.append(time.perf_counter() - start)
+    return pure_before, pure_block(), waits, totals
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory() as runs:
         cfg = load_config(
             args.config, [*args.overrides, f"log.runs_dir={runs}", "log.wandb=disabled", "train.val_every=0"]
         )
         with runtime(cfg.train.device, 120) as env:
             trainer = Trainer(cfg, env)
-            warmup = 5  # also lets the CPU's kept heap settle (host_memory)
-            steps = min(args.steps, trainer.steps_per_epoch - warmup - 1)
-            trainer.sampler.set_epoch(0)
-            batches = trainer.batches()
-            image, label = next(batches)
-
-            def pure_block() -> float:
-                return timeit(lambda: trainer.step(image, label), repeat=steps, warmup=0)["median_s"]
-
-            for _ in range(warmup):
-                trainer.step(*next(batches))
-            # Pure steps before and after the real ones, so a drift in the machine's speed does not pass for data waits.
-            pure_before = pure_block()
-            waits, totals = [], []
-            for _ in range(steps):
-                start = time.perf_counter()
-                batch = next(batches)
-                arrived = time.perf_counter()
-                trainer.step(*batch)
-                synchronize(env.device)
-                waits.append(arrived - start)
-                totals.append(time.perf_counter() - start)
-            pure_after = pure_block()
+            steps = min(args.steps, trainer.steps_per_epoch - WARMUP - 1)
+            pure_before, pure_after, waits, totals = time_steps(trainer, env.device, steps)
             pure = (pure_before + pure_after) / 2
             workers = trainer.loader.num_workers
     real, wait_fraction = statistics.median(totals), sum(waits) / sum(totals)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -101,7 +102,8 @@ def monai_models() -> dict[str, Callable[[], nn.Module]]:
     }
 
 
-def main(argv: list[str]) -> None:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The step's size and the variants to measure."""
     parser = argparse.ArgumentParser(prog="python -m unet3d_dist.bench train_step", description=__doc__)
     parser.add_argument("--crop", type=int, nargs=3, default=[112, 112, 80], help="default: the product's crop")
     parser.add_argument("--batch", type=int, default=2)
@@ -123,77 +125,59 @@ def main(argv: list[str]) -> None:
         help="CPU heap variants: glibc's default, and freed memory kept for reuse as in training (default: kept)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results/train_step.json"))
-    args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    crop = tuple(args.crop)
-    heaps = [heap for heap in ("glibc", "kept") if heap in args.heap] if device.type == "cpu" else ["n/a"]
-    variants = [
-        (amp, cl == "on", compiled == "on")
-        for amp in args.amp
-        for cl in args.channels_last
-        for compiled in args.compile
-    ]
-    flops_ours = step_flops(ResUNet3D().to(device), args.batch, crop, device)
-    _, peak_format = conv3d_peak(device, 1)
-    peak_run, peak_flops = reference_conv(device, peak_format)
-    measured: list[dict] = []
+    return parser.parse_args(argv)
 
-    def measure(name: str, heap: str, model: nn.Module, flops: int, amp: str, cl: bool, compiled: bool) -> None:
-        """Steps alternate with the reference conv, so a change in the machine's speed hits both alike."""
-        model = model.to(device)
+
+@dataclass
+class StepBench:
+    """What every variant is measured with: the step's size, and the reference conv timed alternately with it."""
+
+    device: torch.device
+    batch: int
+    crop: tuple[int, int, int]
+    repeat: int
+    peak_run: Callable[[], None]
+    peak_flops: int
+
+    def measure(self, name: str, heap: str, model: nn.Module, flops: int, amp: str, cl: bool, compiled: bool) -> dict:
+        """One variant's result; its steps alternate with the reference conv, so a change in the machine's speed hits
+        both alike."""
+        model = model.to(self.device)
         if cl:
             to_channels_last(model)
         net = torch.compile(model) if compiled else model
-        row = {
-            "model": name,
-            "heap": heap,
-            "amp": amp_name(resolve_amp(amp, device)),
-            "channels_last": cl,
-            "compile": compiled,
-        }
+        amp_used = amp_name(resolve_amp(amp, self.device))
+        row = {"model": name, "heap": heap, "amp": amp_used, "channels_last": cl, "compile": compiled}
         try:
             # Warm-up also lets the kept heap settle: its free blocks coalesce over the first few steps.
             times = compare(
-                {"step": make_step(model, args.batch, crop, amp, cl, device, net), "peak": peak_run},
-                args.repeat,
+                {"step": make_step(model, self.batch, self.crop, amp, cl, self.device, net), "peak": self.peak_run},
+                self.repeat,
                 warmup=4 if compiled else 3,
             )
         except Exception as err:  # e.g. torch.compile without a working compiler: report, don't hide
-            measured.append({**row, "failed": type(err).__name__})
-            return
+            return {**row, "failed": type(err).__name__}
         seconds = times["step"]["median_s"]
-        measured.append(
-            {
-                **row,
-                "ms_per_step": seconds * 1e3,
-                "voxels_per_s": args.batch * crop[0] * crop[1] * crop[2] / seconds,
-                "gflop_per_step": flops / 1e9,
-                "gflops": flops / seconds / 1e9,
-                "peak_gflops": peak_flops / times["peak"]["median_s"] / 1e9,
-            }
-        )
+        return {
+            **row,
+            "ms_per_step": seconds * 1e3,
+            "voxels_per_s": self.batch * self.crop[0] * self.crop[1] * self.crop[2] / seconds,
+            "gflop_per_step": flops / 1e9,
+            "gflops": flops / seconds / 1e9,
+            "peak_gflops": self.peak_flops / times["peak"]["median_s"] / 1e9,
+        }
 
-    for heap in heaps:
-        if heap == "kept" and not keep_freed_memory():
-            raise SystemExit("--heap kept needs glibc (Linux); use --heap glibc")
-        for amp, cl, compiled in variants:
-            torch.manual_seed(0)
-            measure("ResUNet3D 16-128 (ours)", heap, ResUNet3D(), flops_ours, amp, cl, compiled)
-    for name, factory in monai_models().items():
-        torch.manual_seed(0)
-        measure(
-            name, heaps[-1], factory(), step_flops(factory().to(device), args.batch, crop, device), "auto", True, False
-        )
-    # Under glibc's heap the reference conv faults its 48 MB output in on every call too; the machine's peak is the
-    # one measured with the kept heap, so glibc rows are compared with that.
-    kept_peaks = [r["peak_gflops"] for r in measured if "peak_gflops" in r and r["heap"] != "glibc"]
-    peak = statistics.median(kept_peaks) if kept_peaks else None
-    rows, record = (
-        [],
-        {"crop": crop, "batch": args.batch, "peak_format": peak_format, "peak_gflops": peak, "results": measured},
-    )
+
+VARIANT = ["model", "heap", "amp", "channels_last", "compile"]
+COLUMNS = [*VARIANT, "ms/step", "Mvoxel/s", "GFLOP/step", "GFLOP/s", "peak GFLOP/s", "of peak"]
+
+
+def table_rows(measured: list[dict], peak: float | None) -> list[list]:
+    """One row per variant; each result gains its fraction_of_peak, of the conv timed beside it, or for glibc rows of
+    the machine's ``peak``."""
+    rows = []
     for r in measured:
-        variant = [r["model"], r["heap"], r["amp"], r["channels_last"], r["compile"]]
+        variant = [r[key] for key in VARIANT]
         if "failed" in r:
             rows.append([*variant, f"failed: {r['failed']}", "", "", "", "", ""])
             continue
@@ -210,21 +194,42 @@ def main(argv: list[str]) -> None:
                 r["fraction_of_peak"],
             ]
         )
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    crop = tuple(args.crop)
+    heaps = [heap for heap in ("glibc", "kept") if heap in args.heap] if device.type == "cpu" else ["n/a"]
+    variants = [
+        (amp, cl == "on", compiled == "on")
+        for amp in args.amp
+        for cl in args.channels_last
+        for compiled in args.compile
+    ]
+    flops_ours = step_flops(ResUNet3D().to(device), args.batch, crop, device)
+    _, peak_format = conv3d_peak(device, 1)
+    bench = StepBench(device, args.batch, crop, args.repeat, *reference_conv(device, peak_format))
+    measured = []
+    for heap in heaps:
+        if heap == "kept" and not keep_freed_memory():
+            raise SystemExit("--heap kept needs glibc (Linux); use --heap glibc")
+        for amp, cl, compiled in variants:
+            torch.manual_seed(0)
+            measured.append(bench.measure("ResUNet3D 16-128 (ours)", heap, ResUNet3D(), flops_ours, amp, cl, compiled))
+    for name, factory in monai_models().items():
+        torch.manual_seed(0)
+        model = factory()  # built right after the seed, before the copy whose FLOPs are counted
+        flops = step_flops(factory().to(device), args.batch, crop, device)
+        measured.append(bench.measure(name, heaps[-1], model, flops, "auto", True, False))
+    # Under glibc's heap the reference conv faults its 48 MB output in on every call too; the machine's peak is the
+    # one measured with the kept heap, so glibc rows are compared with that.
+    kept_peaks = [r["peak_gflops"] for r in measured if "peak_gflops" in r and r["heap"] != "glibc"]
+    peak = statistics.median(kept_peaks) if kept_peaks else None
+    record = {"crop": crop, "batch": args.batch, "peak_format": peak_format, "peak_gflops": peak, "results": measured}
     title = (
         f"Training step, crop {'x'.join(map(str, crop))}, batch {args.batch}, {device.type}; "
         f"against a 64->64 conv3d ({peak_format}) timed alternately with each step"
     )
-    columns = [
-        "model",
-        "heap",
-        "amp",
-        "channels_last",
-        "compile",
-        "ms/step",
-        "Mvoxel/s",
-        "GFLOP/step",
-        "GFLOP/s",
-        "peak GFLOP/s",
-        "of peak",
-    ]
-    report(title, columns, rows, record, args.out)
+    report(title, COLUMNS, table_rows(measured, peak), record, args.out)

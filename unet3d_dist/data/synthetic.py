@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -57,16 +58,22 @@ def _ellipsoid(grid: tuple[np.ndarray, ...], centre, radii, rotation_deg: float 
     return np.sqrt((xr / radii[0]) ** 2 + (yr / radii[1]) ** 2 + (z / radii[2]) ** 2)
 
 
-def make_phantom(
-    rng: np.random.Generator, shape: tuple[int, int, int], phases: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """One abdominal CT volume in HU (float32) and its liver label (uint8), both (x, y, z) at SPACING_MM; with
-    ``phases=2`` the HU are (2, x, y, z), portal-venous then arterial (its draws come after all of the first's)."""
-    axes = [(np.arange(n) - (n - 1) / 2) * SPACING_MM for n in shape]
-    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
-    grid = (x, y, z)
-    half_z = axes[2][-1]
+class _Torso(NamedTuple):
+    """The frame the organs are placed in: its HU so far and the masks that the organs avoid and the bones cover."""
 
+    hu: np.ndarray
+    cavity: np.ndarray
+    vertebra: np.ndarray
+    cortex: np.ndarray  # the vertebra's rim
+    canal: np.ndarray
+    spine: np.ndarray  # vertebra and canal: no organ reaches into it
+    rib_band: np.ndarray  # where ribs may be; their spacing is drawn after the organs', so they are not made here
+
+
+def _torso(rng: np.random.Generator, grid: tuple[np.ndarray, ...], shape: tuple[int, ...], half_z: float) -> _Torso:
+    """Body wall, abdominal cavity with bowel and gas, and lungs, painted in HU; the spine and rib masks only, since
+    the bones are painted over the organs, which are drawn next."""
+    x, y, z = grid
     # Body: elliptical cylinder, slightly varying along z. x is patient left-right, y anterior(-)/posterior(+).
     body_a = rng.uniform(150, 180) * (1 + 0.05 * np.sin(z / 60))
     body_b = rng.uniform(100, 125) * (1 + 0.04 * np.cos(z / 50))
@@ -92,12 +99,27 @@ def make_phantom(
         lung = _ellipsoid(grid, (side * 80, 15, half_z + 30), (65, 75, half_z + 30 - lung_floor + 40)) < 1
         hu[lung & cavity] = -850
 
-    # Spine (vertebral body and canal): placed first, since no organ reaches into it.
+    # Spine (vertebral body and canal) and the band of the ribs.
     spine_y = body_b * 0.72
-    vertebra = np.sqrt(x**2 + (y - spine_y) ** 2)
+    centre_distance = np.sqrt(x**2 + (y - spine_y) ** 2)
+    vertebra = (centre_distance < 22) & body
     canal = np.sqrt(x**2 + (y - spine_y - 30) ** 2) < 8
-    spine = ((vertebra < 22) & body) | canal
+    rib_band = (body_r > 1 - fat_depth - 0.07) & (body_r < 1 - fat_depth - 0.02) & (z > -0.2 * half_z)
+    return _Torso(
+        hu=hu,
+        cavity=cavity,
+        vertebra=vertebra,
+        cortex=vertebra & (centre_distance > 18),
+        canal=canal,
+        spine=vertebra | canal,
+        rib_band=rib_band & (y > -0.5 * body_b),
+    )
 
+
+def _organs(
+    rng: np.random.Generator, grid: tuple[np.ndarray, ...], shape: tuple[int, ...], half_z: float, torso: _Torso
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Liver, spleen and kidneys: the liver and the neighbours whose intensity overlaps its own."""
     # Liver: deformed union of a right lobe and a smaller left lobe, under the right lung.
     centre = (rng.uniform(-85, -55), rng.uniform(-15, 15), rng.uniform(0.15, 0.4) * half_z)
     radii = (rng.uniform(70, 90), rng.uniform(60, 80), rng.uniform(55, 75))
@@ -105,7 +127,7 @@ def make_phantom(
     left_centre = (centre[0] + rng.uniform(60, 90), centre[1] - rng.uniform(15, 35), centre[2] + rng.uniform(0, 20))
     left = _ellipsoid(grid, left_centre, (rng.uniform(35, 55), rng.uniform(25, 40), rng.uniform(30, 45)))
     distance = np.minimum(right, left) + 0.22 * _smooth_noise(rng, shape, 5) + 0.06 * _smooth_noise(rng, shape, 12)
-    liver = largest_component((distance < 1) & cavity & ~spine, connectivity=6)  # one organ: no islands
+    liver = largest_component((distance < 1) & torso.cavity & ~torso.spine, connectivity=6)  # one organ: no islands
 
     # Neighbours with overlapping intensity.
     spleen = (
@@ -114,7 +136,7 @@ def make_phantom(
             + 0.15 * _smooth_noise(rng, shape, 8)
             < 1
         )
-        & cavity
+        & torso.cavity
         & ~ndimage.binary_dilation(liver, iterations=2)  # organs are wrapped in fat: a plane ~2 voxels thick
     )
     kidneys = np.zeros(shape, bool)
@@ -128,9 +150,26 @@ def make_phantom(
             )
             < 1
         )
-    kidneys &= cavity & ~liver
+    kidneys &= torso.cavity & ~liver
+    return liver, spleen, kidneys
+
+
+def make_phantom(
+    rng: np.random.Generator, shape: tuple[int, int, int], phases: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """One abdominal CT volume in HU (float32) and its liver label (uint8), both (x, y, z) at SPACING_MM; with
+    ``phases=2`` the HU are (2, x, y, z), portal-venous then arterial (its draws come after all of the first's).
+
+    The random draws are made in a fixed order (torso, organs, their HU, ribs, scanner, arterial phase): changing it
+    changes every phantom, and the cached datasets' GENERATOR_VERSION must then change too."""
+    axes = [(np.arange(n) - (n - 1) / 2) * SPACING_MM for n in shape]
+    grid = tuple(np.meshgrid(*axes, indexing="ij", sparse=True))
+    half_z = axes[2][-1]
+    torso = _torso(rng, grid, shape, half_z)
+    liver, spleen, kidneys = _organs(rng, grid, shape, half_z, torso)
 
     # Portal-venous phase: the liver enhances to ~85-115 HU, its vessels and the spleen somewhat more.
+    hu = torso.hu
     liver_hu = rng.uniform(85, 115)
     hu[liver] = liver_hu
     vessels = liver & (np.abs(_smooth_noise(rng, shape, 9)) < 0.06)
@@ -138,12 +177,11 @@ def make_phantom(
     hu[spleen] = liver_hu + rng.uniform(15, 35)
     hu[kidneys] = rng.choice([30.0, liver_hu + 80])
 
-    # Bone: spine and ribs.
-    hu[(vertebra < 22) & body] = 300
-    hu[(vertebra < 22) & (vertebra > 18) & body] = 750
-    hu[canal] = 25
-    rib_band = (body_r > 1 - fat_depth - 0.07) & (body_r < 1 - fat_depth - 0.02) & (z > -0.2 * half_z)
-    ribs = rib_band & (np.cos(2 * np.pi * z / rng.uniform(25, 35)) > 0.6) & (y > -0.5 * body_b)
+    # Bone: spine and ribs, over whatever organ reaches them.
+    hu[torso.vertebra] = 300
+    hu[torso.cortex] = 750
+    hu[torso.canal] = 25
+    ribs = torso.rib_band & (np.cos(2 * np.pi * grid[2] / rng.uniform(25, 35)) > 0.6)
     hu[ribs] = 650
 
     portal = _scanned(rng, hu)
@@ -153,8 +191,8 @@ def make_phantom(
     arterial_liver = rng.uniform(60, 80)
     hu[liver] = arterial_liver
     hu[vessels] = arterial_liver + rng.uniform(5, 20)
-    hu[spleen & ~spine] = rng.uniform(120, 150)
-    hu[kidneys & ~spine & ~ribs] = rng.uniform(150, 190)
+    hu[spleen & ~torso.spine] = rng.uniform(120, 150)
+    hu[kidneys & ~torso.spine & ~ribs] = rng.uniform(150, 190)
     return np.stack([portal, _scanned(rng, hu)]), liver.astype(np.uint8)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..config import load_config
+from ..config import Config, load_config
 from ..data.preprocess import CANONICAL_ORIENTATION
 from ..data.recipe import Recipe, recipe_from_dict
 from ..model import build_model, count_parameters, forward_flops
@@ -53,6 +53,37 @@ def budget_voxels(
     return voxels, Choice("crop budget", f"{voxels / 1e3:.0f} k voxels", reason)
 
 
+def spacing_and_crop(
+    fingerprint: dict[str, Any], voxels: float, spacing_mm: list[float] | None
+) -> tuple[Choice, Choice]:
+    """The target spacing (``spacing_mm`` when given), and the crop of ``voxels`` at most that the median scan,
+    resampled to it, allows."""
+    if spacing_mm:
+        spacing = Choice("preprocessing.spacing", list(spacing_mm), "as given (--spacing)")
+    else:
+        spacing = rules.target_spacing(fingerprint, voxels)
+    scale = [m / t for m, t in zip(fingerprint["spacing"]["median"], spacing.value)]
+    crop = rules.crop_shape([n * f for n, f in zip(fingerprint["shape"]["median"], scale)], spacing.value, voxels)
+    return spacing, crop
+
+
+def plan_schedule(
+    final: Config, in_channels: int, num_classes: int, device: torch.device, minutes: float
+) -> tuple[Choice, float, int, int]:
+    """The schedule choice, the step seconds measured here for the final crop and network, the steps that fit in
+    ``minutes`` (in hundreds) and the crops per epoch that cut them into EPOCHS epochs."""
+    batch = final.train.batch_size
+    step_s = measure.step_seconds(final, in_channels, num_classes, device)
+    steps = max(100, int(minutes * 60 / step_s) // 100 * 100)
+    samples = max(batch, steps * batch // EPOCHS)
+    schedule = Choice(
+        "schedule",
+        f"{steps} steps ({EPOCHS} epochs of {samples} crops, batch {batch})",
+        f"{minutes:g} min at the {step_s:.2f} s step measured here at this crop",
+    )
+    return schedule, step_s, steps, samples
+
+
 def make_plan(
     fingerprint: dict[str, Any],
     recipe: Recipe,
@@ -63,13 +94,8 @@ def make_plan(
 ) -> Plan:
     """The plan for training on ``device`` in ``minutes`` per run; ``spacing_mm`` fixes the target spacing."""
     voxels, budget = budget_voxels(recipe, device, minutes, memory_gb)
-    if spacing_mm:
-        spacing = Choice("preprocessing.spacing", list(spacing_mm), "as given (--spacing)")
-    else:
-        spacing = rules.target_spacing(fingerprint, voxels)
+    spacing, crop = spacing_and_crop(fingerprint, voxels, spacing_mm)
     normalization = rules.normalization(fingerprint, recipe.modality)
-    scale = [m / t for m, t in zip(fingerprint["spacing"]["median"], spacing.value)]
-    crop = rules.crop_shape([n * f for n, f in zip(fingerprint["shape"]["median"], scale)], spacing.value, voxels)
     foreground = rules.foreground_fraction()
     augmentation = rules.augmentation(spacing.value)
     postprocessing = rules.largest_component(fingerprint)
@@ -81,14 +107,7 @@ def make_plan(
         [f"data.crop={crop.value}", f"model.widths={network.value}", f"model.deep_supervision={supervision.value}"],
     )
     batch = final.train.batch_size
-    step_s = measure.step_seconds(final, in_channels, num_classes, device)
-    steps = max(100, int(minutes * 60 / step_s) // 100 * 100)
-    samples = max(batch, steps * batch // EPOCHS)
-    schedule = Choice(
-        "schedule",
-        f"{steps} steps ({EPOCHS} epochs of {samples} crops, batch {batch})",
-        f"{minutes:g} min at the {step_s:.2f} s step measured here at this crop",
-    )
+    schedule, step_s, steps, samples = plan_schedule(final, in_channels, num_classes, device, minutes)
     model = build_model(final.model, in_channels, num_classes)
     body = rules.body_crop(recipe.modality)
     planned = recipe.to_dict() | {
@@ -115,17 +134,6 @@ def make_plan(
     }
     flops = forward_flops(model, tuple(crop.value), in_channels)
     gpu_step = step_s if device.type == "cuda" else cluster.predicted_gpu_step(flops, batch)
-    choices = [
-        budget,
-        spacing,
-        normalization,
-        body,
-        crop,
-        foreground,
-        *augmentation,
-        network,
-        supervision,
-        schedule,
-        postprocessing,
-    ]
+    choices = [budget, spacing, normalization, body, crop, foreground, *augmentation, network, supervision]
+    choices += [schedule, postprocessing]
     return Plan(planned, train, choices, cluster.cluster_rows(count_parameters(model), gpu_step, batch, steps))
