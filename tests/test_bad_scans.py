@@ -14,8 +14,8 @@ import numpy as np
 import SimpleITK as sitk
 import yaml
 
-from unet3d_dist.data.readers import image_xyz
 from unet3d_dist.data.shards import ShardedDataset
+from unet3d_dist.preparation.readers import image_xyz
 
 SHAPE = (12, 10, 8)
 RECIPE = {

@@ -18,9 +18,10 @@ from conftest import CT_LIVER, SHARED_DATA, TINY, free_port, recipe, train
 from rich.console import Console
 
 from unet3d_dist.config import ConfigError
-from unet3d_dist.data.recipe import load_recipe
 from unet3d_dist.data.shards import ShardedDataset
-from unet3d_dist.prepare import EXIT_SKIPPED, prepare
+from unet3d_dist.exit_codes import SOME_SKIPPED as EXIT_SKIPPED
+from unet3d_dist.preparation.build import prepare
+from unet3d_dist.preparation.recipe import load_recipe
 
 pytestmark = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"the real scans are not at {SHARED_DATA} (set UNET3D_SHARED_DATA)"

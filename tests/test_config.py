@@ -97,8 +97,8 @@ def test_every_field_is_documented():
 def test_shipped_recipes_load():
     from pathlib import Path
 
-    from unet3d_dist.data.recipe import SplitSpec, load_recipe
-    from unet3d_dist.prepare import assign_splits
+    from unet3d_dist.preparation.build import assign_splits
+    from unet3d_dist.preparation.recipe import SplitSpec, load_recipe
 
     for recipe in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
         (load_recipe if recipe.name.startswith("prepare_") else load_config)(

@@ -28,13 +28,13 @@ from test_outputs import mounted
 
 from unet3d_dist.checkpoint import inference_checkpoint, read_checkpoint
 from unet3d_dist.config import load_config
-from unet3d_dist.data.preprocess import model_input
-from unet3d_dist.data.readers import array_xyz, image_xyz, read_channels
 from unet3d_dist.data.synthetic import SPACING_MM, make_phantom
 from unet3d_dist.export import main as export
 from unet3d_dist.exported import Recorded
 from unet3d_dist.model import ResUNet3D, build_model
 from unet3d_dist.onnx_predict import main as onnx_predict
+from unet3d_dist.preparation.preprocess import model_input
+from unet3d_dist.preparation.readers import array_xyz, image_xyz, read_channels
 from unet3d_dist.segmenter import Segmenter, read_checkpoints
 from unet3d_dist.windows import pad_to_patch, window_grid
 

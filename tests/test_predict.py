@@ -16,12 +16,12 @@ import torch
 from conftest import SHARED_DATA, TINY, free_port, recipe, signal_job, small_cases, start, wait_until_gone
 from rich.console import Console
 
-from unet3d_dist.data.readers import strip_suffix
-from unet3d_dist.data.recipe import load_recipe
 from unet3d_dist.dist import DistEnv, torchrun_command
 from unet3d_dist.files import atomic_write_bytes
 from unet3d_dist.predict import Plan, ScanProgress, main, plan_work
-from unet3d_dist.prepare import prepare
+from unet3d_dist.preparation.build import prepare
+from unet3d_dist.preparation.readers import strip_suffix
+from unet3d_dist.preparation.recipe import load_recipe
 from unet3d_dist.scans import expand_inputs, output_paths
 
 pytestmark = pytest.mark.skipif(

@@ -20,9 +20,9 @@ import SimpleITK as sitk
 import yaml
 from conftest import REPO, SHARED_DATA, recipe, small_cases
 
-from unet3d_dist.data.preprocess import ct_window, map_labels, resample, zscore
-from unet3d_dist.data.readers import CaseError, array_xyz, image_xyz, read_image
 from unet3d_dist.data.shards import ShardedDataset, verify_dataset
+from unet3d_dist.preparation.preprocess import ct_window, map_labels, resample, zscore
+from unet3d_dist.preparation.readers import CaseError, array_xyz, image_xyz, read_image
 from unet3d_dist.prepare import main
 
 pytestmark = pytest.mark.skipif(
@@ -32,10 +32,13 @@ pytestmark = pytest.mark.skipif(
 
 def prepare(capsys, *args) -> tuple[int, str]:
     """Run the real command line in this process; return its exit status and everything it printed."""
-    with pytest.raises(SystemExit) as exit_info:
+    try:
         main([str(a) for a in args])
+        code = 0  # a command returns when it succeeds
+    except SystemExit as exit_info:
+        code = exit_info.code
     captured = capsys.readouterr()
-    return exit_info.value.code, " ".join((captured.out + captured.err).split())
+    return code, " ".join((captured.out + captured.err).split())
 
 
 def as_image(array: np.ndarray, record: dict) -> sitk.Image:

@@ -1,4 +1,5 @@
-"""The project's rule for the package's code: no function over MAX_LINES lines, unless it says why it must be long."""
+"""The project's rules for the package's code: no function over MAX_LINES lines, unless it says why it must be long;
+imports only from the same layer or the layers below (the README's layer table); no command module imported."""
 
 from __future__ import annotations
 
@@ -51,3 +52,38 @@ def test_the_allowlist_is_short_current_and_says_why_in_the_code_too():
         _, node, lines = found[key]
         body = lines[node.lineno - 1 : node.end_lineno]
         assert any(line.strip().startswith("#") for line in body), f"{key} does not say in a comment why it is long"
+
+
+# The README's layer table, top to bottom: a module imports only from its own layer or the layers below.
+LAYERS = [
+    ["train", "evaluate", "predict", "prepare", "crossval", "plan", "export", "onnx_predict", "torchrun", "bench"],
+    ["trainer", "peers", "scoring", "planning", "crop_classes", "crop_keys", "step", "segmenter", "inference"]
+    + ["checkpoint", "layout", "scans"],
+    ["batching", "model", "staged_norm", "loss", "optim", "data", "preparation"],
+    ["config", "dist", "results", "masks", "run_lock"],
+    ["files", "stop", "precision", "host_memory", "logger", "report", "metrics", "optional", "windows", "exported"]
+    + ["components", "exit_codes"],
+]
+COMMANDS = set(LAYERS[0]) - {"bench"}  # python -m entry points: they parse arguments and call the library
+
+
+def package_imports() -> Iterator[tuple[str, str]]:
+    """(importing module's top-level name, imported top-level name) for every relative import in the package."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = list(parts[:-1])[: len(parts) - node.level]
+                target = base + (node.module.split(".") if node.module else [])
+                if target and parts[0] != "__init__":
+                    yield parts[0], target[0]
+
+
+def test_imports_follow_the_layer_table_and_no_module_imports_a_command():
+    layer = {name: index for index, names in enumerate(LAYERS) for name in names}
+    listed = {path.stem if path.is_file() else path.name for path in PACKAGE.iterdir()} - {"__init__", "__pycache__"}
+    assert listed <= set(layer), f"modules missing from the layer table: {sorted(listed - set(layer))}"
+    upward = sorted({(a, b) for a, b in package_imports() if a != b and b in layer and layer[b] < layer[a]})
+    assert not upward, f"imports from a higher layer: {upward}"
+    commands = sorted({(a, b) for a, b in package_imports() if b in COMMANDS and a != b})
+    assert not commands, f"command modules imported as libraries: {commands}"

@@ -6,9 +6,9 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from unet3d_dist.data.preprocess import ct_window
 from unet3d_dist.data.shards import MANIFEST, ShardedDataset
 from unet3d_dist.data.synthetic import HU_WINDOW, ensure_synthetic, make_phantom
+from unet3d_dist.preparation.preprocess import ct_window
 
 SHAPE = (128, 112, 96)
 

@@ -12,12 +12,12 @@ import torch
 
 from unet3d_dist.checkpoint import Checkpointer, config_differences
 from unet3d_dist.config import Config, OptimConfig
-from unet3d_dist.data.layouts import Source
-from unet3d_dist.data.recipe import SplitSpec
 from unet3d_dist.data.splits import fold_assignment
 from unet3d_dist.files import atomic_write_text, remove_unfinished
 from unet3d_dist.optim import lr_factor
-from unet3d_dist.prepare import assign_splits, plan_shards
+from unet3d_dist.preparation.build import assign_splits, plan_shards
+from unet3d_dist.preparation.layouts import Source
+from unet3d_dist.preparation.recipe import SplitSpec
 from unet3d_dist.scoring import balanced_shards
 from unet3d_dist.stop import StopRequest
 from unet3d_dist.windows import window_starts

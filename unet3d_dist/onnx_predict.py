@@ -23,8 +23,6 @@ from typing import Any
 import numpy as np
 
 from .components import keep_largest_component
-from .data.preprocess import intensity_line, model_input, onto_grid, padding_line
-from .data.readers import CaseError, array_xyz, image_xyz, read_channels
 from .exit_codes import SOME_SKIPPED, run_command
 from .exported import (
     INPUT_NAME,
@@ -37,6 +35,8 @@ from .exported import (
 )
 from .files import atomic_write, remove_unfinished
 from .optional import require, sitk
+from .preparation.preprocess import intensity_line, model_input, onto_grid, padding_line
+from .preparation.readers import CaseError, array_xyz, image_xyz, read_channels
 from .run_lock import hold_out
 from .scans import MASK_FORMATS, Scan, expand_inputs, output_paths, parse_scan
 from .windows import (

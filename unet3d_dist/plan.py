@@ -24,11 +24,11 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import ConfigError, load_config
-from .data.recipe import recipe_from_dict
 from .exit_codes import run_command
 from .planning.planner import Plan, make_plan
 from .planning.sources import base_recipe, fingerprint_of
-from .prepare import prepare
+from .preparation.build import prepare
+from .preparation.recipe import recipe_from_dict
 
 CLUSTER_COLUMNS = ["GPUs", "nodes", "batch per GPU", "global batch", "efficiency", "wall time"]
 

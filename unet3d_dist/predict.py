@@ -47,18 +47,18 @@ import numpy as np
 from rich.console import Console
 
 from .checkpoint import default_output
-from .data.preprocess import (
-    CANONICAL_ORIENTATION,
-    intensity_line,
-    padding_line,
-    reorient,
-)
-from .data.readers import CaseError, array_xyz, read_channels
 from .dist import DistEnv, broadcast_from_main, gather_to_main, on_main, runtime
 from .exit_codes import SOME_SKIPPED, run_command
 from .files import LINK_LOOP, OutputError, atomic_write, is_link_loop, remove_unfinished, size_on_disk
 from .logger import progress_bar
 from .optional import require, sitk
+from .preparation.preprocess import (
+    CANONICAL_ORIENTATION,
+    intensity_line,
+    padding_line,
+    reorient,
+)
+from .preparation.readers import CaseError, array_xyz, read_channels
 from .report import DISPLAY_WINDOWS, slice_panel
 from .run_lock import hold_out
 from .scans import MASK_FORMATS, Outputs, Scan, expand_inputs, output_paths, parse_scan

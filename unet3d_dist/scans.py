@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .data.readers import IMAGE_SUFFIXES, CaseError, strip_suffix
 from .files import why_missing
+from .preparation.readers import IMAGE_SUFFIXES, CaseError, strip_suffix
 
 Scan = tuple[Path, ...]  # one input: its channels' files (or one file holding them all)
 SCANS_EXPECTED = "NIfTI/NRRD/MHA files or DICOM series folders"

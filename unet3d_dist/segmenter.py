@@ -27,11 +27,11 @@ from torch import nn
 from .checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from .components import keep_largest_component
 from .config import Config, ConfigError, side_divisor
-from .data.preprocess import model_input, onto_grid
-from .data.readers import array_xyz, image_xyz
 from .inference import resample_to_shape, slabs_onto
 from .optional import sitk
 from .precision import resolve_amp
+from .preparation.preprocess import model_input, onto_grid
+from .preparation.readers import array_xyz, image_xyz
 from .windows import ensemble_labels
 
 

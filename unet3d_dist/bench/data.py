@@ -28,11 +28,11 @@ import numpy as np
 from rich.console import Console
 
 from ..data.crops import CropDataset
-from ..data.preprocess import dims
-from ..data.recipe import load_recipe
 from ..data.shards import DEFAULT_CHUNKS, DEFAULT_COMPRESSION, Case, ShardedDataset, write_dataset
 from ..files import size_on_disk
-from ..prepare import prepare
+from ..preparation.build import prepare
+from ..preparation.preprocess import dims
+from ..preparation.recipe import load_recipe
 from .common import report
 
 CHUNKS = ((16, 16, 16), (32, 32, 16), (32, 32, 32), (64, 64, 32))

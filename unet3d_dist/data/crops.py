@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..batching import check_divides
 from ..config import Config
+from ..preparation.preprocess import axes_smaller, dims
 from .augment import (
     Augmentation,
     augment_intensity,
@@ -25,7 +26,6 @@ from .augment import (
     transformed_crop,
 )
 from .device_augment import collate_parts, crop_parts, draw_for_device
-from .preprocess import axes_smaller, dims
 from .shards import ShardedDataset
 
 if TYPE_CHECKING:

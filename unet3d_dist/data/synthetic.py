@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..components import largest_component
-from .preprocess import ct_window, intensity_percentiles
+from ..preparation.preprocess import ct_window, intensity_percentiles
 from .shards import MANIFEST, Case, channels_first, write_dataset
 
 # Names the cache folder. v4: chunk checksums; v5: the liver label stops at the spine, which v4 painted over up to

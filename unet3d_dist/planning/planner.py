@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from ..config import Config, load_config
-from ..data.preprocess import CANONICAL_ORIENTATION
-from ..data.recipe import Recipe, recipe_from_dict
 from ..model import build_model, count_parameters, forward_flops
+from ..preparation.preprocess import CANONICAL_ORIENTATION
+from ..preparation.recipe import Recipe, recipe_from_dict
 from . import cluster, measure, rules
 from .rules import Choice
 

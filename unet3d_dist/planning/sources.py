@@ -10,13 +10,13 @@ import numpy as np
 from rich.console import Console
 
 from ..config import ConfigError
-from ..data.layouts import Source, find_cases
-from ..data.preprocess import CANONICAL_ORIENTATION, bounding_box, map_labels, reorient
-from ..data.readers import CaseError, array_xyz, read_hdf5_pair, read_pair
-from ..data.recipe import Recipe, load_recipe, recipe_from_dict
 from ..data.shards import DatasetError
 from ..logger import progress_bar
 from ..optional import sitk
+from ..preparation.layouts import Source, find_cases
+from ..preparation.preprocess import CANONICAL_ORIENTATION, bounding_box, map_labels, reorient
+from ..preparation.readers import CaseError, array_xyz, read_hdf5_pair, read_pair
+from ..preparation.recipe import Recipe, load_recipe, recipe_from_dict
 from . import rules
 from .fingerprint import case_fingerprint, pool
 

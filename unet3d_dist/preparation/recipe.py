@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, read_yaml
+from ..data.shards import COMPRESSIONS, DEFAULT_CHANNELS, DEFAULT_CHUNKS, DEFAULT_COMPRESSION
 from .layouts import LAYOUTS
 from .preprocess import CANONICAL_ORIENTATION, INTERPOLATORS, channel_normalization, check_normalization
-from .shards import COMPRESSIONS, DEFAULT_CHANNELS, DEFAULT_CHUNKS, DEFAULT_COMPRESSION
 
 AXIS_LETTERS = ({"L", "R"}, {"P", "A"}, {"S", "I"})
 

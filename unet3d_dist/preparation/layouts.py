@@ -18,9 +18,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.shards import DatasetError
 from ..files import why_missing
 from .readers import IMAGE_SUFFIXES, strip_suffix
-from .shards import DatasetError
 
 LAYOUTS = ("auto", "folders", "decathlon", "hdf5")
 HDF5_SUFFIXES = (".h5", ".hdf5")

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from ..data.shards import channel_names
 from ..optional import sitk
 from .readers import CaseError
-from .shards import channel_names
 
 INTERPOLATORS = {"linear": "sitkLinear", "cubic": "sitkBSpline"}  # SimpleITK's names, read on use
 CANONICAL_ORIENTATION = "LPS"  # identity direction; the synthetic phantom is built in it

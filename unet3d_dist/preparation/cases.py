@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..data.shards import Case
 from ..optional import sitk
 from .layouts import Source
 from .preprocess import (
@@ -21,7 +22,6 @@ from .preprocess import (
 )
 from .readers import array_xyz, check_voxels, read_hdf5_pair, read_pair
 from .recipe import Recipe
-from .shards import Case
 
 
 def geometry(image: sitk.Image) -> dict[str, list]:
