@@ -121,8 +121,8 @@ def test_pipeline_reports_the_data_wait_and_efficiency_of_the_real_loop(tmp_path
 def test_checkpoint_times_the_atomic_save_against_torch_save_in_memory(tmp_path):
     bench("checkpoint", "--dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ckpt.json"))
     record = json.loads((tmp_path / "ckpt.json").read_text())
-    assert record["model_tensor_elements"] == count_parameters(ResUNet3D())
-    assert record["bytes"] > 2 * 4 * record["model_tensor_elements"]  # fp32 weights and SGD momentum buffers
+    assert record["model_parameters"] == count_parameters(ResUNet3D())
+    assert record["bytes"] > 2 * 4 * record["model_parameters"]  # fp32 weights and SGD momentum buffers
     assert {"save", "load", "reference_in_memory"} <= record.keys()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpointer, load_checkpoint, rng_state, training_checkpoint
+from ..checkpoint import Checkpointer, load_checkpoint, read_checkpoint, rng_state, training_checkpoint
 from ..config import Config
 from ..model import build_model
 from ..step import TrainStep
@@ -47,14 +47,14 @@ def main(argv: list[str]) -> None:
         path = checkpointer.latest()
         size = path.stat().st_size
         load = timeit(lambda: load_checkpoint(path), repeat=5)
+        params = sum(p.numel() for p in read_checkpoint(path, resume=True).model(torch.device("cpu")).parameters())
     memory = timeit(lambda: torch.save(state, io.BytesIO()), repeat=5)
     rows = [
         ["torch.save to memory (reference)", memory["median_s"] * 1e3, 1.0],
         ["atomic save (tmp + fsync + rename + prune)", save["median_s"] * 1e3, save["median_s"] / memory["median_s"]],
         ["load (weights_only=True)", load["median_s"] * 1e3, load["median_s"] / memory["median_s"]],
     ]
-    params = sum(t.numel() for t in state["model"].values())
-    record = {"bytes": size, "model_tensor_elements": params, "save": save, "load": load, "reference_in_memory": memory}
+    record = {"bytes": size, "model_parameters": params, "save": save, "load": load, "reference_in_memory": memory}
     report(
         f"Checkpoint of the default model ({size / 1e6:.1f} MB)",
         ["operation", "ms", "ratio to reference"],
