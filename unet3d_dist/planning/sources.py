@@ -13,9 +13,10 @@ from ..config import ConfigError
 from ..data.shards import DatasetError
 from ..logger import progress_bar
 from ..optional import sitk
+from ..preparation.cases import read_case
 from ..preparation.layouts import Source, find_cases
-from ..preparation.preprocess import CANONICAL_ORIENTATION, bounding_box, map_labels, reorient
-from ..preparation.readers import CaseError, array_xyz, read_hdf5_pair, read_pair
+from ..preparation.preprocess import CANONICAL_ORIENTATION, bounding_box, reorient
+from ..preparation.readers import CaseError, array_xyz
 from ..preparation.recipe import Recipe, load_recipe, recipe_from_dict
 from . import rules
 from .fingerprint import case_fingerprint, pool
@@ -57,19 +58,14 @@ def decathlon_recipe(described: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_case(source: Source, recipe: Recipe) -> tuple[list[np.ndarray], np.ndarray, tuple[float, ...], str]:
-    """A case's channels and class-index label in the canonical orientation, their spacing, and the orientation
-    the scan was stored in."""
-    if source.layout == "hdf5":
-        image, label = read_hdf5_pair(source.image, tuple(recipe.input.spacing))
-        channels = [image]
-    else:
-        channels, label = read_pair(source.images, source.label, recipe.input.names)
+def planned_case(source: Source, recipe: Recipe) -> tuple[list[np.ndarray], np.ndarray, tuple[float, ...], str]:
+    """A case read as prepare reads it, in the canonical orientation the plan prepares in: its channels, class-index
+    label, spacing, and the orientation the scan was stored in."""
+    channels, label = read_case(source, recipe)
     stored = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(channels[0].GetDirection())
     channels = [reorient(c, CANONICAL_ORIENTATION) for c in channels]
     label = array_xyz(reorient(label, CANONICAL_ORIENTATION))
-    classes = map_labels(label, recipe.labels.classes, recipe.labels.unmapped, source.label)
-    return [array_xyz(c) for c in channels], classes, channels[0].GetSpacing(), stored
+    return [array_xyz(c) for c in channels], label, channels[0].GetSpacing(), stored
 
 
 def inside_body(
@@ -94,7 +90,7 @@ def fingerprint_of(inputs: list[Path], recipe: Recipe, console: Console) -> dict
         task = progress.add_task("fingerprint", total=len(sources), now="")
         for source in sources:
             try:
-                channels, label, spacing, stored = read_case(source, recipe)
+                channels, label, spacing, stored = planned_case(source, recipe)
             except CaseError as err:
                 progress.console.print(f"[red]left out[/] {source.id}: {err}")
             else:

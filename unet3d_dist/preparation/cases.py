@@ -43,20 +43,27 @@ def _crop_mask(recipe: Recipe, image: sitk.Image, label: sitk.Image, grid: sitk.
     return array_xyz(onto_grid(reorient(body, recipe.preprocessing.orientation), grid)) > 0
 
 
-def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list[str]]:
-    """The prepared case and its warnings; raises CaseError for input that cannot be used."""
+def read_case(source: Source, recipe: Recipe) -> tuple[list[sitk.Image], sitk.Image]:
+    """A case's image channels, checked, and its label as class indices on their grid, both as stored; raises
+    CaseError for input that cannot be used. Prepare and plan's fingerprint both read through here, so plan measures
+    the cases prepare keeps, as prepare sees them."""
     if source.layout == "hdf5":
         image, label = read_hdf5_pair(source.image, tuple(recipe.input.spacing))
         check_voxels(image, source.image)
         channels = [image]
     else:
         channels, label = read_pair(source.images, source.label, recipe.input.names)
-        image = channels[0]
     mapped = sitk.GetImageFromArray(
         map_labels(sitk.GetArrayViewFromImage(label), recipe.labels.classes, recipe.labels.unmapped, source.label)
     )
     mapped.CopyInformation(label)
+    return channels, mapped
 
+
+def prepare_case(source: Source, recipe: Recipe, split: str) -> tuple[Case, list[str]]:
+    """The prepared case and its warnings; raises CaseError for input that cannot be used."""
+    channels, mapped = read_case(source, recipe)
+    image = channels[0]
     spec = recipe.preprocessing
     prepared_channels = model_input(channels, recipe.manifest_preprocessing())
     prepared = prepared_channels[0]
