@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import h5py
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -23,6 +24,7 @@ from unet3d_dist.config import load_config
 from unet3d_dist.planning import cluster, rules
 from unet3d_dist.planning import fingerprint as fingerprint_module
 from unet3d_dist.planning.sources import base_recipe, decathlon_recipe, fingerprint_of
+from unet3d_dist.preparation.recipe import recipe_from_dict
 
 
 def fingerprint(median, p10=None, extent=(300.0, 300.0, 300.0), classes=None, channels=None) -> dict:
@@ -108,6 +110,16 @@ def test_a_ct_fingerprint_is_taken_inside_the_body_crop_that_prepare_will_make(t
         found = fingerprint_of([task], base_recipe([task], None, None), Console(quiet=True))
         shapes[modality] = found["shape"]["median"]
     assert shapes == {"CT": [30, 20, 26], "MRI": [40, 40, 40]}  # 10 mm of margin: 5 voxels on each side
+
+
+def test_the_fingerprint_leaves_out_a_case_that_prepare_refuses(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, image in (("good", rng.normal(size=(20, 20, 20))), ("blank", np.zeros((20, 20, 20)))):
+        with h5py.File(tmp_path / f"{name}.h5", "w") as h5:
+            h5["image"], h5["label"] = image.astype(np.float32), (image > 1).astype(np.uint8)
+    recipe = recipe_from_dict({"name": "h5", "modality": "MRI", "labels": {"classes": {"background": [0], "a": [1]}}})
+    found = fingerprint_of([tmp_path], recipe, Console(quiet=True))
+    assert list(found["per_case"]) == ["good"]  # an image of one value: prepare skips it, so the plan leaves it out
 
 
 def test_both_dataset_json_styles_give_the_same_base_recipe():

@@ -13,10 +13,11 @@ from ..config import ConfigError
 from ..data.shards import DatasetError
 from ..logger import progress_bar
 from ..optional import sitk
+from ..preparation.cases import crop_box, read_case
 from ..preparation.layouts import Source, find_cases
-from ..preparation.preprocess import CANONICAL_ORIENTATION, bounding_box, map_labels, reorient
-from ..preparation.readers import CaseError, array_xyz, read_hdf5_pair, read_pair
-from ..preparation.recipe import Recipe, load_recipe, recipe_from_dict
+from ..preparation.preprocess import CANONICAL_ORIENTATION, reorient
+from ..preparation.readers import CaseError, array_xyz
+from ..preparation.recipe import CropSpec, PreprocessSpec, Recipe, load_recipe, recipe_from_dict
 from . import rules
 from .fingerprint import case_fingerprint, pool
 
@@ -57,31 +58,19 @@ def decathlon_recipe(described: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_case(source: Source, recipe: Recipe) -> tuple[list[np.ndarray], np.ndarray, tuple[float, ...], str]:
-    """A case's channels and class-index label in the canonical orientation, their spacing, and the orientation
-    the scan was stored in."""
-    if source.layout == "hdf5":
-        image, label = read_hdf5_pair(source.image, tuple(recipe.input.spacing))
-        channels = [image]
-    else:
-        channels, label = read_pair(source.images, source.label, recipe.input.names)
+def planned_case(
+    source: Source, recipe: Recipe, planned: PreprocessSpec
+) -> tuple[list[np.ndarray], np.ndarray, tuple[float, ...], str]:
+    """A case read as prepare reads it, in the ``planned`` orientation and inside the box that the planned crop keeps,
+    at the case's own spacing (the fingerprint chooses the target): its channels, class-index label, spacing, and the
+    orientation the scan was stored in."""
+    channels, label = read_case(source, recipe)
     stored = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(channels[0].GetDirection())
-    channels = [reorient(c, CANONICAL_ORIENTATION) for c in channels]
-    label = array_xyz(reorient(label, CANONICAL_ORIENTATION))
-    classes = map_labels(label, recipe.labels.classes, recipe.labels.unmapped, source.label)
-    return [array_xyz(c) for c in channels], classes, channels[0].GetSpacing(), stored
-
-
-def inside_body(
-    channels: list[np.ndarray], label: np.ndarray, spacing: tuple[float, ...], crop: dict[str, Any]
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """The part of a case that the planned body crop keeps (all of it for other crops), found as prepare finds it."""
-    if crop["to"] != "body":
-        return channels, label
-    box = bounding_box(channels[0] > crop["threshold"], spacing, crop["margin_mm"])
-    if box is None:
-        return channels, label
-    return [c[box] for c in channels], label[box]
+    oriented, label = [reorient(c, planned.orientation) for c in channels], reorient(label, planned.orientation)
+    box = crop_box(planned, channels[0], label, oriented[0])
+    if box is not None:
+        oriented, label = [c[box] for c in oriented], label[box]
+    return [array_xyz(c) for c in oriented], array_xyz(label), oriented[0].GetSpacing(), stored
 
 
 def fingerprint_of(inputs: list[Path], recipe: Recipe, console: Console) -> dict[str, Any]:
@@ -89,16 +78,15 @@ def fingerprint_of(inputs: list[Path], recipe: Recipe, console: Console) -> dict
     spec = recipe.input
     sources = find_cases(inputs, spec.layout, spec.image_patterns, spec.label)
     classes, rng, entries = list(recipe.labels.classes), np.random.default_rng(0), {}
-    body = rules.body_crop(recipe.modality).value
+    planned = PreprocessSpec(orientation=CANONICAL_ORIENTATION, crop=CropSpec(**rules.body_crop(recipe.modality).value))
     with progress_bar(console) as progress:
         task = progress.add_task("fingerprint", total=len(sources), now="")
         for source in sources:
             try:
-                channels, label, spacing, stored = read_case(source, recipe)
+                channels, label, spacing, stored = planned_case(source, recipe, planned)
             except CaseError as err:
                 progress.console.print(f"[red]left out[/] {source.id}: {err}")
             else:
-                channels, label = inside_body(channels, label, spacing, body)
                 entries[source.id] = case_fingerprint(channels, label, spacing, stored, len(classes), rng)
             progress.update(task, advance=1, now=source.id)
     if not entries:
