@@ -38,7 +38,7 @@ from .optional import require, sitk
 from .preparation.preprocess import intensity_line, model_input, onto_grid, padding_line
 from .preparation.readers import CaseError, array_xyz, image_xyz, read_channels
 from .run_lock import hold_out
-from .scans import MASK_FORMATS, Scan, expand_inputs, output_paths, parse_scan
+from .scans import MASK_FORMATS, Scan, add_scan_arguments, expand_inputs, output_paths, parse_scan_arguments
 from .windows import (
     Corner,
     SlabStitcher,
@@ -157,15 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="example: python -m unet3d_dist.onnx_predict --model exported/ct_liver scans/*.nii.gz --out masks",
     )
     parser.add_argument("--model", type=Path, required=True, help="the folder unet3d_dist.export wrote")
-    parser.add_argument(
-        "inputs",
-        type=parse_scan,
-        nargs="*",
-        metavar="INPUT",
-        help="NIfTI/NRRD/MHA files, DICOM series folders, or folders of them; for several channels, one file per "
-        "channel joined by commas in the model's channel order, or one 4-D file",
-    )
-    parser.add_argument("--input-list", type=Path, metavar="FILE", help="a text file with one scan per line")
+    add_scan_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="folder for <name>_mask.<format>")
     parser.add_argument(
         "--format", choices=tuple(MASK_FORMATS), default="nii.gz", help="mask file format (default: nii.gz)"
@@ -178,10 +170,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=0, help="CPU threads per network (default 0: onnxruntime's choice, one per core)"
     )
-    args = parser.parse_args(argv)
-    if not args.inputs and args.input_list is None:
-        parser.error("give the scans to predict as INPUT arguments or with --input-list FILE")
-    return args
+    return parse_scan_arguments(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,7 +61,15 @@ from .preparation.preprocess import (
 from .preparation.readers import CaseError, array_xyz, read_channels
 from .report import DISPLAY_WINDOWS, slice_panel
 from .run_lock import hold_out
-from .scans import MASK_FORMATS, Outputs, Scan, expand_inputs, output_paths, parse_scan
+from .scans import (
+    MASK_FORMATS,
+    Outputs,
+    Scan,
+    add_scan_arguments,
+    expand_inputs,
+    output_paths,
+    parse_scan_arguments,
+)
 from .scoring import balanced_shards
 from .segmenter import Segmenter, add_inference_flags, read_checkpoints
 
@@ -160,28 +168,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a checkpoint written by unet3d_dist.train; repeat --checkpoint for each member of an ensemble (their "
         "softmax averaged)",
     )
-    parser.add_argument(
-        "inputs",
-        type=parse_scan,
-        nargs="*",
-        metavar="INPUT",
-        help="NIfTI/NRRD/MHA files, DICOM series folders, or folders of them (each scan in the folder, by name); for "
-        "several channels, one file per channel joined by commas (t1.nii.gz,t2.nii.gz) in the checkpoint's channel "
-        "order, or one 4-D file",
-    )
-    parser.add_argument(
-        "--input-list",
-        type=Path,
-        metavar="FILE",
-        help="a text file with one scan per line (channels joined by commas; blank lines and # comments skipped; "
-        "relative paths are relative to the file)",
-    )
+    add_scan_arguments(parser)
     add_output_options(parser)
     add_inference_flags(parser)
-    args = parser.parse_args(argv)
-    if not args.inputs and args.input_list is None:
-        parser.error("give the scans to predict as INPUT arguments or with --input-list FILE")
-    return args
+    return parse_scan_arguments(parser, argv)
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@ files, expanded and named the same way by ``predict`` and the torch-free ``onnx_
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -149,3 +150,31 @@ def output_paths(
         by_name[name] = scan[0]
         paths[scan] = (out / f"{name}_mask{suffix}", out / f"{name}_panel.png" if panels else None)
     return paths
+
+
+def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scans to predict, as predict and onnx_predict take them: INPUT arguments and ``--input-list``."""
+    parser.add_argument(
+        "inputs",
+        type=parse_scan,
+        nargs="*",
+        metavar="INPUT",
+        help="NIfTI/NRRD/MHA files, DICOM series folders, or folders of them (each scan in the folder, by name); for "
+        "several channels, one file per channel joined by commas (t1.nii.gz,t2.nii.gz) in the model's channel "
+        "order, or one 4-D file",
+    )
+    parser.add_argument(
+        "--input-list",
+        type=Path,
+        metavar="FILE",
+        help="a text file with one scan per line (channels joined by commas; blank lines and # comments skipped; "
+        "relative paths are relative to the file)",
+    )
+
+
+def parse_scan_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line, refused in one sentence when it names no scan at all."""
+    args = parser.parse_args(argv)
+    if not args.inputs and args.input_list is None:
+        parser.error("give the scans to predict as INPUT arguments or with --input-list FILE")
+    return args
