@@ -276,19 +276,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Build a validated Config from defaults, an optional YAML file, then ``section.key=value`` overrides."""
     cfg = Config()
     if path is not None:
-        loaded = read_yaml(path, "config file") or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
-        for section, values in loaded.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"section '{section}' in {path} must be a mapping of keys to values")
-            for key, value in values.items():
-                _assign(cfg, f"{section}.{key}", value)
+        fill(cfg, read_yaml(path, "config file") or {}, "config")
     for item in overrides or []:
         dotted, sep, text = item.partition("=")
         if not sep or "." not in dotted:
             raise ConfigError(f"override '{item}' must look like section.key=value, for example optim.lr=0.02")
-        _assign(cfg, dotted.strip(), yaml.safe_load(text) if text.strip() else "")
+        section, _, key = dotted.strip().partition(".")
+        fill(cfg, {section: {key: yaml.safe_load(text) if text.strip() else ""}}, "config")
     _check_consistency(cfg)
     return cfg
 
@@ -296,29 +290,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_from_dict(values: dict[str, dict[str, Any]]) -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (as stored in checkpoints), validating every value."""
     cfg = Config()
-    for section, entries in values.items():
-        for key, value in entries.items():
-            _assign(cfg, f"{section}.{key}", value)
+    fill(cfg, values, "config")
     _check_consistency(cfg)
     return cfg
 
 
-def _assign(cfg: Config, dotted: str, value: Any) -> None:
-    section_name, _, key = dotted.partition(".")
-    sections = _sections()
-    if section_name not in sections:
-        raise ConfigError(
-            f"unknown config section '{section_name}'{_suggest(section_name, sections)}; sections are: "
-            f"{', '.join(sections)}"
-        )
-    section = getattr(cfg, section_name)
+def fill(section: Any, values: Any, what: str, where: str = "") -> None:
+    """Set a dataclass's fields from a YAML mapping, recursing into nested sections: the one place where the config
+    and the prepare recipe (``what`` in messages) refuse an unknown key, with a did-you-mean, or a value of the wrong
+    type or range. ``where`` is the section's dotted name."""
+    if not isinstance(values, dict):
+        named = f"{what} section '{where}'" if where else f"the {what}"
+        raise ConfigError(f"{named} must be a mapping of keys to values, not {values!r}")
     fields = {f.name: f for f in dataclasses.fields(section)}
-    if key not in fields:
-        raise ConfigError(
-            f"unknown config key '{dotted}'{_suggest(key, fields)}; keys in '{section_name}' are: {', '.join(fields)}"
-        )
-    hint = typing.get_type_hints(type(section))[key]
-    setattr(section, key, _coerce(dotted, value, hint, fields[key].metadata))
+    hints = typing.get_type_hints(type(section))
+    for key, value in values.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            listed = f"keys in '{where}'" if where else f"the {what}'s keys"
+            raise ConfigError(
+                f"unknown {what} key '{dotted}'{_suggest(str(key), fields)}; {listed} are: {', '.join(fields)}"
+            )
+        if dataclasses.is_dataclass(hints[key]):
+            fill(getattr(section, key), value, what, dotted)
+        else:
+            setattr(section, key, _coerce(dotted, value, hints[key], fields[key].metadata))
 
 
 def _suggest(word: str, options: Any) -> str:
@@ -418,15 +414,22 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError("loss.dice_weight and loss.ce_weight cannot both be 0")
 
 
-def describe() -> str:
-    """Every key with its default, its doc and, for choice fields, the allowed values, for ``--help-config``."""
+def describe(section_type: type = Config, indent: str = "") -> str:
+    """Every key with its default, its doc and, for choice fields, the allowed values, for ``--help-config``; a nested
+    section is its docstring, then its keys indented."""
     lines = []
-    for name, section_type in _sections().items():
-        lines.append(f"{name}:  # {section_type.__doc__}")
-        hints = typing.get_type_hints(section_type)
-        for f in dataclasses.fields(section_type):
-            default = list(f.default) if isinstance(f.default, tuple) else f.default
-            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
-            allowed = f" (one of: {choice_names(choices)})" if choices else ""
-            lines.append(f"  {f.name}: {default!r}  # {f.metadata['doc']}{allowed}")
+    hints = typing.get_type_hints(section_type)
+    for f in dataclasses.fields(section_type):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines += [f"{indent}{f.name}:  # {hint.__doc__}", describe(hint, indent + "  ")]
+            continue
+        choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+        allowed = f" (one of: {choice_names(choices)})" if choices else ""
+        lines.append(f"{indent}{f.name}: {_shown(f)}  # {f.metadata['doc']}{allowed}")
     return "\n".join(lines)
+
+
+def _shown(f: dataclasses.Field) -> str:
+    """A field's default as YAML users write it (a list for a tuple)."""
+    return repr(list(f.default) if isinstance(f.default, tuple) else f.default)
