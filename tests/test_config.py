@@ -108,3 +108,33 @@ def test_shipped_recipes_load():
         listed = yaml.safe_load(split_file.read_text())
         ids = [str(case_id) for members in listed.values() for case_id in members]
         assert set(assign_splits(ids, SplitSpec(), split_file).values()) <= {"train", "val", "test"}
+
+
+RECIPE = {"name": "liver", "modality": "CT", "labels": {"classes": {"background": [0], "liver": [1]}}}
+
+
+@pytest.mark.parametrize(
+    "section, values, message",
+    [
+        ("modalty", "CT", r"unknown recipe key 'modalty' \(did you mean 'modality'\?\); the recipe's keys are: name"),
+        (
+            "preprocessing",
+            {"crop": {"margin": 5}},
+            r"unknown recipe key 'preprocessing.crop.margin' \(did you mean 'margin_mm'\?\); keys in "
+            r"'preprocessing.crop' are: to, margin_mm, threshold",
+        ),
+        ("shards", {"cases_per_shard": "eight"}, r"shards.cases_per_shard must be an integer, not 'eight'"),
+        ("input", {"spacing": [1, 1]}, r"input.spacing must be a list of 3 numbers, not \[1, 1\]"),
+        ("labels", {"classes": {"background": [0], "liver": 1}}, r"labels.classes.liver must be a list of integers"),
+        ("input", {"layout": "dicom"}, r"input.layout must be one of auto, folders, decathlon, hdf5, not 'dicom'"),
+        ("splits", {"train": 1.5, "val": 0.0}, r"splits.train must be between 0.0 and 1.0, not 1.5"),
+        ("shards", {"chunks": [16, 16, 0]}, r"shards.chunks must be >= 1, not 0"),
+        ("preprocessing", {"crop": 10}, r"recipe section 'preprocessing.crop' must be a mapping of keys to values"),
+        ("splits", {"train": 0.5}, r"splits.train, splits.val and splits.test must add up to 1, not \[0.5, 0.2, 0.0\]"),
+    ],
+)
+def test_the_recipe_refuses_a_key_or_value_as_the_config_does(section, values, message):
+    from unet3d_dist.preparation.recipe import recipe_from_dict
+
+    with pytest.raises(ConfigError, match=message):
+        recipe_from_dict({**RECIPE, section: values})

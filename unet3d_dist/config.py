@@ -7,9 +7,13 @@ key or value is refused with one sentence that names the key and what is allowed
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import difflib
+import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,9 +28,15 @@ class ConfigError(BadInput, ValueError):
     """A configuration key or value that cannot be used; the message names the key."""
 
 
-def setting(default: Any, doc: str, *, min: float | None = None, max: float | None = None) -> Any:
-    """A config field with its documentation and inclusive numeric bounds."""
-    return field(default=default, metadata={"doc": doc, "min": min, "max": max})
+def setting(
+    default: Any, doc: str, *, min: float | None = None, max: float | None = None, length: int | None = None
+) -> Any:
+    """A config field with its documentation, inclusive numeric bounds (of each item, for a list) and, for a list, how
+    many items it holds."""
+    metadata = {"doc": doc, "min": min, "max": max, "length": length}
+    if isinstance(default, (list, dict)):  # mutable: every instance gets its own copy
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -322,42 +332,88 @@ def _suggest(word: str, options: Any) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+# A scalar type -> how messages name one value of it, and several, and whether a YAML value is one.
+_SCALARS: dict[Any, tuple[str, str, Callable[[Any], bool]]] = {
+    bool: ("true or false", "booleans", lambda v: isinstance(v, bool)),
+    int: ("an integer", "integers", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", "numbers", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("a non-empty string", "non-empty strings", lambda v: isinstance(v, str) and bool(v)),
+    Any: ("anything", "values", lambda v: True),
+}
+
+
 def _coerce(key: str, value: Any, hint: Any, meta: Any) -> Any:
+    """``value`` as a field of type ``hint`` holds it, or a ConfigError naming ``key`` and what the type allows."""
     origin = typing.get_origin(hint)
     if origin is Literal:
-        choices = typing.get_args(hint)
-        if isinstance(value, bool) and ("off" if not value else "on") in choices:
-            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean: train.amp=off
-        if value not in choices:
-            raise ConfigError(f"{key} must be one of {choice_names(choices)}, not {value!r}")
-        return value
-    if origin is tuple:
-        item_types = typing.get_args(hint)
-        if len(item_types) == 2 and item_types[1] is Ellipsis:  # tuple[int, ...]: any length
-            if not isinstance(value, (list, tuple)):
-                raise ConfigError(f"{key} must be a list of integers, not {value!r}")
-            item_types = (item_types[0],) * len(value)
-        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
-            raise ConfigError(f"{key} must be a list of {len(item_types)} integers, not {value!r}")
-        return tuple(_coerce(key, v, t, meta) for v, t in zip(value, item_types))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, not {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, not {value!r}")
-        return _bounded(key, value, meta)
+        return _choice(key, value, typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return _either(key, value, hint, meta)
+    if origin in (list, tuple):
+        return _sequence(key, value, hint, meta)
+    if origin is dict:
+        return _mapping(key, value, hint, meta)
     if hint is float:
         value = _number_from_text(value, float)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, not {value!r}")
-        return _bounded(key, float(value), meta)
-    if hint is str:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{key} must be a non-empty string, not {value!r}")
-        return value
-    raise TypeError(f"config field {key} has an unsupported type {hint}")
+    if not _SCALARS[hint][2](value):
+        raise ConfigError(f"{key} must be {_phrase(hint, meta)}, not {value!r}")
+    return _bounded(key, float(value), meta) if hint is float else _bounded(key, value, meta)
+
+
+def _choice(key: str, value: Any, choices: tuple[Any, ...]) -> Any:
+    if isinstance(value, bool) and ("off" if not value else "on") in choices:
+        value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean: train.amp=off
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {choice_names(choices)}, not {value!r}")
+    return value
+
+
+def _either(key: str, value: Any, hint: Any, meta: Any) -> Any:
+    """The first type of a union that takes ``value``; None where the union allows it."""
+    options = [option for option in typing.get_args(hint) if option is not types.NoneType]
+    if value is None and types.NoneType in typing.get_args(hint):
+        return None
+    if len(options) == 1:  # X | None: X's own message, bounds included
+        return _coerce(key, value, options[0], meta)
+    for option in options:
+        with contextlib.suppress(ConfigError):
+            return _coerce(key, value, option, meta)
+    raise ConfigError(f"{key} must be {_phrase(hint, meta)}, not {value!r}")
+
+
+def _sequence(key: str, value: Any, hint: Any, meta: Any) -> Any:
+    """A list (a tuple for tuple fields) of the length the type or ``setting(length=)`` fixes, coerced item by item."""
+    origin, item_types = typing.get_origin(hint), typing.get_args(hint)
+    fixed = origin is tuple and item_types[-1] is not Ellipsis
+    length = len(item_types) if fixed else meta.get("length")
+    if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
+        raise ConfigError(f"{key} must be {_phrase(hint, meta)}, not {value!r}")
+    item_types = item_types if fixed else item_types[:1] * len(value)
+    return origin(_coerce(key, v, t, meta) for v, t in zip(value, item_types))
+
+
+def _mapping(key: str, value: Any, hint: Any, meta: Any) -> dict[str, Any]:
+    """A mapping from names to values of one type, each coerced as ``key.name``."""
+    if not isinstance(value, dict) or not all(isinstance(name, str) and name for name in value):
+        raise ConfigError(f"{key} must be {_phrase(hint, meta)}, not {value!r}")
+    item_type = typing.get_args(hint)[1]
+    return {name: _coerce(f"{key}.{name}", v, item_type, meta) for name, v in value.items()}
+
+
+def _phrase(hint: Any, meta: Any, plural: bool = False) -> str:
+    """What ``hint`` allows, as messages say it: 'a number', 'a list of 3 integers', 'one of lzf, gzip, none'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return f"one of {choice_names(args)}"
+    if origin in (typing.Union, types.UnionType):
+        named = [_phrase(a, meta) for a in args if a is not types.NoneType] + ["null"] * (types.NoneType in args)
+        return ", ".join(named[:-1]) + " or " + named[-1]
+    if origin in (list, tuple):
+        length = len(args) if origin is tuple and args[-1] is not Ellipsis else meta.get("length")
+        return f"{'lists' if plural else 'a list'} of {f'{length} ' if length else ''}{_phrase(args[0], meta, True)}"
+    if origin is dict:
+        return f"{'mappings' if plural else 'a mapping'} of names to {_phrase(args[1], meta, True)}"
+    return _SCALARS[hint][plural]
 
 
 def choice_names(choices: tuple[Any, ...]) -> str:
@@ -431,5 +487,6 @@ def describe(section_type: type = Config, indent: str = "") -> str:
 
 
 def _shown(f: dataclasses.Field) -> str:
-    """A field's default as YAML users write it (a list for a tuple)."""
-    return repr(list(f.default) if isinstance(f.default, tuple) else f.default)
+    """A field's default as YAML users write it (a list for a tuple, null for None)."""
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    return "null" if default is None else repr(list(default) if isinstance(default, tuple) else default)
