@@ -94,6 +94,17 @@ def test_every_field_is_documented():
         assert f"(one of: {allowed})" in text  # choice fields list their values
 
 
+def test_help_config_lists_the_training_config_then_the_prepare_recipe(capsys):
+    from unet3d_dist.train import main
+
+    main(["--help-config"])
+    printed = capsys.readouterr().out
+    config, recipe = printed.split("\n\nprepare recipe (configs/prepare_*.yaml):\n")
+    assert "lr: 0.01  # initial learning rate" in config and "margin_mm" not in config
+    assert "  compression: 'lzf'  # HDF5 compression of the volumes (one of: lzf, gzip, none)" in recipe
+    assert "\n  crop:  # What each prepared case is cut down to.\n    to: 'none'  # " in recipe  # nested section
+
+
 def test_shipped_recipes_load():
     from pathlib import Path
 

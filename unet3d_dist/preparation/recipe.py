@@ -72,7 +72,8 @@ class CropSpec:
     """What each prepared case is cut down to."""
 
     to: Literal["none", "foreground", "body"] = setting(
-        "none", "the box kept: the labelled classes (foreground) or the voxels above threshold (body)"
+        "none",
+        "the box kept: the whole scan (none), the labelled classes (foreground) or the voxels above threshold (body)",
     )
     margin_mm: float = setting(0.0, "margin around that box, in mm", min=0.0)
     threshold: float = setting(-500.0, "body: raw intensity (HU for CT) above which a voxel is body")
@@ -100,7 +101,7 @@ class PreprocessSpec:
 
 @dataclass
 class SplitSpec:
-    """How the cases are dealt into splits; ``prepare --splits FILE`` replaces all of this."""
+    """How the cases are dealt into splits; prepare --splits FILE replaces all of this."""
 
     train: float = setting(0.8, "share of the cases for training", min=0.0, max=1.0)
     val: float = setting(0.2, "share of the cases for validation", min=0.0, max=1.0)
@@ -122,7 +123,9 @@ class Recipe:
     """A prepare recipe: where the cases come from and what is done to them."""
 
     name: str = setting("", "the dataset's name, recorded in its manifest (required)")
-    modality: str = setting("", "CT or MRI, recorded; what it changes comes from preprocessing (required)")
+    modality: str = setting(
+        "", "CT or MRI, recorded in the manifest; what differs comes from preprocessing.normalization (required)"
+    )
     input: InputSpec = field(default_factory=InputSpec)
     labels: LabelSpec = field(default_factory=LabelSpec)
     preprocessing: PreprocessSpec = field(default_factory=PreprocessSpec)
