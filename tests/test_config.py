@@ -46,7 +46,7 @@ def test_round_trip_through_dict_and_dump(tmp_path):
     "override, message",
     [
         ("optim.lrr=0.1", r"unknown config key 'optim.lrr' \(did you mean 'lr'\?\); keys in 'optim' are: lr, momentum"),
-        ("optimm.lr=0.1", r"unknown config section 'optimm' \(did you mean 'optim'\?\)"),
+        ("optimm.lr=0.1", r"unknown config key 'optimm' \(did you mean 'optim'\?\); the config's keys are: data"),
         ("optim.lr=fast", r"optim.lr must be a number, not 'fast'"),
         ("optim.lr=-1", r"optim.lr must be >= 0.0, not -1"),
         ("optim.momentum=1.5", r"optim.momentum must be between 0.0 and 1.0, not 1.5"),
@@ -79,7 +79,7 @@ def test_file_errors(tmp_path):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: [1, 2]\n")
-    with pytest.raises(ConfigError, match="section 'optim' .* must be a mapping"):
+    with pytest.raises(ConfigError, match=r"config section 'optim' must be a mapping of keys to values, not \[1, 2\]"):
         load_config(bad)
     bad.write_text("optim:\n  lr: 0.1\n train: {}\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
@@ -92,6 +92,17 @@ def test_every_field_is_documented():
     assert all("#" in line for line in text.splitlines())
     for allowed in ("instance, group, batch", "poly, step, constant", "auto, cpu, cuda", "auto, bf16, fp16, off"):
         assert f"(one of: {allowed})" in text  # choice fields list their values
+
+
+def test_help_config_lists_the_training_config_then_the_prepare_recipe(capsys):
+    from unet3d_dist.train import main
+
+    main(["--help-config"])
+    printed = capsys.readouterr().out
+    config, recipe = printed.split("\n\nprepare recipe (configs/prepare_*.yaml):\n")
+    assert "lr: 0.01  # initial learning rate" in config and "margin_mm" not in config
+    assert "  compression: 'lzf'  # HDF5 compression of the volumes (one of: lzf, gzip, none)" in recipe
+    assert "\n  crop:  # What each prepared case is cut down to.\n    to: 'none'  # " in recipe  # nested section
 
 
 def test_shipped_recipes_load():
@@ -108,3 +119,33 @@ def test_shipped_recipes_load():
         listed = yaml.safe_load(split_file.read_text())
         ids = [str(case_id) for members in listed.values() for case_id in members]
         assert set(assign_splits(ids, SplitSpec(), split_file).values()) <= {"train", "val", "test"}
+
+
+RECIPE = {"name": "liver", "modality": "CT", "labels": {"classes": {"background": [0], "liver": [1]}}}
+
+
+@pytest.mark.parametrize(
+    "section, values, message",
+    [
+        ("modalty", "CT", r"unknown recipe key 'modalty' \(did you mean 'modality'\?\); the recipe's keys are: name"),
+        (
+            "preprocessing",
+            {"crop": {"margin": 5}},
+            r"unknown recipe key 'preprocessing.crop.margin' \(did you mean 'margin_mm'\?\); keys in "
+            r"'preprocessing.crop' are: to, margin_mm, threshold",
+        ),
+        ("shards", {"cases_per_shard": "eight"}, r"shards.cases_per_shard must be an integer, not 'eight'"),
+        ("input", {"spacing": [1, 1]}, r"input.spacing must be a list of 3 numbers, not \[1, 1\]"),
+        ("labels", {"classes": {"background": [0], "liver": 1}}, r"labels.classes.liver must be a list of integers"),
+        ("input", {"layout": "dicom"}, r"input.layout must be one of auto, folders, decathlon, hdf5, not 'dicom'"),
+        ("splits", {"train": 1.5, "val": 0.0}, r"splits.train must be between 0.0 and 1.0, not 1.5"),
+        ("shards", {"chunks": [16, 16, 0]}, r"shards.chunks must be >= 1, not 0"),
+        ("preprocessing", {"crop": 10}, r"recipe section 'preprocessing.crop' must be a mapping of keys to values"),
+        ("splits", {"train": 0.5}, r"splits.train, splits.val and splits.test must add up to 1, not \[0.5, 0.2, 0.0\]"),
+    ],
+)
+def test_the_recipe_refuses_a_key_or_value_as_the_config_does(section, values, message):
+    from unet3d_dist.preparation.recipe import recipe_from_dict
+
+    with pytest.raises(ConfigError, match=message):
+        recipe_from_dict({**RECIPE, section: values})

@@ -363,7 +363,8 @@ def test_recipe_mistakes_stop_with_one_sentence(tmp_path, capsys):
         capsys, "--config", recipe(tmp_path, preprocessing__spacng=[1, 1, 1]), "--input", cases, "--out", tmp_path / "x"
     )
     assert code == 2 and printed.startswith(
-        "error: unknown recipe key 'preprocessing.spacng'; keys in preprocessing are: normalization, spacing"
+        "error: unknown recipe key 'preprocessing.spacng' (did you mean 'spacing'?); keys in 'preprocessing' are: "
+        "normalization, spacing"
     )
     code, printed = prepare(
         capsys,

@@ -7,9 +7,13 @@ key or value is refused with one sentence that names the key and what is allowed
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import difflib
+import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,9 +28,15 @@ class ConfigError(BadInput, ValueError):
     """A configuration key or value that cannot be used; the message names the key."""
 
 
-def setting(default: Any, doc: str, *, min: float | None = None, max: float | None = None) -> Any:
-    """A config field with its documentation and inclusive numeric bounds."""
-    return field(default=default, metadata={"doc": doc, "min": min, "max": max})
+def setting(
+    default: Any, doc: str, *, min: float | None = None, max: float | None = None, length: int | None = None
+) -> Any:
+    """A config field with its documentation, inclusive numeric bounds (of each item, for a list) and, for a list, how
+    many items it holds."""
+    metadata = {"doc": doc, "min": min, "max": max, "length": length}
+    if isinstance(default, (list, dict)):  # mutable: every instance gets its own copy
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -276,19 +286,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Build a validated Config from defaults, an optional YAML file, then ``section.key=value`` overrides."""
     cfg = Config()
     if path is not None:
-        loaded = read_yaml(path, "config file") or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
-        for section, values in loaded.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"section '{section}' in {path} must be a mapping of keys to values")
-            for key, value in values.items():
-                _assign(cfg, f"{section}.{key}", value)
+        fill(cfg, read_yaml(path, "config file") or {}, "config")
     for item in overrides or []:
         dotted, sep, text = item.partition("=")
         if not sep or "." not in dotted:
             raise ConfigError(f"override '{item}' must look like section.key=value, for example optim.lr=0.02")
-        _assign(cfg, dotted.strip(), yaml.safe_load(text) if text.strip() else "")
+        section, _, key = dotted.strip().partition(".")
+        fill(cfg, {section: {key: yaml.safe_load(text) if text.strip() else ""}}, "config")
     _check_consistency(cfg)
     return cfg
 
@@ -296,29 +300,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_from_dict(values: dict[str, dict[str, Any]]) -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (as stored in checkpoints), validating every value."""
     cfg = Config()
-    for section, entries in values.items():
-        for key, value in entries.items():
-            _assign(cfg, f"{section}.{key}", value)
+    fill(cfg, values, "config")
     _check_consistency(cfg)
     return cfg
 
 
-def _assign(cfg: Config, dotted: str, value: Any) -> None:
-    section_name, _, key = dotted.partition(".")
-    sections = _sections()
-    if section_name not in sections:
-        raise ConfigError(
-            f"unknown config section '{section_name}'{_suggest(section_name, sections)}; sections are: "
-            f"{', '.join(sections)}"
-        )
-    section = getattr(cfg, section_name)
+def fill(section: Any, values: Any, what: str, where: str = "") -> None:
+    """Set a dataclass's fields from a YAML mapping, recursing into nested sections: the one place where the config
+    and the prepare recipe (``what`` in messages) refuse an unknown key, with a did-you-mean, or a value of the wrong
+    type or range. ``where`` is the section's dotted name."""
+    if not isinstance(values, dict):
+        named = f"{what} section '{where}'" if where else f"the {what}"
+        raise ConfigError(f"{named} must be a mapping of keys to values, not {values!r}")
     fields = {f.name: f for f in dataclasses.fields(section)}
-    if key not in fields:
-        raise ConfigError(
-            f"unknown config key '{dotted}'{_suggest(key, fields)}; keys in '{section_name}' are: {', '.join(fields)}"
-        )
-    hint = typing.get_type_hints(type(section))[key]
-    setattr(section, key, _coerce(dotted, value, hint, fields[key].metadata))
+    hints = typing.get_type_hints(type(section))
+    for key, value in values.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            listed = f"keys in '{where}'" if where else f"the {what}'s keys"
+            raise ConfigError(
+                f"unknown {what} key '{dotted}'{_suggest(str(key), fields)}; {listed} are: {', '.join(fields)}"
+            )
+        if dataclasses.is_dataclass(hints[key]):
+            fill(getattr(section, key), value, what, dotted)
+        else:
+            setattr(section, key, _coerce(dotted, value, hints[key], fields[key].metadata))
 
 
 def _suggest(word: str, options: Any) -> str:
@@ -326,42 +332,88 @@ def _suggest(word: str, options: Any) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+# A scalar type -> how messages name one value of it, and several, and whether a YAML value is one.
+_SCALARS: dict[Any, tuple[str, str, Callable[[Any], bool]]] = {
+    bool: ("true or false", "booleans", lambda v: isinstance(v, bool)),
+    int: ("an integer", "integers", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", "numbers", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("a non-empty string", "non-empty strings", lambda v: isinstance(v, str) and bool(v)),
+    Any: ("anything", "values", lambda v: True),
+}
+
+
 def _coerce(key: str, value: Any, hint: Any, meta: Any) -> Any:
+    """``value`` as a field of type ``hint`` holds it, or a ConfigError naming ``key`` and what the type allows."""
     origin = typing.get_origin(hint)
     if origin is Literal:
-        choices = typing.get_args(hint)
-        if isinstance(value, bool) and ("off" if not value else "on") in choices:
-            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean: train.amp=off
-        if value not in choices:
-            raise ConfigError(f"{key} must be one of {choice_names(choices)}, not {value!r}")
-        return value
-    if origin is tuple:
-        item_types = typing.get_args(hint)
-        if len(item_types) == 2 and item_types[1] is Ellipsis:  # tuple[int, ...]: any length
-            if not isinstance(value, (list, tuple)):
-                raise ConfigError(f"{key} must be a list of integers, not {value!r}")
-            item_types = (item_types[0],) * len(value)
-        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
-            raise ConfigError(f"{key} must be a list of {len(item_types)} integers, not {value!r}")
-        return tuple(_coerce(key, v, t, meta) for v, t in zip(value, item_types))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, not {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, not {value!r}")
-        return _bounded(key, value, meta)
+        return _choice(key, value, typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return _either(key, value, hint, meta)
+    if origin in (list, tuple):
+        return _sequence(key, value, hint, meta)
+    if origin is dict:
+        return _mapping(key, value, hint, meta)
     if hint is float:
         value = _number_from_text(value, float)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, not {value!r}")
-        return _bounded(key, float(value), meta)
-    if hint is str:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{key} must be a non-empty string, not {value!r}")
-        return value
-    raise TypeError(f"config field {key} has an unsupported type {hint}")
+    if not _SCALARS[hint][2](value):
+        raise ConfigError(f"{key} must be {_phrase(hint, meta)}, not {value!r}")
+    return _bounded(key, float(value), meta) if hint is float else _bounded(key, value, meta)
+
+
+def _choice(key: str, value: Any, choices: tuple[Any, ...]) -> Any:
+    if isinstance(value, bool) and ("off" if not value else "on") in choices:
+        value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean: train.amp=off
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {choice_names(choices)}, not {value!r}")
+    return value
+
+
+def _either(key: str, value: Any, hint: Any, meta: Any) -> Any:
+    """The first type of a union that takes ``value``; None where the union allows it."""
+    options = [option for option in typing.get_args(hint) if option is not types.NoneType]
+    if value is None and types.NoneType in typing.get_args(hint):
+        return None
+    if len(options) == 1:  # X | None: X's own message, bounds included
+        return _coerce(key, value, options[0], meta)
+    for option in options:
+        with contextlib.suppress(ConfigError):
+            return _coerce(key, value, option, meta)
+    raise ConfigError(f"{key} must be {_phrase(hint, meta)}, not {value!r}")
+
+
+def _sequence(key: str, value: Any, hint: Any, meta: Any) -> Any:
+    """A list (a tuple for tuple fields) of the length the type or ``setting(length=)`` fixes, coerced item by item."""
+    origin, item_types = typing.get_origin(hint), typing.get_args(hint)
+    fixed = origin is tuple and item_types[-1] is not Ellipsis
+    length = len(item_types) if fixed else meta.get("length")
+    if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
+        raise ConfigError(f"{key} must be {_phrase(hint, meta)}, not {value!r}")
+    item_types = item_types if fixed else item_types[:1] * len(value)
+    return origin(_coerce(key, v, t, meta) for v, t in zip(value, item_types))
+
+
+def _mapping(key: str, value: Any, hint: Any, meta: Any) -> dict[str, Any]:
+    """A mapping from names to values of one type, each coerced as ``key.name``."""
+    if not isinstance(value, dict) or not all(isinstance(name, str) and name for name in value):
+        raise ConfigError(f"{key} must be {_phrase(hint, meta)}, not {value!r}")
+    item_type = typing.get_args(hint)[1]
+    return {name: _coerce(f"{key}.{name}", v, item_type, meta) for name, v in value.items()}
+
+
+def _phrase(hint: Any, meta: Any, plural: bool = False) -> str:
+    """What ``hint`` allows, as messages say it: 'a number', 'a list of 3 integers', 'one of lzf, gzip, none'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return f"one of {choice_names(args)}"
+    if origin in (typing.Union, types.UnionType):
+        named = [_phrase(a, meta) for a in args if a is not types.NoneType] + ["null"] * (types.NoneType in args)
+        return ", ".join(named[:-1]) + " or " + named[-1]
+    if origin in (list, tuple):
+        length = len(args) if origin is tuple and args[-1] is not Ellipsis else meta.get("length")
+        return f"{'lists' if plural else 'a list'} of {f'{length} ' if length else ''}{_phrase(args[0], meta, True)}"
+    if origin is dict:
+        return f"{'mappings' if plural else 'a mapping'} of names to {_phrase(args[1], meta, True)}"
+    return _SCALARS[hint][plural]
 
 
 def choice_names(choices: tuple[Any, ...]) -> str:
@@ -418,15 +470,23 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError("loss.dice_weight and loss.ce_weight cannot both be 0")
 
 
-def describe() -> str:
-    """Every key with its default, its doc and, for choice fields, the allowed values, for ``--help-config``."""
+def describe(section_type: type = Config, indent: str = "") -> str:
+    """Every key with its default, its doc and, for choice fields, the allowed values, for ``--help-config``; a nested
+    section is its docstring, then its keys indented."""
     lines = []
-    for name, section_type in _sections().items():
-        lines.append(f"{name}:  # {section_type.__doc__}")
-        hints = typing.get_type_hints(section_type)
-        for f in dataclasses.fields(section_type):
-            default = list(f.default) if isinstance(f.default, tuple) else f.default
-            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
-            allowed = f" (one of: {choice_names(choices)})" if choices else ""
-            lines.append(f"  {f.name}: {default!r}  # {f.metadata['doc']}{allowed}")
+    hints = typing.get_type_hints(section_type)
+    for f in dataclasses.fields(section_type):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines += [f"{indent}{f.name}:  # {hint.__doc__}", describe(hint, indent + "  ")]
+            continue
+        choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+        allowed = f" (one of: {choice_names(choices)})" if choices else ""
+        lines.append(f"{indent}{f.name}: {_shown(f)}  # {f.metadata['doc']}{allowed}")
     return "\n".join(lines)
+
+
+def _shown(f: dataclasses.Field) -> str:
+    """A field's default as YAML users write it (a list for a tuple, null for None)."""
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    return "null" if default is None else repr(list(default) if isinstance(default, tuple) else default)

@@ -27,7 +27,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="Overrides: section.key=value, e.g. optim.lr=0.02 train.epochs=3. See --help-config for every key.",
     )
     parser.add_argument("--config", type=Path, help="YAML recipe, e.g. configs/debug.yaml")
-    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and doc")
+    parser.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list every key of the training config and of the prepare recipe with its default and doc",
+    )
     parser.add_argument(
         "--print-run-dir",
         action="store_true",
@@ -40,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.help_config:
-        print(describe())
+        print(help_config())
         return
     try:
         cfg = load_config(args.config, args.overrides)
@@ -50,6 +54,16 @@ def main(argv: list[str] | None = None) -> None:
         print(cfg.run_dir)
         return
     sys.exit(train(cfg))
+
+
+def help_config() -> str:
+    """Both YAML files' keys in one place; the recipe is imported only here, as training never reads one."""
+    from .preparation.recipe import Recipe
+
+    return (
+        f"training config (--config FILE, then section.key=value):\n{describe()}\n\n"
+        f"prepare recipe (configs/prepare_*.yaml):\n{describe(Recipe)}"
+    )
 
 
 def train(cfg: Config) -> int:

@@ -34,7 +34,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import h5py
 import numpy as np
@@ -47,7 +47,7 @@ FORMAT = "unet3d-dist-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 FOREGROUND_SAMPLES_PER_CLASS = 10_000
-COMPRESSIONS = ("lzf", "gzip", "none")
+Compression = Literal["lzf", "gzip", "none"]
 # Measured by `python -m unet3d_dist.bench data` (docs/PERFORMANCE.md): of the layouts that read at most twice a
 # crop's bytes, 16^3 lzf chunks give the most crops per CPU second, for MRI and CT and for small and large crops.
 DEFAULT_COMPRESSION = "lzf"

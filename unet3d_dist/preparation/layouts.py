@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ..data.shards import DatasetError
 from ..files import why_missing
 from .readers import IMAGE_SUFFIXES, strip_suffix
 
-LAYOUTS = ("auto", "folders", "decathlon", "hdf5")
+Layout = Literal["auto", "folders", "decathlon", "hdf5"]
 HDF5_SUFFIXES = (".h5", ".hdf5")
 
 

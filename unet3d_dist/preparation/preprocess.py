@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -17,7 +17,8 @@ from ..data.shards import channel_names
 from ..optional import sitk
 from .readers import CaseError
 
-INTERPOLATORS = {"linear": "sitkLinear", "cubic": "sitkBSpline"}  # SimpleITK's names, read on use
+Interpolation = Literal["linear", "cubic"]
+INTERPOLATORS = {"linear": "sitkLinear", "cubic": "sitkBSpline"}  # SimpleITK's name of each Interpolation, read on use
 CANONICAL_ORIENTATION = "LPS"  # identity direction; the synthetic phantom is built in it
 NORMALIZATIONS = ("ct_window", "zscore", "none")
 INTENSITY_PERCENTILES = (0.5, 99.5)  # what the manifest's intensity_range pools and predict compares
