@@ -35,6 +35,13 @@ def test_a_bare_off_is_the_choice_off_not_yamls_false(tmp_path):
     assert load_config(recipe).train.amp == "off"
 
 
+def test_a_choice_of_auto_true_or_false_takes_booleans_but_not_numbers():
+    assert load_config(None, ["inference.largest_component=true"]).inference.largest_component is True
+    assert load_config(None, []).inference.largest_component == "auto"
+    with pytest.raises(ConfigError, match="inference.largest_component must be one of auto, true, false, not 1"):
+        load_config(None, ["inference.largest_component=1"])
+
+
 def test_round_trip_through_dict_and_dump(tmp_path):
     cfg = load_config(None, ["train.amp=bf16", "log.run_name=x"])
     cfg.dump(tmp_path / "config.yaml")

@@ -363,7 +363,7 @@ def _coerce(key: str, value: Any, hint: Any, meta: Any) -> Any:
 def _choice(key: str, value: Any, choices: tuple[Any, ...]) -> Any:
     if isinstance(value, bool) and ("off" if not value else "on") in choices:
         value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean: train.amp=off
-    if value not in choices:
+    if not any(value == choice and type(value) is type(choice) for choice in choices):  # 1 is not true
         raise ConfigError(f"{key} must be one of {choice_names(choices)}, not {value!r}")
     return value
 
