@@ -54,16 +54,24 @@ def test_the_allowlist_is_short_current_and_says_why_in_the_code_too():
         assert any(line.strip().startswith("#") for line in body), f"{key} does not say in a comment why it is long"
 
 
-# The README's layer table, top to bottom: a module imports only from its own layer or the layers below.
-LAYERS = [
-    ["train", "evaluate", "predict", "prepare", "crossval", "plan", "export", "onnx_predict", "torchrun", "bench"],
-    ["trainer", "peers", "scoring", "planning", "crop_classes", "crop_keys", "step", "segmenter", "inference"]
-    + ["checkpoint", "layout", "scans"],
-    ["batching", "model", "staged_norm", "loss", "optim", "data", "preparation"],
-    ["config", "dist", "results", "masks", "run_lock"],
-    ["files", "stop", "precision", "host_memory", "logger", "report", "metrics", "optional", "windows", "exported"]
-    + ["components", "exit_codes"],
-]
+README = PACKAGE.parent / "README.md"
+LABEL_WIDTH = 16  # the README's layer table: a row's label, then its modules (a blank label continues the row)
+
+
+def readme_layers() -> list[list[str]]:
+    """The README's layer table, top to bottom, as module names (``bench/`` -> ``bench``, ``train.py`` -> ``train``):
+    a module imports only from its own layer or the layers below."""
+    text = README.read_text()
+    block = text[text.index("```", text.index("The import graph has layers")) + 3 :].split("```")[0]
+    layers: list[list[str]] = []
+    for line in block.strip("\n").splitlines():
+        if line[:LABEL_WIDTH].strip():
+            layers.append([])
+        layers[-1] += [token.rstrip("/").removesuffix(".py") for token in line[LABEL_WIDTH:].split()]
+    return layers
+
+
+LAYERS = readme_layers()
 COMMANDS = set(LAYERS[0]) - {"bench"}  # python -m entry points: they parse arguments and call the library
 
 

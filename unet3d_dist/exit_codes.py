@@ -1,4 +1,4 @@
-"""The exit codes every command, launcher and Slurm script agrees on (docs: README, "Launching"), and the one way a
+"""The exit codes every command, launcher and Slurm script agrees on (docs/LAUNCHING.md), and the one way a
 command turns bad input into its sentence and exit code."""
 
 from __future__ import annotations

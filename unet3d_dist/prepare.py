@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Prepare scans into a sharded HDF5 dataset, or --verify one.",
         epilog=(
             "example: python -m unet3d_dist.prepare --config configs/prepare_la_mri.yaml --input "
-            "../shared/data/la_mri/train --out data/la_mri"
+            "data/raw/la_mri --out data/la_mri"
         ),
     )
     parser.add_argument("--config", type=Path, help="prepare recipe (YAML), e.g. configs/prepare_ct_liver.yaml")

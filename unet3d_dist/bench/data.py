@@ -192,7 +192,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The input to prepare (or a prepared dataset) and how many crops each layout reads."""
     parser = argparse.ArgumentParser(prog="python -m unet3d_dist.bench data", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--input", type=Path, nargs="+", default=[Path("../shared/data/la_mri/train")], help="scans to prepare"
+        "--input",
+        type=Path,
+        nargs="+",
+        default=[Path("data/raw/la_mri")],
+        help="scans to prepare (the left atrium .h5 files)",
     )
     parser.add_argument(
         "--config", type=Path, default=Path("configs/prepare_la_mri.yaml"), help="prepare recipe for --input"
