@@ -55,7 +55,7 @@ def rows(out: Path) -> list[dict]:
 
 def test_the_device_check_rehearses_every_row_where_simpleitk_medpy_and_wandb_are_missing(tmp_path):
     out = tmp_path / "out"
-    # About 1 minute alone; 5 beside a training job on 2 cores. The timeout only catches a hang.
+    # It took 288 s beside a training job and the test suite on 2 cores; the timeout only catches a hang.
     result = subprocess.run(
         device_check(out), cwd=REPO, env=bare_environment(), capture_output=True, text=True, timeout=900
     )
