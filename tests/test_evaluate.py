@@ -20,7 +20,8 @@ from medpy.metric import binary as medpy
 from unet3d_dist.checkpoint import dataset_entry, inference_checkpoint, read_checkpoint
 from unet3d_dist.config import load_config
 from unet3d_dist.data.shards import ShardedDataset, write_dataset
-from unet3d_dist.evaluate import UNFINISHED, main
+from unet3d_dist.evaluate import main
+from unet3d_dist.evaluation import UNFINISHED
 from unet3d_dist.inference import resample_to_shape, sliding_window_logits
 from unet3d_dist.masks import load_mask
 from unet3d_dist.model import build_model

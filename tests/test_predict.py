@@ -18,7 +18,8 @@ from rich.console import Console
 
 from unet3d_dist.dist import DistEnv, torchrun_command
 from unet3d_dist.files import atomic_write_bytes
-from unet3d_dist.predict import Plan, ScanProgress, main, plan_work
+from unet3d_dist.predict import main
+from unet3d_dist.prediction import Plan, ScanProgress, plan_work
 from unet3d_dist.preparation.build import prepare
 from unet3d_dist.preparation.readers import strip_suffix
 from unet3d_dist.preparation.recipe import load_recipe

@@ -1,6 +1,6 @@
 """The Trainer: one run on one rank, read top to bottom as train -> train_epoch -> TrainStep, validation, checkpoints.
 
-Used by the command line (``train.py``) and the benchmarks; it takes a Config and the DistEnv it runs in.
+Used by the train command (``training.py``) and the benchmarks; it takes a Config and the DistEnv it runs in.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Sliding-window placement, weighting, stitching, ensembling and post-processing, without PyTorch.
 
-The PyTorch segmenter (``inference.py``) and the ONNX predictor (``onnx_predict.py``) both run their networks
+The PyTorch segmenter (``inference.py``) and the ONNX predictor (``onnx_prediction.py``) both run their networks
 through this module, so a window lands in the same place, weighs the same and is stitched the same way in both.
 The stitching functions take arrays of either library (numpy, or torch tensors on any device): they only slice,
 add, divide, broadcast and take the argmax, which both spell alike.
