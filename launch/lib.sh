@@ -1,8 +1,8 @@
 # Shared by the launch scripts (sourced, not run): launcher options, the torchrun command, and the exit code 75.
 # shellcheck shell=bash
 
-REQUEUE_EXIT_CODE=75                # unet3d_dist.train.REQUEUE_EXIT_CODE
-STOP_MARKER=stopped_by_signal.json  # unet3d_dist.train.STOP_MARKER
+REQUEUE_EXIT_CODE=75                # unet3d_dist.exit_codes.REQUEUE
+STOP_MARKER=stopped_by_signal.json  # unet3d_dist.trainer.STOP_MARKER
 
 # The interpreter with unet3d_dist installed: $PYTHON if set, else the active virtual or conda environment's, else
 # the repository's .venv (what the README's quickstart makes), else python3. Said on stderr, so logs show which.
