@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from .lines import say
+
 BAD_INPUT = 2  # one sentence said what to fix; running again as it is would fail again
 SOME_SKIPPED = 3  # prepare, predict: each bad case or scan was named in one sentence; the others were done
 REQUEUE = 75  # EX_TEMPFAIL: stopped after a checkpoint or by a lost node; the same command resumes
@@ -18,7 +20,7 @@ class BadInput(Exception):
 
 def said(err: BadInput) -> int:
     """Print the error's sentence, alone, on stderr; the exit code for it."""
-    print(f"error: {err}", file=sys.stderr)
+    say(f"error: {err}", sys.stderr)  # every rank says it: whole lines
     return BAD_INPUT
 
 

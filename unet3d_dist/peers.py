@@ -20,6 +20,7 @@ from .config import Config
 from .dist import DistEnv
 from .exit_codes import BAD_INPUT, REQUEUE
 from .files import OutputError, atomic_write_text
+from .lines import say
 
 ERROR_MARKER = "stopped_by_error.json"
 # What gloo and NCCL say, in an error's first line, when another process of the job is gone; they raise
@@ -78,5 +79,5 @@ def end_after_peer(cfg: Config, env: DistEnv, step: int | None, err: BaseExcepti
             ),
         )
     if env.local_rank == 0:
-        print(line, file=sys.stderr)
+        say(line, sys.stderr)
     return code

@@ -50,6 +50,7 @@ from .checkpoint import default_output
 from .dist import DistEnv, broadcast_from_main, gather_to_main, on_main, runtime
 from .exit_codes import SOME_SKIPPED
 from .files import LINK_LOOP, OutputError, atomic_write, is_link_loop, remove_unfinished, size_on_disk
+from .lines import say
 from .logger import progress_bar
 from .optional import require, sitk
 from .preparation.preprocess import CANONICAL_ORIENTATION, intensity_line, padding_line, reorient
@@ -105,7 +106,7 @@ def predict_file(segmenter: Segmenter, scan: Scan, mask_path: Path, panel_path: 
         padding_line(path, prepared[0], patch),
     ):
         if line:
-            print(line, flush=True)
+            say(line)
     mask = segmenter.segment_scan(channels, prepared)
     if panel_path is not None:
         write_panel(segmenter, channels[0], mask, panel_path, path.name)  # the panel shows the first channel
@@ -184,7 +185,7 @@ class ScanProgress:
             self.bar.update(self.task, completed=self.written(), now=scan[0].name)
         elif not self.live:
             mask, panel = outputs
-            print(f"{self.prefix}wrote {mask} and {panel}" if panel else f"{self.prefix}wrote {mask}", flush=True)
+            say(f"{self.prefix}wrote {mask} and {panel}" if panel else f"{self.prefix}wrote {mask}")
 
 
 def inode(path: Path) -> int | None:
