@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -20,8 +21,9 @@ from conftest import SHARED_DATA, TINY
 from rich.console import Console
 from test_channels import four_d
 
-from unet3d_dist.config import load_config
-from unet3d_dist.planning import cluster, rules
+from unet3d_dist.config import ConfigError, load_config
+from unet3d_dist.data.synthetic import SPACING_MM, make_phantom
+from unet3d_dist.planning import budget, cluster, rules
 from unet3d_dist.planning import fingerprint as fingerprint_module
 from unet3d_dist.planning.sources import base_recipe, decathlon_recipe, fingerprint_of
 from unet3d_dist.preparation.recipe import recipe_from_dict
@@ -205,3 +207,75 @@ def test_a_two_channel_decathlon_task_is_planned_prepared_trained_evaluated_and_
     run("unet3d_dist.predict", "--checkpoint", str(checkpoint), str(stacked), "--out", str(tmp_path / "predicted"))
     mask = sitk.ReadImage(str(tmp_path / "predicted" / "both_mask.nii.gz"))
     assert mask.GetSize() == liver.GetSize()
+
+
+def test_the_budget_trains_one_model_until_each_fold_gets_the_measured_schedule_then_grows_the_crop():
+    reference = math.prod(budget.REFERENCE_CROP)
+    small, medium = budget.spend(1_000, 14, "auto"), budget.spend(12_000, 14, "auto")
+    large, huge = budget.spend(20_000, 14, "auto"), budget.spend(60_000, 14, "auto")
+    assert (small.runs, small.run_steps, small.crop_voxels) == (1, 1_000, reference / 2)  # the crop shrinks first
+    assert (medium.runs, medium.run_steps, medium.crop_voxels) == (1, 12_000, reference)  # then steps grow
+    assert (large.runs, large.run_steps, large.crop_voxels) == (5, 4_000, reference)  # then the fold ensemble
+    assert (huge.runs, huge.run_steps, huge.crop_voxels) == (5, 12_000, 3 * reference)  # then the crop
+    assert budget.spend(60_000, 14, "all").runs == 1 and budget.spend(1_000, 14, "folds").runs == 5
+    with pytest.raises(ConfigError, match="--final folds needs at least 5 cases for 5 folds; the input has 3"):
+        budget.spend(1_000, 3, "folds")
+
+
+def phantom_task(root: Path, cases: int) -> Path:
+    """The built-in CT phantom as a Decathlon task of NIfTI files, as a user's own scans would come."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i in range(cases):
+        hu, label = make_phantom(np.random.default_rng([7, i]), (64, 56, 48))
+        for folder, volume in (("imagesTr", hu), ("labelsTr", label)):
+            image = sitk.GetImageFromArray(volume.transpose(2, 1, 0))  # (x, y, z) -> SimpleITK's (z, y, x)
+            image.SetSpacing((SPACING_MM,) * 3)
+            sitk.WriteImage(image, str(root / folder / f"phantom_{i:03d}.nii.gz"))
+    described = {"name": "Phantom", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver"}}
+    (root / "dataset.json").write_text(json.dumps(described))
+    return root
+
+
+def test_the_phantom_planned_at_two_budgets_gets_two_schedules_and_final_models(tmp_path):
+    """--step-seconds stands for the machine that will train, so the budget in steps does not depend on this one."""
+    task = phantom_task(tmp_path / "Task98_Phantom", 5)
+    planned = {}
+    for minutes in (5, 150):
+        out = tmp_path / f"plan{minutes}"
+        args = ["--input", str(task), "--out", str(out), "--no-prepare", "--step-seconds", "0.3"]
+        printed = run("unet3d_dist.plan", *args, "--minutes", str(minutes)).stdout
+        planned[minutes] = (yaml.safe_load((out / "train.yaml").read_text()), printed)
+        assert "final model" in printed and "next: python -m unet3d_dist." in printed, printed
+    (short, short_printed), (long, long_printed) = planned[5], planned[150]
+    assert "next: python -m unet3d_dist.train" in short_printed and "one model on every case" in short_printed
+    assert "next: python -m unet3d_dist.crossval" in long_printed and "5-fold ensemble" in long_printed
+    steps = [p["train"]["epochs"] * p["data"]["samples_per_epoch"] // p["train"]["batch_size"] for p in (short, long)]
+    # 5 min buy 900 reference steps: a smaller crop for 2,000 or more. 150 min buy 27,000: 5 folds of larger crops.
+    assert 2_000 <= steps[0] < 3_000 and steps[1] >= 4_000, steps  # crops round down (or stop at the scan): cheaper
+    assert math.prod(short["data"]["crop"]) < math.prod(budget.REFERENCE_CROP) < math.prod(long["data"]["crop"])
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "la_mri").is_dir(), reason=f"the real scans are not at {SHARED_DATA} (set UNET3D_SHARED_DATA)"
+)
+def test_the_left_atrium_planned_at_the_recipes_budget_is_the_shipped_cpu_recipe(tmp_path):
+    """20,000 reference steps (100 min at 0.27 s, a 2-core Zen 5 in bf16) plan the recipe that was measured."""
+    args = ["--input", str(SHARED_DATA / "la_mri" / "train"), "--recipe", "configs/prepare_la_mri.yaml"]
+    out = tmp_path / "la"
+    printed = run(
+        "unet3d_dist.plan", *args, "--out", str(out), "--no-prepare", "--minutes", "100", "--step-seconds", "0.27"
+    ).stdout
+    planned = yaml.safe_load((out / "train.yaml").read_text())
+    spacing = yaml.safe_load((out / "prepare.yaml").read_text())["preprocessing"]["spacing"]
+    shipped = load_config("configs/la_mri_cpu.yaml", [])
+    shipped_spacing = recipe_from_dict(yaml.safe_load(open("configs/prepare_la_mri_1.25mm.yaml"))).preprocessing.spacing
+    steps = planned["train"]["epochs"] * planned["data"]["samples_per_epoch"] // planned["train"]["batch_size"]
+    shipped_steps = shipped.train.epochs * shipped.data.samples_per_epoch // shipped.train.batch_size
+    assert "next: python -m unet3d_dist.crossval" in printed and "--folds 5" in printed  # the fold ensemble
+    assert spacing == pytest.approx(shipped_spacing, rel=0.03)
+    assert math.prod(planned["data"]["crop"]) == pytest.approx(math.prod(shipped.data.crop), rel=0.1)
+    assert steps == pytest.approx(shipped_steps, rel=0.1)
+    assert planned["data"]["foreground_fraction"] == shipped.data.foreground_fraction
+    assert planned["model"]["deep_supervision"] == shipped.model.deep_supervision
+    assert planned["inference"]["largest_component"] is True

@@ -1,7 +1,9 @@
 """Planning: ``python -m unet3d_dist.plan --input FOLDER... --out PLAN [--recipe BASE.yaml]``.
 
-Plans a prepare recipe and a training config from a source data set's fingerprint and what this machine measures,
-writes them with the reasons for each choice into PLAN, and prepares the data set there (unless ``--no-prepare``).
+Plans a prepare recipe and a training config from a source data set's fingerprint, a time budget for the whole model
+(``--minutes``, every fold included) and the step time of this machine or of the one that will train
+(``--step-seconds``), writes them with the reasons for each choice into PLAN, and prepares the data set there
+(unless ``--no-prepare``).
 What PLAN holds and where the rules are: ``planning/plan_folder.py``.
 """
 
@@ -29,15 +31,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="target spacing in mm (default: planned)"
     )
-    parser.add_argument("--minutes", type=float, default=20.0, help="time budget of one training run (default 20)")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=100.0,
+        help="wall time of the whole model, every fold included, on the machine that trains (default 100)",
+    )
+    parser.add_argument(
+        "--step-seconds",
+        type=float,
+        help="seconds of one reference step (2 crops of 64x64x40, default network) on the machine that will train, "
+        "e.g. a GPU: bench train_step --crop 64 64 40 --batch 2 there (default: measured here)",
+    )
+    parser.add_argument(
+        "--final",
+        choices=("auto", "all", "folds"),
+        default="auto",
+        help="the model the budget trains: one on every case, a 5-fold ensemble, or as the budget says (default)",
+    )
     parser.add_argument("--memory-gb", type=float, help="memory budget (default: 85%% of the GPU's, or half the RAM)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where training will run")
     parser.add_argument("--no-prepare", action="store_true", help="write the plan only, not data/")
     parser.add_argument("--jobs", type=int, default=1, help="cases prepared at once (as prepare --jobs)")
     parser.add_argument("--overwrite", action="store_true", help="replace the plan and data set already at --out")
     args = parser.parse_args(argv)
-    if args.minutes <= 0 or (args.memory_gb is not None and args.memory_gb <= 0) or min(args.spacing or [1]) <= 0:
-        parser.error("--minutes, --memory-gb and --spacing must be positive")
+    given = [args.minutes, args.memory_gb or 1, args.step_seconds or 1, *(args.spacing or [1])]
+    if min(given) <= 0:
+        parser.error("--minutes, --memory-gb, --step-seconds and --spacing must be positive")
     return args
 
 

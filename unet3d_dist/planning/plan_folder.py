@@ -4,8 +4,8 @@ Reads every case of a source data set (any layout ``prepare`` reads), computes i
 machine affords, and writes into PLAN:
 
 - ``prepare.yaml``: the prepare recipe, with its preprocessing planned (spacing, normalisation per channel, crop);
-- ``train.yaml``: the training config: crop, batch, foreground share, augmentation, and a schedule in steps that
-  fits ``--minutes`` per training run (one fold) at the step time measured here;
+- ``train.yaml``: the training config: crop, batch, foreground share, augmentation, and a schedule in steps; the
+  budget ``--minutes`` trains either one model on every case or a 5-fold ensemble (``planning/budget.py``);
 - ``plan.md``: the choices with their reasons, and the predicted cluster runs;
 - ``data/``: the prepared data set (unless ``--no-prepare``); its manifest holds the fingerprint.
 
@@ -50,10 +50,19 @@ def write_plan(out: Path, plan: Plan, data: Path) -> None:
     lines += [f"| {c.setting} | {c.value} | {c.reason} |" for c in plan.choices]
     lines += ["", "| " + " | ".join(CLUSTER_COLUMNS) + " |", "|" + "---:|" * len(CLUSTER_COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in plan.cluster]
+    lines += ["", f"Next: `{next_command(plan, out)}`"]
     (out / "plan.md").write_text("\n".join(lines) + "\n")
 
 
-def show(console: Console, plan: Plan, fingerprint: dict, device: torch.device) -> None:
+def next_command(plan: Plan, out: Path) -> str:
+    """The command that trains the planned model: one run on every case, or crossval's folds."""
+    config = out / "train.yaml"
+    if plan.runs == 1:
+        return f"python -m unet3d_dist.train --config {config}"
+    return f"python -m unet3d_dist.crossval --config {config} --folds {plan.runs}"
+
+
+def show(console: Console, plan: Plan, fingerprint: dict, device: torch.device, step_given: bool) -> None:
     """The fingerprint, the plan with its reasons and the planned cluster runs, as tables."""
     spacing, shape = fingerprint["spacing"], fingerprint["shape"]
     console.print(
@@ -73,7 +82,9 @@ def show(console: Console, plan: Plan, fingerprint: dict, device: torch.device) 
     for choice in plan.choices:
         table.add_row(choice.setting, str(choice.value), choice.reason)
     console.print(table)
-    measured = "the step measured here" if device.type == "cuda" else "a GPU step predicted from the FLOPs"
+    measured = "a GPU step predicted from the FLOPs"
+    if step_given or device.type == "cuda":
+        measured = "the step given by --step-seconds" if step_given else "the step measured here"
     runs = Table(
         title=f"the planned steps on a cluster ({measured}; scaling model of docs/PERFORMANCE.md)", title_justify="left"
     )
@@ -95,9 +106,11 @@ def plan_and_prepare(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but no GPU is visible: plan on the machine that will train")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    plan = make_plan(fingerprint, recipe, device, args.minutes, args.memory_gb, args.spacing)
+    plan = make_plan(
+        fingerprint, recipe, device, args.minutes, args.memory_gb, args.spacing, args.step_seconds, args.final
+    )
     write_plan(args.out, plan, data)
-    show(console, plan, fingerprint, device)
+    show(console, plan, fingerprint, device, args.step_seconds is not None)
     console.print(
         f"[bold green]wrote[/] {args.out / 'prepare.yaml'}, {args.out / 'train.yaml'} and {args.out / 'plan.md'}"
     )
@@ -113,7 +126,5 @@ def plan_and_prepare(args: argparse.Namespace) -> int:
             console=console,
             extra={"fingerprint": fingerprint},
         )
-    console.print(
-        f"next: python -m unet3d_dist.crossval --config {args.out / 'train.yaml'} --folds 5   (or unet3d_dist.train)"
-    )
+    console.print(f"next: {next_command(plan, args.out)}")
     return code

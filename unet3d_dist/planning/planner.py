@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,12 +11,9 @@ from ..config import Config, load_config
 from ..model import build_model, count_parameters, forward_flops
 from ..preparation.preprocess import CANONICAL_ORIENTATION
 from ..preparation.recipe import Recipe, recipe_from_dict
-from . import cluster, measure, rules
+from . import budget, cluster, measure, rules
 from .rules import Choice
 
-# Fewer steps than this and the crop shrinks instead: the hand-written left-atrium recipe lost 0.10 Dice at 600 of its
-# 2,000 steps, and gained nothing from 2.25x larger crops at 1,600 (docs/RESULTS.md).
-MIN_STEPS = 2000
 EPOCHS = 20  # the planned steps are cut into this many epochs, validated every VAL_EVERY
 VAL_EVERY = 4
 
@@ -28,28 +24,33 @@ class Plan:
     train: dict[str, dict[str, Any]]
     choices: list[Choice]
     cluster: list[list[str]]
+    runs: int  # 1: train one model on every case; more: crossval with this many folds, then their ensemble
 
 
-def budget_voxels(
-    recipe: Recipe, device: torch.device, minutes: float, memory_gb: float | None
-) -> tuple[float, Choice]:
-    """The most voxels a crop may hold, by memory (measured bytes per voxel) and by time (MIN_STEPS steps in
-    ``minutes`` at the step time measured on a probe crop), and the reason."""
-    supervision = f"model.deep_supervision={rules.deep_supervision().value}"
-    cfg = load_config(None, [f"data.crop={list(measure.PROBE_CROP)}", supervision])
-    in_channels, num_classes = len(recipe.input.names), len(recipe.labels.classes)
-    budget, where = measure.memory_budget_bytes(device, memory_gb)
-    per_voxel = measure.saved_bytes_per_voxel(cfg, in_channels, num_classes, device) * measure.MEMORY_OVERHEAD
-    by_memory = budget / (cfg.train.batch_size * per_voxel)
-    probe_s = measure.step_seconds(cfg, in_channels, num_classes, device)
-    by_time = minutes * 60 / MIN_STEPS / probe_s * math.prod(measure.PROBE_CROP)
-    voxels = min(by_memory, by_time)
-    probe = "x".join(map(str, measure.PROBE_CROP))
-    reason = (
-        f"{'memory' if by_memory < by_time else 'time'} binds. Memory ({where}): {by_memory / 1e3:.0f} k at "
-        f"{per_voxel:.0f} B per voxel measured; time: {MIN_STEPS} steps in {minutes:g} min allow "
-        f"{by_time / 1e3:.0f} k (a {probe} step took {probe_s * 1e3:.0f} ms here)"
+def reference_config() -> Config:
+    """The reference step's config: budget.REFERENCE_CROP in batches of budget.REFERENCE_BATCH, default network."""
+    return load_config(
+        None,
+        [
+            f"data.crop={list(budget.REFERENCE_CROP)}",
+            f"train.batch_size={budget.REFERENCE_BATCH}",
+            f"model.deep_supervision={rules.deep_supervision().value}",
+        ],
     )
+
+
+def memory_bound_voxels(
+    recipe: Recipe, device: torch.device, memory_gb: float | None, time_voxels: float, time_reason: str
+) -> tuple[float, Choice]:
+    """The most voxels a crop may hold: what the time affords, unless memory (measured bytes per voxel) binds."""
+    cfg = reference_config()
+    in_channels, num_classes = len(recipe.input.names), len(recipe.labels.classes)
+    available, where = measure.memory_budget_bytes(device, memory_gb)
+    per_voxel = measure.saved_bytes_per_voxel(cfg, in_channels, num_classes, device) * measure.MEMORY_OVERHEAD
+    by_memory = available / (cfg.train.batch_size * per_voxel)
+    voxels = min(by_memory, time_voxels)
+    memory = f"memory ({where}) allows {by_memory / 1e3:.0f} k at {per_voxel:.0f} B per voxel measured"
+    reason = f"memory binds: {memory}" if by_memory < time_voxels else f"time: {time_reason}; {memory}"
     return voxels, Choice("crop budget", f"{voxels / 1e3:.0f} k voxels", reason)
 
 
@@ -67,21 +68,31 @@ def spacing_and_crop(
     return spacing, crop
 
 
-def plan_schedule(
-    final: Config, in_channels: int, num_classes: int, device: torch.device, minutes: float
-) -> tuple[Choice, float, int, int]:
-    """The schedule choice, the step seconds measured here for the final crop and network, the steps that fit in
-    ``minutes`` (in hundreds) and the crops per epoch that cut them into EPOCHS epochs."""
+def step_cost(final: Config, in_channels: int, num_classes: int) -> float:
+    """A step of ``final``'s crop, batch and network in reference steps: the ratio of their forward FLOPs."""
+    reference = reference_config()
+    flops = [
+        forward_flops(build_model(cfg.model, in_channels, num_classes), tuple(cfg.data.crop), in_channels)
+        * cfg.train.batch_size
+        for cfg in (final, reference)
+    ]
+    return flops[0] / flops[1]
+
+
+def plan_schedule(final: Config, cost: float, spent: budget.Budget, reference_s: float) -> tuple[Choice, int, int]:
+    """The schedule choice, the steps of each run (in hundreds) and the crops per epoch that cut them into EPOCHS
+    epochs."""
     batch = final.train.batch_size
-    step_s = measure.step_seconds(final, in_channels, num_classes, device)
-    steps = max(100, int(minutes * 60 / step_s) // 100 * 100)
+    steps = max(100, int(spent.run_steps / cost) // 100 * 100)
     samples = max(batch, steps * batch // EPOCHS)
+    runs = "one run" if spent.runs == 1 else f"each of {spent.runs} runs"
+    wall = cluster.duration(spent.runs * steps * cost * reference_s / budget.STEP_SHARE)
     schedule = Choice(
         "schedule",
-        f"{steps} steps ({EPOCHS} epochs of {samples} crops, batch {batch})",
-        f"{minutes:g} min at the {step_s:.2f} s step measured here at this crop",
+        f"{steps} steps in {runs} ({EPOCHS} epochs of {samples} crops, batch {batch})",
+        f"a step of this crop and network costs {cost:.2f} reference steps (forward FLOPs); about {wall} in all",
     )
-    return schedule, step_s, steps, samples
+    return schedule, steps, samples
 
 
 def make_plan(
@@ -91,9 +102,17 @@ def make_plan(
     minutes: float,
     memory_gb: float | None,
     spacing_mm: list[float] | None = None,
+    step_seconds: float | None = None,
+    final_model: budget.Final = "auto",
 ) -> Plan:
-    """The plan for training on ``device`` in ``minutes`` per run; ``spacing_mm`` fixes the target spacing."""
-    voxels, budget = budget_voxels(recipe, device, minutes, memory_gb)
+    """The plan for a whole model trained on ``device`` in ``minutes``; ``spacing_mm`` fixes the target spacing,
+    ``step_seconds`` is the reference step of the machine that will train when it is not this one."""
+    in_channels, num_classes = len(recipe.input.names), len(recipe.labels.classes)
+    reference_s = step_seconds or measure.step_seconds(reference_config(), in_channels, num_classes, device)
+    where = "as given (--step-seconds)" if step_seconds else f"measured here on the {device.type}"
+    steps, total = budget.reference_steps(minutes, reference_s, where)
+    spent = budget.spend(steps, fingerprint["cases"], final_model)
+    voxels, crop_budget = memory_bound_voxels(recipe, device, memory_gb, spent.crop_voxels, spent.choices[1].reason)
     spacing, crop = spacing_and_crop(fingerprint, voxels, spacing_mm)
     normalization = rules.normalization(fingerprint, recipe.modality)
     foreground = rules.foreground_fraction()
@@ -101,25 +120,16 @@ def make_plan(
     postprocessing = rules.largest_component(fingerprint)
     network = rules.network_depth(crop.value, spacing.value)
     supervision = rules.deep_supervision()
-    in_channels, num_classes = len(recipe.input.names), len(recipe.labels.classes)
     final = load_config(
         None,
         [f"data.crop={crop.value}", f"model.widths={network.value}", f"model.deep_supervision={supervision.value}"],
     )
     batch = final.train.batch_size
-    schedule, step_s, steps, samples = plan_schedule(final, in_channels, num_classes, device, minutes)
+    cost = step_cost(final, in_channels, num_classes)
+    schedule, run_steps, samples = plan_schedule(final, cost, spent, reference_s)
     model = build_model(final.model, in_channels, num_classes)
     body = rules.body_crop(recipe.modality)
-    planned = recipe.to_dict() | {
-        "preprocessing": {
-            "normalization": normalization.value,
-            "spacing": spacing.value,
-            "interpolation": "linear",
-            "orientation": CANONICAL_ORIENTATION,
-            "crop": body.value,
-        }
-    }
-    recipe_from_dict(planned)  # the planned recipe must pass prepare's own checks
+    planned = planned_recipe(recipe, normalization, spacing, body)
     train = {
         "data": {
             "crop": crop.value,
@@ -133,7 +143,27 @@ def make_plan(
         "inference": {"tta_flips": True, "largest_component": postprocessing.value},
     }
     flops = forward_flops(model, tuple(crop.value), in_channels)
-    gpu_step = step_s if device.type == "cuda" else cluster.predicted_gpu_step(flops, batch)
-    choices = [budget, spacing, normalization, body, crop, foreground, *augmentation, network, supervision]
-    choices += [schedule, postprocessing]
-    return Plan(planned, train, choices, cluster.cluster_rows(count_parameters(model), gpu_step, batch, steps))
+    measured_gpu = step_seconds or device.type == "cuda"
+    gpu_step = reference_s * cost if measured_gpu else cluster.predicted_gpu_step(flops, batch)
+    choices = [total, spent.choices[0], crop_budget, spacing, normalization, body, crop, foreground, *augmentation]
+    choices += [network, supervision, schedule, postprocessing]
+    rows = cluster.cluster_rows(count_parameters(model), gpu_step, batch, run_steps * spent.runs)
+    return Plan(planned, train, choices, rows, spent.runs)
+
+
+def planned_recipe(recipe: Recipe, normalization: Choice, spacing: Choice, body: Choice) -> dict[str, Any]:
+    """The base recipe with the planned preprocessing. Every case that is not a test case trains: one model on all
+    of them, or crossval's folds, which validate on their own held-out cases."""
+    splits = recipe.to_dict()["splits"]
+    planned = recipe.to_dict() | {
+        "preprocessing": {
+            "normalization": normalization.value,
+            "spacing": spacing.value,
+            "interpolation": "linear",
+            "orientation": CANONICAL_ORIENTATION,
+            "crop": body.value,
+        },
+        "splits": splits | {"train": round(1.0 - splits["test"], 6), "val": 0.0},
+    }
+    recipe_from_dict(planned)  # the planned recipe must pass prepare's own checks
+    return planned
