@@ -19,7 +19,8 @@ from .planning.plan_folder import plan_and_prepare
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="unet3d-plan",
-        description="Plan a prepare recipe and a training config from a data set's fingerprint, then prepare it.",
+        description="Plan a prepare recipe and a training config that spend a time budget for the whole model on a "
+        "data set, from its fingerprint, then prepare it.",
         epilog="example: python -m unet3d_dist.plan --input /data/Task02_Heart --out plans/heart",
     )
     parser.add_argument("--input", type=Path, nargs="+", required=True, help="source folder(s), as for prepare")
