@@ -37,7 +37,8 @@ class Budget:
     runs: int  # 1 (one model on every case) or FOLDS
     run_steps: float  # reference steps each run may spend
     crop_voxels: float  # the largest crop the run's time affords
-    choices: list[Choice]
+    crop_reason: str
+    final: Choice
 
 
 def reference_steps(minutes: float, reference_s: float, where: str) -> tuple[float, Choice]:
@@ -82,8 +83,14 @@ def crop_voxels(run_steps: float, runs: int) -> tuple[float, str]:
     if run_steps < MIN_STEPS:
         return reference * run_steps / MIN_STEPS, f"a crop smaller than the reference, for {MIN_STEPS:,} steps"
     if run_steps <= ceiling:
-        return reference, 'the reference crop: more steps paid, larger crops did not (docs/RESULTS.md, "1.0 mm")'
-    return reference * run_steps / ceiling, f"a crop larger than the reference, for {ceiling:,.0f} steps per run"
+        return reference, (
+            'the reference crop: more steps paid (docs/RESULTS.md, "Dice against training steps"), larger crops did '
+            'not ("1.0 mm and 2.25x larger crops")'
+        )
+    return reference * run_steps / ceiling, (
+        f"a crop larger than the reference, for {ceiling:,.0f} steps per run: the steps measured to pay are spent "
+        '(docs/RESULTS.md, "Dice against training steps")'
+    )
 
 
 def spend(steps: float, cases: int, asked: Final) -> Budget:
@@ -91,4 +98,4 @@ def spend(steps: float, cases: int, asked: Final) -> Budget:
     runs, final = final_model(steps, cases, asked)
     run_steps = steps / runs
     voxels, why = crop_voxels(run_steps, runs)
-    return Budget(runs, run_steps, voxels, [final, Choice("crop budget by time", f"{voxels / 1e3:.0f} k voxels", why)])
+    return Budget(runs, run_steps, voxels, why, final)

@@ -112,7 +112,7 @@ def make_plan(
     where = "as given (--step-seconds)" if step_seconds else f"measured here on the {device.type}"
     steps, total = budget.reference_steps(minutes, reference_s, where)
     spent = budget.spend(steps, fingerprint["cases"], final_model)
-    voxels, crop_budget = memory_bound_voxels(recipe, device, memory_gb, spent.crop_voxels, spent.choices[1].reason)
+    voxels, crop_budget = memory_bound_voxels(recipe, device, memory_gb, spent.crop_voxels, spent.crop_reason)
     spacing, crop = spacing_and_crop(fingerprint, voxels, spacing_mm)
     normalization = rules.normalization(fingerprint, recipe.modality)
     foreground = rules.foreground_fraction()
@@ -145,7 +145,7 @@ def make_plan(
     flops = forward_flops(model, tuple(crop.value), in_channels)
     measured_gpu = step_seconds or device.type == "cuda"
     gpu_step = reference_s * cost if measured_gpu else cluster.predicted_gpu_step(flops, batch)
-    choices = [total, spent.choices[0], crop_budget, spacing, normalization, body, crop, foreground, *augmentation]
+    choices = [total, spent.final, crop_budget, spacing, normalization, body, crop, foreground, *augmentation]
     choices += [network, supervision, schedule, postprocessing]
     rows = cluster.cluster_rows(count_parameters(model), gpu_step, batch, run_steps * spent.runs)
     return Plan(planned, train, choices, rows, spent.runs)
