@@ -153,9 +153,12 @@ class Segmenter:
             for checkpoint in checkpoints
             for flips in [checkpoint.cfg.inference.tta_flips if tta is None else tta]
         ]
-        recorded = checkpoints[0].cfg.inference
-        recorded = {"overlap": recorded.overlap, "batch_size": recorded.batch_size}
-        recorded["largest_component"] = checkpoints[0].largest_component
+        first = checkpoints[0]
+        recorded = {
+            "overlap": first.cfg.inference.overlap,
+            "batch_size": first.cfg.inference.batch_size,
+            "largest_component": first.largest_component,
+        }
         chosen = {key: getattr(flags, key, None) for key in recorded}
         if chosen["overlap"] is not None and not 0 <= chosen["overlap"] < 1:
             raise ConfigError(f"--overlap must be in [0, 1), not {chosen['overlap']}")
@@ -165,7 +168,7 @@ class Segmenter:
             device=device,
             stitch_device=torch.device("cpu") if getattr(flags, "stitch_device", None) == "cpu" else None,
         )
-        return cls(members, checkpoints[0].classes, replace(settings, **extra), checkpoints)
+        return cls(members, first.classes, replace(settings, **extra), checkpoints)
 
     @classmethod
     def for_validation(
