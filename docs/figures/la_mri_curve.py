@@ -97,7 +97,7 @@ def print_tables(table: dict[int, dict[str, dict[str, float]]], pflop: float) ->
         p = wilcoxon(gain).pvalue
         print(
             f"| {shorter:,} → {longer:,} | {gain.mean():+.4f} ± {gain.std(ddof=1) / math.sqrt(len(gain)):.4f} | "
-            f"{(gain > 0).sum()} of {len(gain)} | {p:.3f} | {hd95.mean():+.2f} ± "
+            f"{(gain > 0).sum()} of {len(gain)} | {p:.2g} | {hd95.mean():+.2f} ± "
             f"{hd95.std(ddof=1) / math.sqrt(len(hd95)):.2f} |"
         )
 
