@@ -109,7 +109,7 @@ def make_plan(
     ``step_seconds`` is the reference step of the machine that will train when it is not this one."""
     in_channels, num_classes = len(recipe.input.names), len(recipe.labels.classes)
     reference_s = step_seconds or measure.step_seconds(reference_config(), in_channels, num_classes, device)
-    where = "as given (--step-seconds)" if step_seconds else f"measured here on the {device.type}"
+    where = "given by --step-seconds" if step_seconds else f"measured here on the {device.type}"
     steps, total = budget.reference_steps(minutes, reference_s, where)
     spent = budget.spend(steps, fingerprint["cases"], final_model)
     voxels, crop_budget = memory_bound_voxels(recipe, device, memory_gb, spent.crop_voxels, spent.crop_reason)
