@@ -21,8 +21,8 @@ FOLDS = 5
 # A 4,000-step left-atrium fold spent 97 % of its 21 min 19 s in steps (1,244 s by its logged crops/s) with one
 # validation; 0.9 leaves room for validating every few epochs and for slower disks.
 STEP_SHARE = 0.9
-# Fewer steps than this and the crop shrinks instead: the hand-written left-atrium recipe lost 0.10 Dice at 600 of its
-# 2,000 steps (docs/RESULTS.md, "CPU recipe").
+# Fewer steps than this and the crop shrinks instead: the left atrium lost 0.033 Dice at 1,000 of 2,000 steps, on all
+# 14 cases (docs/RESULTS.md, "Dice against training steps"), and 0.10 at 600.
 MIN_STEPS = 2000
 # The longest schedule a fold was measured at, where Dice still rose: 4,000 steps gave more than 2,000 and 2,000
 # more than 1,000 (docs/RESULTS.md, "Dice against training steps").
