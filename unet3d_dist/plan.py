@@ -56,8 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="cases prepared at once (as prepare --jobs)")
     parser.add_argument("--overwrite", action="store_true", help="replace the plan and data set already at --out")
     args = parser.parse_args(argv)
-    given = [args.minutes, args.memory_gb or 1, args.step_seconds or 1, *(args.spacing or [1])]
-    if min(given) <= 0:
+    given = [args.minutes, args.memory_gb, args.step_seconds, *(args.spacing or [])]
+    if any(value is not None and value <= 0 for value in given):
         parser.error("--minutes, --memory-gb, --step-seconds and --spacing must be positive")
     return args
 
