@@ -269,7 +269,8 @@ def test_the_left_atrium_planned_at_the_recipes_budget_is_the_shipped_cpu_recipe
     planned = yaml.safe_load((out / "train.yaml").read_text())
     spacing = yaml.safe_load((out / "prepare.yaml").read_text())["preprocessing"]["spacing"]
     shipped = load_config("configs/la_mri_cpu.yaml", [])
-    shipped_spacing = recipe_from_dict(yaml.safe_load(open("configs/prepare_la_mri_1.25mm.yaml"))).preprocessing.spacing
+    shipped_recipe = yaml.safe_load(Path("configs/prepare_la_mri_1.25mm.yaml").read_text())
+    shipped_spacing = recipe_from_dict(shipped_recipe).preprocessing.spacing
     steps = planned["train"]["epochs"] * planned["data"]["samples_per_epoch"] // planned["train"]["batch_size"]
     shipped_steps = shipped.train.epochs * shipped.data.samples_per_epoch // shipped.train.batch_size
     assert "next: python -m unet3d_dist.crossval" in printed and "--folds 5" in printed  # the fold ensemble
@@ -279,3 +280,10 @@ def test_the_left_atrium_planned_at_the_recipes_budget_is_the_shipped_cpu_recipe
     assert planned["data"]["foreground_fraction"] == shipped.data.foreground_fraction
     assert planned["model"]["deep_supervision"] == shipped.model.deep_supervision
     assert planned["inference"]["largest_component"] is True
+
+
+@pytest.mark.parametrize("flag", ["--minutes", "--memory-gb", "--step-seconds"])
+def test_a_zero_budget_flag_is_refused_in_one_sentence(flag):
+    command = [sys.executable, "-m", "unet3d_dist.plan", "--input", "x", "--out", "y", flag, "0"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2 and "--step-seconds and --spacing must be positive" in result.stderr, result.stderr
