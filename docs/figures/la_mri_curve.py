@@ -63,7 +63,7 @@ def read() -> list[dict]:
 
 def step_pflop() -> float:
     """Training PFLOP of one step of the CPU recipe: 2 crops of 64x64x40, forward and a backward of twice that."""
-    cfg = load_config("configs/la_mri_cpu.yaml", ["data.dataset=synthetic"])
+    cfg = load_config(str(HERE.parents[1] / "configs" / "la_mri_cpu.yaml"), ["data.dataset=synthetic"])
     model = build_model(cfg.model, 1, 2)
     return 3 * cfg.train.batch_size * forward_flops(model, tuple(cfg.data.crop)) / 1e15
 

@@ -2,8 +2,8 @@
 
 Both are measured on the real network and the real training step (``step.TrainStep``) on random data, so a plan
 made on an AVX2 CPU, an AVX-512 one or a GPU fits that machine. Both grow linearly with the crop's voxels (every
-layer is a convolution over the whole crop), so one small measurement predicts any crop; the plan measures its
-final crop once more to report the step it will really take.
+layer is a convolution over the whole crop), so one small measurement predicts any crop. The plan times one step
+here, the reference step of ``budget.py``, and prices every other crop and network by its FLOPs against it.
 """
 
 from __future__ import annotations

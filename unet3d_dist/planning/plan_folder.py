@@ -62,7 +62,7 @@ def next_command(plan: Plan, out: Path) -> str:
     return f"python -m unet3d_dist.crossval --config {config} --folds {plan.runs}"
 
 
-def show(console: Console, plan: Plan, fingerprint: dict, device: torch.device, step_given: bool) -> None:
+def show(console: Console, plan: Plan, fingerprint: dict, device: torch.device) -> None:
     """The fingerprint, the plan with its reasons and the planned cluster runs, as tables."""
     spacing, shape = fingerprint["spacing"], fingerprint["shape"]
     console.print(
@@ -82,11 +82,9 @@ def show(console: Console, plan: Plan, fingerprint: dict, device: torch.device, 
     for choice in plan.choices:
         table.add_row(choice.setting, str(choice.value), choice.reason)
     console.print(table)
-    measured = "a GPU step predicted from the FLOPs"
-    if step_given or device.type == "cuda":
-        measured = "the step given by --step-seconds" if step_given else "the step measured here"
     runs = Table(
-        title=f"the planned steps on a cluster ({measured}; scaling model of docs/PERFORMANCE.md)", title_justify="left"
+        title=f"the planned steps on a cluster ({plan.cluster_step}; scaling model of docs/PERFORMANCE.md)",
+        title_justify="left",
     )
     for column in CLUSTER_COLUMNS:
         runs.add_column(column, justify="right")
@@ -110,7 +108,7 @@ def plan_and_prepare(args: argparse.Namespace) -> int:
         fingerprint, recipe, device, args.minutes, args.memory_gb, args.spacing, args.step_seconds, args.final
     )
     write_plan(args.out, plan, data)
-    show(console, plan, fingerprint, device, args.step_seconds is not None)
+    show(console, plan, fingerprint, device)
     console.print(
         f"[bold green]wrote[/] {args.out / 'prepare.yaml'}, {args.out / 'train.yaml'} and {args.out / 'plan.md'}"
     )

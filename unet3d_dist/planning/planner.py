@@ -24,6 +24,7 @@ class Plan:
     train: dict[str, dict[str, Any]]
     choices: list[Choice]
     cluster: list[list[str]]
+    cluster_step: str  # where the cluster rows' step time comes from
     runs: int  # 1: train one model on every case; more: crossval with this many folds, then their ensemble
 
 
@@ -68,15 +69,11 @@ def spacing_and_crop(
     return spacing, crop
 
 
-def step_cost(final: Config, in_channels: int, num_classes: int) -> float:
-    """A step of ``final``'s crop, batch and network in reference steps: the ratio of their forward FLOPs."""
+def step_cost(final_flops: float, in_channels: int, num_classes: int) -> float:
+    """A step of ``final_flops`` (forward FLOPs of a whole batch) in reference steps: the ratio to the reference's."""
     reference = reference_config()
-    flops = [
-        forward_flops(build_model(cfg.model, in_channels, num_classes), tuple(cfg.data.crop), in_channels)
-        * cfg.train.batch_size
-        for cfg in (final, reference)
-    ]
-    return flops[0] / flops[1]
+    model = build_model(reference.model, in_channels, num_classes)
+    return final_flops / (forward_flops(model, budget.REFERENCE_CROP, in_channels) * budget.REFERENCE_BATCH)
 
 
 def plan_schedule(final: Config, cost: float, spent: budget.Budget, reference_s: float) -> tuple[Choice, int, int]:
@@ -125,9 +122,10 @@ def make_plan(
         [f"data.crop={crop.value}", f"model.widths={network.value}", f"model.deep_supervision={supervision.value}"],
     )
     batch = final.train.batch_size
-    cost = step_cost(final, in_channels, num_classes)
-    schedule, run_steps, samples = plan_schedule(final, cost, spent, reference_s)
     model = build_model(final.model, in_channels, num_classes)
+    flops = forward_flops(model, tuple(crop.value), in_channels)
+    cost = step_cost(flops * batch, in_channels, num_classes)
+    schedule, run_steps, samples = plan_schedule(final, cost, spent, reference_s)
     body = rules.body_crop(recipe.modality)
     planned = planned_recipe(recipe, normalization, spacing, body)
     train = {
@@ -142,13 +140,14 @@ def make_plan(
         "train": {"epochs": EPOCHS, "batch_size": batch, "val_every": VAL_EVERY},
         "inference": {"tta_flips": True, "largest_component": postprocessing.value},
     }
-    flops = forward_flops(model, tuple(crop.value), in_channels)
-    measured_gpu = step_seconds or device.type == "cuda"
-    gpu_step = reference_s * cost if measured_gpu else cluster.predicted_gpu_step(flops, batch)
+    if step_seconds or device.type == "cuda":
+        gpu_step, source = reference_s * cost, f"the reference step {where}, times this step's cost"
+    else:
+        gpu_step, source = cluster.predicted_gpu_step(flops, batch), "a GPU step predicted from the FLOPs"
     choices = [total, spent.final, crop_budget, spacing, normalization, body, crop, foreground, *augmentation]
     choices += [network, supervision, schedule, postprocessing]
     rows = cluster.cluster_rows(count_parameters(model), gpu_step, batch, run_steps * spent.runs)
-    return Plan(planned, train, choices, rows, spent.runs)
+    return Plan(planned, train, choices, rows, source, spent.runs)
 
 
 def planned_recipe(recipe: Recipe, normalization: Choice, spacing: Choice, body: Choice) -> dict[str, Any]:
