@@ -142,6 +142,15 @@ def test_the_all_reduce_model_gives_the_figures_of_docs_performance():
     assert cluster.allreduce_seconds(parameters, 64) * 1e3 == pytest.approx(1.30, abs=0.01)
 
 
+def test_the_cluster_table_spreads_the_planned_crops_over_the_gpus():
+    """data.samples_per_epoch counts crops over all ranks: more GPUs take fewer steps of a larger global batch."""
+    rows = cluster.cluster_rows(1_788_706, step_s=0.1, batch=2, crops=43_000)
+    gpus, global_batch, steps = ([int(row[i].replace(",", "")) for row in rows] for i in (0, 3, 4))
+    assert gpus == [1, 4, 8, 16, 64]
+    assert steps == [math.ceil(43_000 / b) for b in global_batch]
+    assert rows[0][-1] == "36 min" and rows[1][-1] == "9 min"  # 21,500 and 5,375 steps of 0.1 s
+
+
 def run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled"}
     start = time.perf_counter()

@@ -31,17 +31,19 @@ def allreduce_seconds(parameters: int, gpus: int) -> float:
     return 2 * (gpus - 1) / gpus * size / NETWORK_BANDWIDTH + 2 * levels * NETWORK_LATENCY
 
 
-def cluster_rows(parameters: int, step_s: float, batch: int, steps: int) -> list[list[str]]:
-    """GPUs, nodes, per-GPU and global batch, predicted efficiency and wall time of ``steps`` steps; across nodes
-    the per-GPU batch doubles (the step doubles, the all-reduce does not), which keeps efficiency above 0.95."""
+def cluster_rows(parameters: int, step_s: float, batch: int, crops: int) -> list[list[str]]:
+    """GPUs, nodes, per-GPU and global batch, steps, predicted efficiency and wall time of training on ``crops``
+    crops: ``data.samples_per_epoch`` counts crops over all ranks, so more GPUs take fewer, larger steps. Across
+    nodes the per-GPU batch doubles (the step doubles, the all-reduce does not), which keeps efficiency above 0.95."""
     rows = []
     for gpus in (1, 4, 8, 16, 64):
         per_gpu = batch if gpus <= GPUS_PER_NODE else 2 * batch
         step = step_s * per_gpu / batch
         efficiency = step / (step + allreduce_seconds(parameters, gpus))
+        steps = math.ceil(crops / (gpus * per_gpu))
         wall = duration(steps * (step + allreduce_seconds(parameters, gpus)))
         nodes = math.ceil(gpus / GPUS_PER_NODE)
-        rows.append([str(gpus), str(nodes), str(per_gpu), str(gpus * per_gpu), f"{efficiency:.3f}", wall])
+        rows.append([str(gpus), str(nodes), str(per_gpu), str(gpus * per_gpu), f"{steps:,}", f"{efficiency:.3f}", wall])
     return rows
 
 

@@ -29,7 +29,7 @@ from ..preparation.recipe import recipe_from_dict
 from .planner import Plan, make_plan
 from .sources import base_recipe, fingerprint_of
 
-CLUSTER_COLUMNS = ["GPUs", "nodes", "batch per GPU", "global batch", "efficiency", "wall time"]
+CLUSTER_COLUMNS = ["GPUs", "nodes", "batch per GPU", "global batch", "steps", "efficiency", "wall time"]
 
 
 def write_plan(out: Path, plan: Plan, data: Path) -> None:
@@ -83,7 +83,7 @@ def show(console: Console, plan: Plan, fingerprint: dict, device: torch.device) 
         table.add_row(choice.setting, str(choice.value), choice.reason)
     console.print(table)
     runs = Table(
-        title=f"the planned steps on a cluster ({plan.cluster_step}; scaling model of docs/PERFORMANCE.md)",
+        title=f"the planned crops on a cluster ({plan.cluster_step}; scaling model of docs/PERFORMANCE.md)",
         title_justify="left",
     )
     for column in CLUSTER_COLUMNS:

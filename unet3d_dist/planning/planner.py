@@ -146,7 +146,7 @@ def make_plan(
         gpu_step, source = cluster.predicted_gpu_step(flops, batch), "a GPU step predicted from the FLOPs"
     choices = [total, spent.final, crop_budget, spacing, normalization, body, crop, foreground, *augmentation]
     choices += [network, supervision, schedule, postprocessing]
-    rows = cluster.cluster_rows(count_parameters(model), gpu_step, batch, run_steps * spent.runs)
+    rows = cluster.cluster_rows(count_parameters(model), gpu_step, batch, run_steps * spent.runs * batch)
     return Plan(planned, train, choices, rows, source, spent.runs)
 
 
