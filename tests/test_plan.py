@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
-from conftest import SHARED_DATA, TINY
+from conftest import REPO, SHARED_DATA, TINY
 from rich.console import Console
 from test_channels import four_d
 
@@ -27,6 +28,8 @@ from unet3d_dist.planning import budget, cluster, rules
 from unet3d_dist.planning import fingerprint as fingerprint_module
 from unet3d_dist.planning.sources import base_recipe, decathlon_recipe, fingerprint_of
 from unet3d_dist.preparation.recipe import recipe_from_dict
+
+RESULTS = REPO / "docs" / "RESULTS.md"
 
 
 def fingerprint(median, p10=None, extent=(300.0, 300.0, 300.0), classes=None, channels=None) -> dict:
@@ -263,6 +266,9 @@ def test_the_phantom_planned_at_two_budgets_gets_two_schedules_and_final_models(
     # 5 min buy 900 reference steps: a smaller crop for 2,000 or more. 150 min buy 27,000: 5 folds of larger crops.
     assert 2_000 <= steps[0] < 3_000 and steps[1] >= 4_000, steps  # crops round down (or stop at the scan): cheaper
     assert math.prod(short["data"]["crop"]) < math.prod(budget.REFERENCE_CROP) < math.prod(long["data"]["crop"])
+    cited = set(re.findall(r'"([^"]+)"', "".join((tmp_path / f"plan{m}" / "plan.md").read_text() for m in planned)))
+    headings = [line.lstrip("# ") for line in RESULTS.read_text().splitlines() if line.startswith("#")]
+    assert cited and all(any(h.startswith(title) for h in headings) for title in cited), cited  # each one exists
 
 
 @pytest.mark.skipif(
