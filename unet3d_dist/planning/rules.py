@@ -164,9 +164,11 @@ def augmentation(spacing: list[float]) -> list[Choice]:
     isotropic = max(spacing) / min(spacing) <= 1.5
     rotate = 15.0 if isotropic else 0.0
     why = "isotropic grid" if isotropic else "anisotropic grid: a voxel-space rotation would shear"
+    table = 'docs/RESULTS.md, "nnU-Net\'s spatial augmentation at 4,000 steps"'
+    wider = f"its ranges on half the crops cost the left atrium 0.029 Dice at 4,000 steps ({table})"
     return [
-        Choice("data.rotate_deg", rotate, why),
-        Choice("data.scale", 0.15, "nnU-Net's zoom range [0.85, 1.15]"),
+        Choice("data.rotate_deg", rotate, f"{why}; half nnU-Net's 30 degrees ({table})" if isotropic else why),
+        Choice("data.scale", 0.15, f"zoom [0.85, 1.15], half nnU-Net's 30 %: {wider}"),
         Choice("data.intensity_aug", True, "brightness, contrast, gamma and noise per channel"),
         Choice("data.flip_axes", "yz", "the prepared data are LPS: x flips would swap left and right organs"),
     ]
