@@ -76,9 +76,8 @@ def step_cost(final_flops: float, in_channels: int, num_classes: int) -> float:
     return final_flops / (forward_flops(model, budget.REFERENCE_CROP, in_channels) * budget.REFERENCE_BATCH)
 
 
-def plan_schedule(final: Config, cost: float, spent: budget.Budget, reference_s: float) -> tuple[Choice, int, int]:
-    """The schedule choice, the steps of each run (in hundreds) and the crops per epoch that cut them into EPOCHS
-    epochs."""
+def plan_schedule(final: Config, cost: float, spent: budget.Budget, reference_s: float) -> tuple[Choice, int]:
+    """The schedule choice (each run's steps, in hundreds) and the crops per epoch that cut them into EPOCHS epochs."""
     batch = final.train.batch_size
     steps = max(100, int(spent.run_steps / cost) // 100 * 100)
     samples = max(batch, steps * batch // EPOCHS)
@@ -89,7 +88,7 @@ def plan_schedule(final: Config, cost: float, spent: budget.Budget, reference_s:
         f"{steps} steps in {runs} ({EPOCHS} epochs of {samples} crops, batch {batch})",
         f"a step of this crop and network costs {cost:.2f} reference steps (forward FLOPs); about {wall} in all",
     )
-    return schedule, steps, samples
+    return schedule, samples
 
 
 def make_plan(
@@ -125,7 +124,7 @@ def make_plan(
     model = build_model(final.model, in_channels, num_classes)
     flops = forward_flops(model, tuple(crop.value), in_channels)
     cost = step_cost(flops * batch, in_channels, num_classes)
-    schedule, run_steps, samples = plan_schedule(final, cost, spent, reference_s)
+    schedule, samples = plan_schedule(final, cost, spent, reference_s)
     body = rules.body_crop(recipe.modality)
     planned = planned_recipe(recipe, normalization, spacing, body)
     train = {
@@ -146,7 +145,7 @@ def make_plan(
         gpu_step, source = cluster.predicted_gpu_step(flops, batch), "a GPU step predicted from the FLOPs"
     choices = [total, spent.final, crop_budget, spacing, normalization, body, crop, foreground, *augmentation]
     choices += [network, supervision, schedule, postprocessing]
-    rows = cluster.cluster_rows(count_parameters(model), gpu_step, batch, run_steps * spent.runs * batch)
+    rows = cluster.cluster_rows(count_parameters(model), gpu_step, batch, samples * EPOCHS * spent.runs)
     return Plan(planned, train, choices, rows, source, spent.runs)
 
 
